@@ -1,0 +1,195 @@
+// GRU layer on the CPU, gate rows stacked r | z | n:
+//   r = σ(W_ir x + b_ir + W_hr h + b_hr)
+//   z = σ(W_iz x + b_iz + W_hz h + b_hz)
+//   n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))
+//   h' = (1 − z) ⊙ n + z ⊙ h
+// Same shape of work as rnn.cpp, with three gates per step.
+#include "ops.h"
+
+namespace fastrnn::cpu {
+namespace {
+
+// Per (step, sequence) the workspace row holds [r | z | n | W_hn h + b_hn].
+constexpr int64_t kSaved = 4;
+
+template <typename scalar_t>
+void forward_steps(const at::Tensor& proj, const at::Tensor& weight_hh,
+                   const scalar_t* bias_hn, at::Tensor& output, at::Tensor& state,
+                   at::Tensor& workspace, const StepMap& map) {
+  const int64_t T = proj.size(0), B = proj.size(1), H = state.size(1);
+  auto hh = at::empty({B, 3 * H}, state.options());
+  const auto w_hh_t = weight_hh.t();
+  const scalar_t* p = proj.const_data_ptr<scalar_t>();
+  const scalar_t* q = hh.const_data_ptr<scalar_t>();
+  scalar_t* out = output.mutable_data_ptr<scalar_t>();
+  scalar_t* h = state.mutable_data_ptr<scalar_t>();
+  scalar_t* ws = workspace.mutable_data_ptr<scalar_t>();
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t rows = map.rows(s);
+    if (rows == 0) {
+      break;  // rows never grows again
+    }
+    auto hh_rows = hh.narrow(0, 0, rows);
+    at::mm_out(hh_rows, state.narrow(0, 0, rows), w_hh_t);
+    parallel_rows(rows, 3 * H, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        if (!map.active(s, b)) {
+          continue;
+        }
+        const int64_t row = map.time(s, b) * B + b;
+        const scalar_t* pb = p + row * 3 * H;
+        const scalar_t* qb = q + b * 3 * H;
+        scalar_t* wb = ws + row * kSaved * H;
+        scalar_t* ob = out + row * H;
+        scalar_t* hb = h + b * H;
+        for (int64_t j = 0; j < H; ++j) {
+          const scalar_t r = sigmoid(pb[j] + qb[j]);
+          const scalar_t z = sigmoid(pb[H + j] + qb[H + j]);
+          const scalar_t hn = bias_hn ? qb[2 * H + j] + bias_hn[j] : qb[2 * H + j];
+          const scalar_t n = std::tanh(pb[2 * H + j] + r * hn);
+          const scalar_t v = (hb[j] - n) * z + n;
+          wb[j] = r;
+          wb[H + j] = z;
+          wb[2 * H + j] = n;
+          wb[3 * H + j] = hn;
+          ob[j] = v;
+          hb[j] = v;
+        }
+      }
+    });
+  }
+}
+
+// Fills grad_ih / grad_hh (T, B, 3H), the gradients of the input-side and
+// hidden-side gate pre-activations (they differ in the n rows, where the
+// hidden side is scaled by r), and returns the gradient of the initial state.
+template <typename scalar_t>
+at::Tensor backward_sweep(const at::Tensor& grad_output, const at::Tensor& prev_states,
+                          const at::Tensor& workspace, const at::Tensor& weight_hh,
+                          at::Tensor& grad_ih, at::Tensor& grad_hh, at::Tensor dh,
+                          const StepMap& map) {
+  const int64_t T = prev_states.size(0), B = prev_states.size(1), H = prev_states.size(2);
+  auto carry = at::empty_like(dh);
+  auto step_buf = map.uniform_time() ? at::Tensor() : at::empty({B, 3 * H}, dh.options());
+  const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
+  const scalar_t* hp = prev_states.const_data_ptr<scalar_t>();
+  const scalar_t* ws = workspace.const_data_ptr<scalar_t>();
+  scalar_t* gi = grad_ih.mutable_data_ptr<scalar_t>();
+  scalar_t* gh = grad_hh.mutable_data_ptr<scalar_t>();
+  scalar_t* sb = step_buf.defined() ? step_buf.mutable_data_ptr<scalar_t>() : nullptr;
+  for (int64_t s = T - 1; s >= 0; --s) {
+    const int64_t rows = map.rows(s);
+    if (rows == 0) {
+      continue;  // every sequence is past its end: dh passes through
+    }
+    const scalar_t* dhp = dh.const_data_ptr<scalar_t>();
+    scalar_t* cp = carry.mutable_data_ptr<scalar_t>();
+    parallel_rows(B, 3 * H, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t* dhb = dhp + b * H;
+        scalar_t* cb = cp + b * H;
+        if (!map.active(s, b)) {
+          std::copy(dhb, dhb + H, cb);
+          if (sb && b < rows) {
+            std::fill(sb + b * 3 * H, sb + (b + 1) * 3 * H, scalar_t(0));
+          }
+          continue;
+        }
+        const int64_t row = map.time(s, b) * B + b;
+        const scalar_t* gb = go + row * H;
+        const scalar_t* hb = hp + row * H;
+        const scalar_t* wb = ws + row * kSaved * H;
+        scalar_t* gib = gi + row * 3 * H;
+        scalar_t* ghb = gh + row * 3 * H;
+        for (int64_t j = 0; j < H; ++j) {
+          const scalar_t r = wb[j], z = wb[H + j], n = wb[2 * H + j], hn = wb[3 * H + j];
+          const scalar_t g = gb[j] + dhb[j];
+          const scalar_t dn = g * (scalar_t(1) - z) * (scalar_t(1) - n * n);
+          const scalar_t dz = g * (hb[j] - n) * z * (scalar_t(1) - z);
+          const scalar_t dr = dn * hn * r * (scalar_t(1) - r);
+          gib[j] = dr;
+          gib[H + j] = dz;
+          gib[2 * H + j] = dn;
+          ghb[j] = dr;
+          ghb[H + j] = dz;
+          ghb[2 * H + j] = dn * r;
+          cb[j] = g * z;
+        }
+        if (sb) {
+          std::copy(ghb, ghb + 3 * H, sb + b * 3 * H);
+        }
+      }
+    });
+    const auto step = sb ? step_buf : grad_hh.select(0, map.uniform_time_of(s));
+    carry.narrow(0, 0, rows).addmm_(step.narrow(0, 0, rows), weight_hh);
+    std::swap(dh, carry);
+  }
+  return dh;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& lengths,
+    bool reverse) {
+  const auto s = check_layer_args(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, 3);
+  const auto w_hh = weight_hh.contiguous();
+  // b_hr and b_hz add straight to the pre-activations, so they join the input
+  // projection; b_hn sits inside r ⊙ (W_hn h + b_hn) and stays in the loop.
+  std::optional<at::Tensor> bias = bias_ih;
+  at::Tensor bias_hn;
+  if (bias_hh.has_value() && bias_hh->defined()) {
+    auto folded = bias_hh->clone();
+    folded.narrow(0, 2 * s.H, s.H).zero_();
+    bias = bias.has_value() && bias->defined() ? *bias + folded : folded;
+    bias_hn = bias_hh->narrow(0, 2 * s.H, s.H).contiguous();
+  }
+  const auto proj = project_input(input.contiguous(), weight_ih, bias);
+  const StepMap map(s.T, s.B, lengths, reverse);
+  auto output = map.has_lengths() ? at::zeros({s.T, s.B, s.H}, input.options())
+                                  : at::empty({s.T, s.B, s.H}, input.options());
+  auto workspace = at::empty({s.T, s.B, kSaved * s.H}, input.options());
+  auto state = hx.clone(at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::gru_forward", [&] {
+    forward_steps<scalar_t>(proj, w_hh,
+                            bias_hn.defined() ? bias_hn.const_data_ptr<scalar_t>() : nullptr,
+                            output, state, workspace, map);
+  });
+  return {output, state, workspace};
+}
+
+LayerGrads gru_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy,
+                        const at::Tensor& input, const at::Tensor& hx,
+                        const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                        const at::Tensor& output, const at::Tensor& workspace,
+                        const std::optional<at::Tensor>& lengths, bool reverse,
+                        bool input_requires_grad) {
+  const auto s = check_layer_args(input, hx, weight_ih, weight_hh, std::nullopt, std::nullopt,
+                                  lengths, 3);
+  check_grad_args(s, grad_output, grad_hy, output);
+  TORCH_CHECK(workspace.sizes() == at::IntArrayRef({s.T, s.B, kSaved * s.H}),
+              "workspace must have shape [", s.T, ", ", s.B, ", ", kSaved * s.H, "], got ",
+              workspace.sizes());
+  TORCH_CHECK(workspace.scalar_type() == input.scalar_type(), "workspace must have dtype ",
+              input.scalar_type(), ", got ", workspace.scalar_type());
+  const StepMap map(s.T, s.B, lengths, reverse);
+  const auto prev = previous_states(output.contiguous(), hx, map, reverse);
+  const auto ws = workspace.contiguous();
+  const auto w_hh = weight_hh.contiguous();
+  auto make_grad = [&] {
+    return map.has_lengths() ? at::zeros({s.T, s.B, 3 * s.H}, input.options())
+                             : at::empty({s.T, s.B, 3 * s.H}, input.options());
+  };
+  auto grad_ih = make_grad();
+  auto grad_hh = make_grad();
+  at::Tensor grad_hx;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::gru_backward", [&] {
+    grad_hx = backward_sweep<scalar_t>(grad_output.contiguous(), prev, ws, w_hh, grad_ih, grad_hh,
+                                       grad_hy.clone(at::MemoryFormat::Contiguous), map);
+  });
+  return finish_backward(grad_ih, grad_hh, grad_hx, input, prev, weight_ih, input_requires_grad);
+}
+
+}  // namespace fastrnn::cpu

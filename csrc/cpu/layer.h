@@ -1,0 +1,103 @@
+// Shared pieces of the CPU recurrences: argument checks, the map from
+// (step, sequence) to time, and the small GEMM/parallel helpers.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace fastrnn::cpu {
+
+// Sizes of one layer in one direction. G is the number of gate rows (H for an
+// RNN, 3H for a GRU).
+struct LayerSizes {
+  int64_t T, B, I, H, G;
+};
+
+// Checks the arguments every layer op takes and returns the layer's sizes.
+// Messages for dtype mismatches follow at::mm so that modules report what
+// torch.nn reports.
+LayerSizes check_layer_args(
+    const at::Tensor& input,
+    const at::Tensor& hx,
+    const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh,
+    const std::optional<at::Tensor>& lengths,
+    int64_t gates);
+
+// Checks the gradients handed to a backward op against the forward's sizes.
+void check_grad_args(
+    const LayerSizes& sizes,
+    const at::Tensor& grad_output,
+    const at::Tensor& grad_hy,
+    const at::Tensor& output);
+
+// Where step s of sequence b sits in time. A sequence of length L is active
+// for steps 0..L-1; after that its state is held. Running in reverse, step s
+// reads time L-1-s, so each sequence starts from its own last element.
+class StepMap {
+ public:
+  StepMap(int64_t T, int64_t B, const std::optional<at::Tensor>& lengths, bool reverse);
+
+  int64_t length(int64_t b) const { return len_ ? len_[b] : T_; }
+  bool active(int64_t s, int64_t b) const { return s < length(b); }
+  int64_t time(int64_t s, int64_t b) const { return reverse_ ? length(b) - 1 - s : s; }
+  // True when every sequence active at a step reads the same time index, so
+  // that step's rows form one contiguous slice of a (T, B, ...) tensor.
+  bool uniform_time() const { return !(reverse_ && len_); }
+  int64_t uniform_time_of(int64_t s) const { return reverse_ ? T_ - 1 - s : s; }
+  // Rows [0, rows(s)) hold every sequence still active at step s; the
+  // recurrent GEMM of that step skips the rest (sorted batches shrink).
+  int64_t rows(int64_t s) const { return rows_[s]; }
+  bool has_lengths() const { return len_ != nullptr; }
+
+ private:
+  int64_t T_;
+  const int64_t* len_;
+  bool reverse_;
+  std::vector<int64_t> rows_;
+  at::Tensor lengths_;  // keeps len_ alive
+};
+
+// x (T, B, I) times W_ih^T plus an optional bias: the input projection of
+// every step as one GEMM. Returns (T, B, G).
+at::Tensor project_input(const at::Tensor& input, const at::Tensor& weight_ih,
+                         const std::optional<at::Tensor>& bias);
+
+// The state each step started from, in time order: (T, B, H). Entries at
+// padded positions are zero.
+at::Tensor previous_states(const at::Tensor& output, const at::Tensor& hx,
+                           const StepMap& map, bool reverse);
+
+// Runs fn(begin, end) over rows [0, rows), in parallel once a row range holds
+// enough elementwise work to pay for waking the other threads.
+template <typename F>
+inline void parallel_rows(int64_t rows, int64_t work_per_row, const F& fn) {
+  constexpr int64_t kMinWork = 16384;
+  const int64_t grain = std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_row));
+  at::parallel_for(0, rows, grain, fn);
+}
+
+template <typename scalar_t>
+inline scalar_t sigmoid(scalar_t v) {
+  return scalar_t(1) / (scalar_t(1) + std::exp(-v));
+}
+
+// One layer's gradients, in the order the backward ops return them.
+using LayerGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The batched half of backward: once the sweep has produced the
+// pre-activation gradients of every step, the weight, bias and input
+// gradients are large GEMMs and reductions over all T*B rows.
+// grad_ih / grad_hh: (T, B, G) gradients of the input-side and hidden-side
+// pre-activations (the same tensor for an RNN).
+LayerGrads finish_backward(
+    const at::Tensor& grad_ih, const at::Tensor& grad_hh, const at::Tensor& grad_hx,
+    const at::Tensor& input, const at::Tensor& prev_states, const at::Tensor& weight_ih,
+    bool input_requires_grad);
+
+}  // namespace fastrnn::cpu

@@ -1,0 +1,183 @@
+// tanh / ReLU RNN layer on the CPU:
+//   h_t = act(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)
+// Forward hoists the input projection into one GEMM and then runs the time
+// loop (recurrent GEMM + fused pointwise update). Backward sweeps the steps
+// in reverse for the pre-activation gradients and finishes with large GEMMs.
+#include "ops.h"
+
+namespace fastrnn::cpu {
+namespace {
+
+template <typename scalar_t, bool Relu>
+inline scalar_t activation(scalar_t v) {
+  if constexpr (Relu) {
+    return v < scalar_t(0) ? scalar_t(0) : v;  // NaN passes through, as in torch.relu
+  } else {
+    return std::tanh(v);
+  }
+}
+
+// The activation's derivative, written through its output h = act(v).
+template <typename scalar_t, bool Relu>
+inline scalar_t activation_grad(scalar_t h) {
+  if constexpr (Relu) {
+    return h > scalar_t(0) ? scalar_t(1) : scalar_t(0);
+  } else {
+    return scalar_t(1) - h * h;
+  }
+}
+
+template <typename scalar_t, bool Relu>
+void forward_steps(const at::Tensor& proj, const at::Tensor& weight_hh, at::Tensor& output,
+                   at::Tensor& state, const StepMap& map) {
+  const int64_t T = proj.size(0), B = proj.size(1), H = state.size(1);
+  auto hh = at::empty_like(state);
+  const auto w_hh_t = weight_hh.t();
+  const scalar_t* p = proj.const_data_ptr<scalar_t>();
+  const scalar_t* q = hh.const_data_ptr<scalar_t>();
+  scalar_t* out = output.mutable_data_ptr<scalar_t>();
+  scalar_t* h = state.mutable_data_ptr<scalar_t>();
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t rows = map.rows(s);
+    if (rows == 0) {
+      break;  // rows never grows again
+    }
+    auto hh_rows = hh.narrow(0, 0, rows);
+    at::mm_out(hh_rows, state.narrow(0, 0, rows), w_hh_t);
+    parallel_rows(rows, H, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        if (!map.active(s, b)) {
+          continue;
+        }
+        const int64_t row = map.time(s, b) * B + b;
+        const scalar_t* pb = p + row * H;
+        const scalar_t* qb = q + b * H;
+        scalar_t* ob = out + row * H;
+        scalar_t* hb = h + b * H;
+        for (int64_t j = 0; j < H; ++j) {
+          const scalar_t v = activation<scalar_t, Relu>(pb[j] + qb[j]);
+          ob[j] = v;
+          hb[j] = v;
+        }
+      }
+    });
+  }
+}
+
+// Fills grad_pre (T, B, H) with the pre-activation gradients and returns the
+// gradient reaching the initial state.
+template <typename scalar_t, bool Relu>
+at::Tensor backward_sweep(const at::Tensor& grad_output, const at::Tensor& output,
+                          const at::Tensor& weight_hh, at::Tensor& grad_pre, at::Tensor dh,
+                          const StepMap& map) {
+  const int64_t T = output.size(0), B = output.size(1), H = output.size(2);
+  // carry becomes the next step's dh: held sequences pass dh through, active
+  // ones receive grad_pre_t W_hh.
+  auto carry = at::empty_like(dh);
+  auto step_buf = map.uniform_time() ? at::Tensor() : at::empty_like(dh);
+  const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
+  const scalar_t* out = output.const_data_ptr<scalar_t>();
+  scalar_t* dp = grad_pre.mutable_data_ptr<scalar_t>();
+  scalar_t* sb = step_buf.defined() ? step_buf.mutable_data_ptr<scalar_t>() : nullptr;
+  for (int64_t s = T - 1; s >= 0; --s) {
+    const int64_t rows = map.rows(s);
+    if (rows == 0) {
+      continue;  // every sequence is past its end: dh passes through
+    }
+    const scalar_t* dhp = dh.const_data_ptr<scalar_t>();
+    scalar_t* cp = carry.mutable_data_ptr<scalar_t>();
+    parallel_rows(B, H, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t* dhb = dhp + b * H;
+        scalar_t* cb = cp + b * H;
+        if (!map.active(s, b)) {
+          std::copy(dhb, dhb + H, cb);
+          if (sb && b < rows) {
+            std::fill(sb + b * H, sb + (b + 1) * H, scalar_t(0));
+          }
+          continue;
+        }
+        const int64_t row = map.time(s, b) * B + b;
+        const scalar_t* gb = go + row * H;
+        const scalar_t* ob = out + row * H;
+        scalar_t* db = dp + row * H;
+        for (int64_t j = 0; j < H; ++j) {
+          db[j] = (gb[j] + dhb[j]) * activation_grad<scalar_t, Relu>(ob[j]);
+          cb[j] = scalar_t(0);
+        }
+        if (sb) {
+          std::copy(db, db + H, sb + b * H);
+        }
+      }
+    });
+    const auto step = sb ? step_buf : grad_pre.select(0, map.uniform_time_of(s));
+    carry.narrow(0, 0, rows).addmm_(step.narrow(0, 0, rows), weight_hh);
+    std::swap(dh, carry);
+  }
+  return dh;
+}
+
+std::optional<at::Tensor> combined_bias(const std::optional<at::Tensor>& bias_ih,
+                                        const std::optional<at::Tensor>& bias_hh) {
+  const bool has_ih = bias_ih.has_value() && bias_ih->defined();
+  const bool has_hh = bias_hh.has_value() && bias_hh->defined();
+  if (has_ih && has_hh) {
+    return *bias_ih + *bias_hh;
+  }
+  if (has_ih) {
+    return bias_ih;
+  }
+  return has_hh ? bias_hh : std::nullopt;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> rnn_forward(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& lengths,
+    bool reverse, bool relu) {
+  const auto s = check_layer_args(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, 1);
+  const auto w_hh = weight_hh.contiguous();
+  const auto proj = project_input(input.contiguous(), weight_ih, combined_bias(bias_ih, bias_hh));
+  const StepMap map(s.T, s.B, lengths, reverse);
+  // Positions past a sequence's end stay zero.
+  auto output = map.has_lengths() ? at::zeros({s.T, s.B, s.H}, input.options())
+                                  : at::empty({s.T, s.B, s.H}, input.options());
+  auto state = hx.clone(at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::rnn_forward", [&] {
+    if (relu) {
+      forward_steps<scalar_t, true>(proj, w_hh, output, state, map);
+    } else {
+      forward_steps<scalar_t, false>(proj, w_hh, output, state, map);
+    }
+  });
+  return {output, state};
+}
+
+LayerGrads rnn_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy,
+                        const at::Tensor& input, const at::Tensor& hx,
+                        const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                        const at::Tensor& output, const std::optional<at::Tensor>& lengths,
+                        bool reverse, bool relu, bool input_requires_grad) {
+  const auto s = check_layer_args(input, hx, weight_ih, weight_hh, std::nullopt, std::nullopt,
+                                  lengths, 1);
+  check_grad_args(s, grad_output, grad_hy, output);
+  const auto out = output.contiguous();
+  const auto w_hh = weight_hh.contiguous();
+  const StepMap map(s.T, s.B, lengths, reverse);
+  auto grad_pre = map.has_lengths() ? at::zeros({s.T, s.B, s.H}, input.options())
+                                    : at::empty({s.T, s.B, s.H}, input.options());
+  at::Tensor grad_hx;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::rnn_backward", [&] {
+    const auto go = grad_output.contiguous();
+    auto dh = grad_hy.clone(at::MemoryFormat::Contiguous);
+    grad_hx = relu ? backward_sweep<scalar_t, true>(go, out, w_hh, grad_pre, dh, map)
+                   : backward_sweep<scalar_t, false>(go, out, w_hh, grad_pre, dh, map);
+  });
+  const auto prev = previous_states(out, hx, map, reverse);
+  return finish_backward(grad_pre, grad_pre, grad_hx, input, prev, weight_ih,
+                         input_requires_grad);
+}
+
+}  // namespace fastrnn::cpu

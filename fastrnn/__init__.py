@@ -1,0 +1,8 @@
+"""fastrnn: fast drop-in replacements for torch.nn.RNN, GRU, RNNCell and GRUCell."""
+
+from fastrnn.backends import BACKENDS, current_backend, use_backend
+from fastrnn.modules import GRU, RNN, GRUCell, RNNCell
+
+__version__ = "0.1.0"
+
+__all__ = ["RNN", "GRU", "RNNCell", "GRUCell", "use_backend", "current_backend", "BACKENDS"]

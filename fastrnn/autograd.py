@@ -1,0 +1,83 @@
+"""The autograd Functions: one layer, one direction, per cell type.
+
+Forward runs the engine's fused time loop; backward runs its hand-written
+backward-through-time, so autograd records one node per layer and direction
+however long the sequence. Both engines (C++ and Triton) share these
+Functions. Their backward is not itself differentiable (double backward
+raises): it is a fused kernel, not a graph of differentiable ops.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from fastrnn import backends
+
+
+def _engine(device: torch.device):
+    name = backends.resolve(device)
+    if name == "cpp":
+        from fastrnn import cpp
+
+        return cpp
+    raise RuntimeError(
+        f"fastrnn has no compiled engine for tensors on {device} under backend "
+        f"{backends.current_backend()!r}; use fastrnn.use_backend('reference')"
+    )
+
+
+def _bias_grads(ctx, grad_b_ih: Tensor, grad_b_hh: Tensor):
+    return (grad_b_ih if ctx.needs_input_grad[4] else None,
+            grad_b_hh if ctx.needs_input_grad[5] else None)
+
+
+class RNNFunction(torch.autograd.Function):
+    """tanh/ReLU RNN layer: ``apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, nonlinearity)``.
+
+    x is (T, B, I) time-major, h0 (B, H); b_ih/b_hh may be None; lengths is
+    None or an int64 CPU tensor (B,); positions past a sequence's length
+    must hold finite values and come out as zeros. Returns (output, h_n).
+    """
+
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, nonlinearity):
+        engine = _engine(x.device)
+        relu = nonlinearity == "relu"
+        output, h_n = engine.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, relu)
+        ctx.save_for_backward(x, h0, w_ih, w_hh, output, lengths)
+        ctx.engine, ctx.reverse, ctx.relu = engine, reverse, relu
+        return output, h_n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output, grad_hy):
+        x, h0, w_ih, w_hh, output, lengths = ctx.saved_tensors
+        grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = ctx.engine.rnn_backward(
+            grad_output, grad_hy, x, h0, w_ih, w_hh, output, lengths, ctx.reverse, ctx.relu,
+            ctx.needs_input_grad[0])
+        return (grad_x if ctx.needs_input_grad[0] else None, grad_h0, grad_w_ih, grad_w_hh,
+                *_bias_grads(ctx, grad_b_ih, grad_b_hh), None, None, None)
+
+
+class GRUFunction(torch.autograd.Function):
+    """GRU layer: ``apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)``; see RNNFunction."""
+
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
+        engine = _engine(x.device)
+        output, h_n, workspace = engine.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
+        ctx.save_for_backward(x, h0, w_ih, w_hh, output, workspace, lengths)
+        ctx.engine, ctx.reverse = engine, reverse
+        return output, h_n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output, grad_hy):
+        x, h0, w_ih, w_hh, output, workspace, lengths = ctx.saved_tensors
+        grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = ctx.engine.gru_backward(
+            grad_output, grad_hy, x, h0, w_ih, w_hh, output, workspace, lengths, ctx.reverse,
+            ctx.needs_input_grad[0])
+        return (grad_x if ctx.needs_input_grad[0] else None, grad_h0, grad_w_ih, grad_w_hh,
+                *_bias_grads(ctx, grad_b_ih, grad_b_hh), None, None)

@@ -1,0 +1,74 @@
+"""Which engine runs a layer: the backend setting and its resolution.
+
+``"auto"`` (the default) runs CPU tensors on the C++ engine and CUDA tensors
+on the Triton engine. ``use_backend`` forces one engine for the code inside
+it; the setting is per thread (and per asyncio task).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("auto", "cpp", "triton", "reference")
+
+_backend: contextvars.ContextVar[str] = contextvars.ContextVar("fastrnn_backend", default="auto")
+
+
+def current_backend() -> str:
+    """The backend name in force: one of ``BACKENDS``."""
+    return _backend.get()
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Forces fastrnn's layers inside the ``with`` block onto one engine.
+
+    ``name`` is ``"auto"``, ``"cpp"`` (the C++ CPU engine), ``"triton"`` (the
+    Triton GPU engine; on CPU tensors only when ``TRITON_INTERPRET=1`` was
+    set before import) or ``"reference"`` (the plain PyTorch loop). A forced
+    engine that cannot run the given tensors raises ``RuntimeError``.
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"Unknown fastrnn backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    token = _backend.set(name)
+    try:
+        yield
+    finally:
+        _backend.reset(token)
+
+
+def resolve(device: torch.device) -> str:
+    """The engine that runs tensors on ``device`` now: "cpp", "triton" or "reference"."""
+    from fastrnn import cpp
+
+    name = _backend.get()
+    if name == "auto":
+        if device.type == "cpu" and cpp.available():
+            return "cpp"
+        if device.type == "cuda" and triton_unavailable_reason(device) is None:
+            return "triton"
+        return "reference"
+    if name == "cpp":
+        if device.type != "cpu":
+            raise RuntimeError(f"fastrnn backend 'cpp' runs CPU tensors only, got tensors on {device}")
+        if not cpp.available():
+            raise RuntimeError(f"fastrnn backend 'cpp' is not available: {cpp.load_error()}")
+    if name == "triton":
+        reason = triton_unavailable_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"fastrnn backend 'triton' cannot run tensors on {device}: {reason}")
+    return name
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton engine cannot run tensors on ``device``, or None if it can."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "CPU tensors need TRITON_INTERPRET=1 set before triton is imported"
+    if device.type not in ("cpu", "cuda"):
+        return f"device type {device.type!r} is not supported"
+    return "the Triton engine is not part of this build yet"

@@ -1,0 +1,85 @@
+"""Layer functions: run one layer on the engine the backend picks, or stack them.
+
+Data flows one way: modules -> ``recurrent_layers`` -> ``rnn_layer`` /
+``gru_layer`` -> an autograd Function -> an engine (or the reference loop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastrnn import backends, reference
+from fastrnn.autograd import GRUFunction, RNNFunction
+
+# The C++ engine computes in float32 or float64; narrower floats are widened
+# for it and the results narrowed back.
+_WIDENED = (torch.bfloat16, torch.float16)
+
+
+def _apply(function, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh, *flags):
+    if (x.dtype in _WIDENED and backends.resolve(x.device) == "cpp"
+            and h0.dtype == x.dtype and w_ih.dtype == x.dtype):
+        tensors = [t if t is None else t.float() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+        output, h_n = function.apply(*tensors, *flags)
+        return output.to(x.dtype), h_n.to(x.dtype)
+    return function.apply(x, h0, w_ih, w_hh, b_ih, b_hh, *flags)
+
+
+def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
+              b_hh: Tensor | None = None, lengths: Tensor | None = None, reverse: bool = False,
+              nonlinearity: str = "tanh") -> tuple[Tensor, Tensor]:
+    """One tanh/ReLU RNN layer in one direction over a (T, B, I) input.
+
+    Returns (output (T, B, H), h_n (B, H)). ``lengths`` (int64 CPU, (B,))
+    limits each sequence; ``reverse`` runs each from its own last element.
+    """
+    if backends.resolve(x.device) == "reference":
+        return reference.rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, nonlinearity)
+    return _apply(RNNFunction, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, nonlinearity)
+
+
+def gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
+              b_hh: Tensor | None = None, lengths: Tensor | None = None,
+              reverse: bool = False) -> tuple[Tensor, Tensor]:
+    """One GRU layer in one direction; same contract as ``rnn_layer``."""
+    if backends.resolve(x.device) == "reference":
+        return reference.gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
+    return _apply(GRUFunction, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
+
+
+def recurrent_layers(mode: str, x: Tensor, hx: Tensor, weights: Sequence[Tensor], num_layers: int,
+                     bidirectional: bool, dropout: float = 0.0, training: bool = False,
+                     lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """A stack of layers, as ``torch.nn.RNN``/``GRU`` run them.
+
+    ``mode`` is "RNN_TANH", "RNN_RELU" or "GRU"; x is (T, B, I) time-major;
+    hx is (num_layers * directions, B, H); ``weights`` lists w_ih, w_hh and,
+    with biases, b_ih, b_hh per layer and direction (``RNNBase._flat_weights``
+    order). Dropout applies to every layer's output but the last, in
+    training only. Returns (output (T, B, directions * H), h_n).
+    """
+    directions = 2 if bidirectional else 1
+    per_layer = len(weights) // (num_layers * directions)
+    h_n = []
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            index = layer * directions + direction
+            w_ih, w_hh, *biases = weights[index * per_layer:(index + 1) * per_layer]
+            b_ih, b_hh = biases if biases else (None, None)
+            reverse = direction == 1
+            if mode == "GRU":
+                output, h = gru_layer(x, hx[index], w_ih, w_hh, b_ih, b_hh, lengths, reverse)
+            else:
+                output, h = rnn_layer(x, hx[index], w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+                                      "relu" if mode == "RNN_RELU" else "tanh")
+            outputs.append(output)
+            h_n.append(h)
+        x = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
+        if dropout > 0 and training and layer < num_layers - 1:
+            x = F.dropout(x, dropout, training=True)
+    return x, torch.stack(h_n)

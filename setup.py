@@ -1,0 +1,25 @@
+"""Builds fastrnn._C, the C++ CPU engine, against the installed torch."""
+
+import glob
+import os
+
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = sorted(
+    os.path.relpath(path, HERE) for path in glob.glob(os.path.join(HERE, "csrc", "**", "*.cpp"), recursive=True)
+)
+
+setup(
+    ext_modules=[
+        CppExtension(
+            name="fastrnn._C",
+            sources=SOURCES,
+            include_dirs=[os.path.join(HERE, "csrc")],
+            extra_compile_args=["-O3", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
+        )
+    ],
+    cmdclass={"build_ext": BuildExtension},
+)
