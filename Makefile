@@ -1,0 +1,36 @@
+# Two entry points, each setting up what it needs (a local virtual
+# environment with torch, the built extension) and quick when nothing changed:
+#   make bench   compare fastrnn with torch.nn on this machine
+#   make test    run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+ENV_STAMP := $(VENV)/.requirements-installed
+EXT_STAMP := build/.extension-built
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h')
+
+.PHONY: test bench build clean
+
+test: build
+	$(PY) -m pytest tests
+
+bench: build
+	$(PY) bench/compare.py
+
+build: $(EXT_STAMP)
+
+$(ENV_STAMP): requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt setuptools wheel
+	touch $@
+
+# The editable install builds fastrnn/_C in place against the venv's torch;
+# later source changes rebuild incrementally.
+$(EXT_STAMP): $(ENV_STAMP) $(CSRC) setup.py
+	test -f $(VENV)/.editable || { $(PY) -m pip install --quiet --no-build-isolation --no-deps -e . && touch $(VENV)/.editable; }
+	MAX_JOBS=2 $(PY) setup.py --quiet build_ext --inplace
+	mkdir -p build && touch $@
+
+clean:
+	rm -rf build fastrnn/*.so $(VENV)

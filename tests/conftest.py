@@ -1,0 +1,199 @@
+"""Shared utilities for the fastrnn test suite.
+
+The parity tests build a ``torch.nn`` module and the matching ``fastrnn``
+module with identical weights, feed both the same inputs and the same
+upstream gradients, and compare every output and every gradient.
+"""
+
+import warnings
+
+import pytest
+import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+# Small default sizes keep the whole suite fast on a couple of CPU cores.
+INPUT_SIZE = 7
+HIDDEN_SIZE = 13
+BATCH = 5
+SEQ_LEN = 9
+# Unsorted on purpose: exercises the sort/unsort permutation of packed input.
+LENGTHS = [9, 3, 7, 1, 5]
+
+# Per-dtype comparison tolerances. Both implementations evaluate the same
+# formulas; differences come only from the order of floating point
+# reductions, so float64 results agree to a handful of ulps.
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+}
+
+DTYPE_IDS = {torch.float64: "float64", torch.float32: "float32"}
+
+
+def dtype_id(dtype):
+    return DTYPE_IDS[dtype]
+
+
+def assert_close(actual, expected, dtype=None, msg=None):
+    """``torch.testing.assert_close`` with the tolerance of ``dtype``.
+
+    The absolute tolerance is scaled by the largest magnitude in ``expected``
+    (when above 1): gradients are sums over time steps and batch entries, so
+    an element that is small because of cancellation carries a rounding error
+    proportional to the size of the terms, not to its own size.
+    """
+    dtype = expected.dtype if dtype is None else dtype
+    tol = dict(TOLERANCES[dtype])
+    if expected.numel() > 0 and expected.is_floating_point():
+        tol["atol"] *= max(1.0, expected.detach().abs().max().item())
+    kwargs = {}
+    if msg is not None:
+        kwargs["msg"] = lambda default: f"{msg}: {default}"
+    torch.testing.assert_close(actual, expected, **tol, **kwargs)
+
+
+def copy_weights(src, dst):
+    """Load the parameters of ``src`` into ``dst`` (strict state_dict load)."""
+    dst.load_state_dict(src.state_dict(), strict=True)
+    return dst
+
+
+def make_pair(torch_cls, fast_cls, *args, seed=0, **kwargs):
+    """Build ``torch_cls(*args, **kwargs)`` and ``fast_cls(*args, **kwargs)``
+    with identical parameters (the torch.nn ones)."""
+    torch.manual_seed(seed)
+    reference = torch_cls(*args, **kwargs)
+    candidate = fast_cls(*args, **kwargs)
+    copy_weights(reference, candidate)
+    return reference, candidate
+
+
+def random_like_shape(shape, dtype, generator):
+    return torch.randn(shape, dtype=dtype, generator=generator)
+
+
+def _as_list(outputs):
+    if isinstance(outputs, (tuple, list)) and not isinstance(outputs, PackedSequence):
+        return list(outputs)
+    return [outputs]
+
+
+def forward_backward(module, x, hx=None, lengths=None, batch_first=False, grad_seed=1234):
+    """Run ``module`` forward and backward and collect everything of interest.
+
+    ``x`` and ``hx`` are copied into fresh leaves that require grad. When
+    ``lengths`` is given, ``x`` is packed with
+    ``pack_padded_sequence(..., enforce_sorted=False)`` before the call and
+    the input gradient is taken with respect to the padded tensor.
+
+    Random upstream gradients (drawn from a private generator seeded with
+    ``grad_seed``, so the global RNG is untouched) are applied to every
+    output, e.g. both ``output`` and ``h_n`` of an RNN.
+
+    Returns a dict: ``output``/``h_n`` (or ``output`` for cells), packed
+    metadata when relevant, ``grad_input``, ``grad_hx`` (when hx is given)
+    and ``grad_<name>`` for every named parameter.
+    """
+    x = x.detach().clone().requires_grad_(True)
+    leaves = {"input": x}
+    args = []
+    if lengths is not None:
+        lengths_t = torch.as_tensor(lengths, dtype=torch.int64)
+        args.append(pack_padded_sequence(x, lengths_t, batch_first=batch_first, enforce_sorted=False))
+    else:
+        args.append(x)
+    if hx is not None:
+        hx = hx.detach().clone().requires_grad_(True)
+        leaves["hx"] = hx
+        args.append(hx)
+
+    outputs = _as_list(module(*args))
+    names = ["output", "h_n"] if len(outputs) == 2 else ["output"]
+    assert len(outputs) == len(names)
+
+    result = {}
+    tensors = []
+    for name, out in zip(names, outputs):
+        if isinstance(out, PackedSequence):
+            result["batch_sizes"] = out.batch_sizes
+            result["sorted_indices"] = out.sorted_indices
+            result["unsorted_indices"] = out.unsorted_indices
+            out = out.data
+        assert isinstance(out, torch.Tensor), f"{name} is {type(out)!r}"
+        result[name] = out.detach()
+        tensors.append(out)
+
+    generator = torch.Generator().manual_seed(grad_seed)
+    upstream = [random_like_shape(t.shape, t.dtype, generator) for t in tensors]
+
+    params = dict(module.named_parameters())
+    inputs = list(leaves.values()) + list(params.values())
+    grads = torch.autograd.grad(tensors, inputs, grad_outputs=upstream, allow_unused=True, materialize_grads=True)
+    names = ["grad_" + n for n in leaves] + ["grad_" + n for n in params]
+    result.update(zip(names, grads))
+    return result
+
+
+def assert_results_close(actual, expected, dtype):
+    """Compare two dicts produced by :func:`forward_backward`."""
+    assert sorted(actual) == sorted(expected)
+    for key, value in expected.items():
+        got = actual[key]
+        if value is None:
+            assert got is None, key
+            continue
+        if key in ("batch_sizes", "sorted_indices", "unsorted_indices"):
+            assert torch.equal(got, value), f"{key}: {got} != {value}"
+            continue
+        assert got.shape == value.shape, f"{key}: shape {tuple(got.shape)} != {tuple(value.shape)}"
+        assert got.dtype == value.dtype, f"{key}: dtype {got.dtype} != {value.dtype}"
+        assert_close(got, value, dtype, msg=key)
+
+
+def count_graph_nodes(grad_fn):
+    """Number of distinct autograd nodes reachable from ``grad_fn``."""
+    seen = set()
+    stack = [grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return len(seen)
+
+
+def capture_exception(fn):
+    """Call ``fn`` and return ``(exception type, message)``, or ``None`` if it
+    did not raise."""
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - the type is part of the result
+        return type(exc), str(exc)
+    return None
+
+
+def assert_same_exception(torch_fn, fast_fn):
+    """Both callables must raise the same exception type with the same
+    message. Returns the captured ``(type, message)``."""
+    expected = capture_exception(torch_fn)
+    assert expected is not None, "torch.nn did not raise for this case"
+    got = capture_exception(fast_fn)
+    assert got is not None, f"fastrnn did not raise; torch.nn raised {expected[0].__name__}: {expected[1]}"
+    assert got[0] is expected[0], f"exception type {got[0].__name__} != {expected[0].__name__} ({got[1]!r} vs {expected[1]!r})"
+    assert got[1] == expected[1]
+    return expected
+
+
+def capture_warnings(fn):
+    """Call ``fn`` and return the list of ``(category, message)`` warnings."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return [(w.category, str(w.message)) for w in caught]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_seed():
+    torch.manual_seed(0)
+    yield

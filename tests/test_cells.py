@@ -1,0 +1,53 @@
+"""Parity of fastrnn.RNNCell / fastrnn.GRUCell with the torch.nn cells."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastrnn
+from conftest import BATCH, HIDDEN_SIZE, INPUT_SIZE, assert_results_close, dtype_id, forward_backward, make_pair
+
+CELL_KINDS = {
+    "RNNCell_tanh": (nn.RNNCell, fastrnn.RNNCell, {"nonlinearity": "tanh"}),
+    "RNNCell_relu": (nn.RNNCell, fastrnn.RNNCell, {"nonlinearity": "relu"}),
+    "GRUCell": (nn.GRUCell, fastrnn.GRUCell, {}),
+}
+
+
+@pytest.mark.parametrize("kind", list(CELL_KINDS))
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+@pytest.mark.parametrize("hx_given", [False, True], ids=["hx_none", "hx_given"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+def test_cell_parity(kind, batched, hx_given, bias, dtype):
+    torch_cls, fast_cls, extra = CELL_KINDS[kind]
+    reference, candidate = make_pair(torch_cls, fast_cls, INPUT_SIZE, HIDDEN_SIZE, bias=bias, dtype=dtype, **extra)
+    generator = torch.Generator().manual_seed(3)
+    batch_shape = (BATCH,) if batched else ()
+    x = torch.randn(*batch_shape, INPUT_SIZE, dtype=dtype, generator=generator)
+    hx = torch.randn(*batch_shape, HIDDEN_SIZE, dtype=dtype, generator=generator) if hx_given else None
+    expected = forward_backward(reference, x, hx)
+    got = forward_backward(candidate, x, hx)
+    assert_results_close(got, expected, dtype)
+
+
+@pytest.mark.parametrize("kind", list(CELL_KINDS))
+def test_cell_type(kind):
+    torch_cls, fast_cls, extra = CELL_KINDS[kind]
+    cell = fast_cls(INPUT_SIZE, HIDDEN_SIZE, **extra)
+    assert isinstance(cell, nn.RNNCellBase)
+    if "nonlinearity" in extra:
+        assert cell.nonlinearity == extra["nonlinearity"]
+
+
+@pytest.mark.parametrize("kind", list(CELL_KINDS))
+def test_cell_unrolled_sequence(kind):
+    """Stepping a cell over a sequence gives the same states as torch.nn."""
+    torch_cls, fast_cls, extra = CELL_KINDS[kind]
+    reference, candidate = make_pair(torch_cls, fast_cls, INPUT_SIZE, HIDDEN_SIZE, dtype=torch.float64, **extra)
+    xs = torch.randn(6, BATCH, INPUT_SIZE, dtype=torch.float64)
+    h_ref = h_new = None
+    for x in xs:
+        h_ref = reference(x, h_ref)
+        h_new = candidate(x, h_new)
+        torch.testing.assert_close(h_new, h_ref, rtol=1e-10, atol=1e-12)

@@ -1,0 +1,163 @@
+"""Inter-layer dropout of fastrnn.RNN / fastrnn.GRU.
+
+torch.nn on CPU applies ``dropout`` to the time-major ``(T, B, D*H)`` output
+of every layer but the last. With the same RNG state before the call, the
+same masks are drawn, so results can be compared with torch.nn exactly.
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastrnn
+from conftest import (
+    BATCH,
+    HIDDEN_SIZE,
+    INPUT_SIZE,
+    LENGTHS,
+    SEQ_LEN,
+    assert_close,
+    assert_results_close,
+    forward_backward,
+    make_pair,
+)
+
+KINDS = {
+    "RNN_tanh": (nn.RNN, fastrnn.RNN, {"nonlinearity": "tanh"}),
+    "RNN_relu": (nn.RNN, fastrnn.RNN, {"nonlinearity": "relu"}),
+    "GRU": (nn.GRU, fastrnn.GRU, {}),
+}
+kind_param = pytest.mark.parametrize("kind", list(KINDS))
+bidir_param = pytest.mark.parametrize("bidirectional", [False, True], ids=["unidir", "bidir"])
+
+DTYPE = torch.float64
+
+
+def build_pair(kind, bidirectional=False, batch_first=False, dropout=0.5):
+    torch_cls, fast_cls, extra = KINDS[kind]
+    return make_pair(
+        torch_cls,
+        fast_cls,
+        INPUT_SIZE,
+        HIDDEN_SIZE,
+        num_layers=3,
+        dropout=dropout,
+        bidirectional=bidirectional,
+        batch_first=batch_first,
+        dtype=DTYPE,
+        **extra,
+    )
+
+
+def batched_input(batch_first=False):
+    shape = (BATCH, SEQ_LEN, INPUT_SIZE) if batch_first else (SEQ_LEN, BATCH, INPUT_SIZE)
+    return torch.randn(shape, dtype=DTYPE, generator=torch.Generator().manual_seed(2))
+
+
+@kind_param
+@bidir_param
+def test_eval_mode_is_deterministic_and_ignores_dropout(kind, bidirectional):
+    reference, candidate = build_pair(kind, bidirectional)
+    _, no_dropout = build_pair(kind, bidirectional, dropout=0.0)
+    reference.eval()
+    candidate.eval()
+    x = batched_input()
+    out_a, h_a = candidate(x)
+    out_b, h_b = candidate(x)
+    assert torch.equal(out_a, out_b) and torch.equal(h_a, h_b)
+    out_0, h_0 = no_dropout(x)
+    assert_close(out_a, out_0)
+    assert_close(h_a, h_0)
+    out_ref, h_ref = reference(x)
+    assert_close(out_a, out_ref)
+    assert_close(h_a, h_ref)
+
+
+@kind_param
+@bidir_param
+def test_train_mode_calls_differ(kind, bidirectional):
+    _, candidate = build_pair(kind, bidirectional)
+    candidate.train()
+    x = batched_input()
+    out_a, h_a = candidate(x)
+    out_b, h_b = candidate(x)
+    assert not torch.allclose(out_a, out_b)
+    # The first layer is never dropped out, so its final state is unaffected.
+    num_dirs = 2 if bidirectional else 1
+    assert_close(h_a[:num_dirs], h_b[:num_dirs])
+    assert not torch.allclose(h_a[num_dirs:], h_b[num_dirs:])
+
+
+@kind_param
+@bidir_param
+@pytest.mark.parametrize("input_kind", ["time_first", "batch_first", "unbatched"])
+@pytest.mark.parametrize("hx_given", [False, True], ids=["hx_none", "hx_given"])
+def test_train_mode_matches_torch_with_same_seed(kind, bidirectional, input_kind, hx_given):
+    batch_first = input_kind == "batch_first"
+    reference, candidate = build_pair(kind, bidirectional, batch_first=batch_first)
+    reference.train()
+    candidate.train()
+    x = batched_input(batch_first)
+    if input_kind == "unbatched":
+        x = x[:, 0]
+    num_states = 3 * (2 if bidirectional else 1)
+    hx = None
+    if hx_given:
+        hx_shape = (num_states, HIDDEN_SIZE) if input_kind == "unbatched" else (num_states, BATCH, HIDDEN_SIZE)
+        hx = torch.randn(hx_shape, dtype=DTYPE, generator=torch.Generator().manual_seed(4))
+
+    torch.manual_seed(2024)
+    expected = forward_backward(reference, x, hx, batch_first=batch_first)
+    torch.manual_seed(2024)
+    got = forward_backward(candidate, x, hx, batch_first=batch_first)
+    assert_results_close(got, expected, DTYPE)
+    # Both consumed the same amount of randomness.
+    torch.manual_seed(2024)
+    reference(x, hx)
+    after_reference = torch.rand(4)
+    torch.manual_seed(2024)
+    candidate(x, hx)
+    after_candidate = torch.rand(4)
+    assert torch.equal(after_candidate, after_reference)
+
+
+@kind_param
+@bidir_param
+@pytest.mark.parametrize("input_kind", ["batched", "packed"])
+def test_train_mode_gradients_flow(kind, bidirectional, input_kind):
+    _, candidate = build_pair(kind, bidirectional)
+    candidate.train()
+    x = batched_input()
+    lengths = LENGTHS if input_kind == "packed" else None
+    result = forward_backward(candidate, x, lengths=lengths)
+    for name, param in candidate.named_parameters():
+        grad = result["grad_" + name]
+        assert grad.shape == param.shape, name
+        assert torch.isfinite(grad).all(), name
+        assert grad.abs().sum() > 0, name
+    assert torch.isfinite(result["grad_input"]).all()
+
+    # module.backward path through .grad as well
+    candidate.zero_grad()
+    output, h_n = candidate(x)
+    (output.square().sum() + h_n.sum()).backward()
+    for name, param in candidate.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+
+
+@kind_param
+def test_dropout_one_layer_is_noop(kind):
+    """With num_layers=1 there is no inter-layer dropout (torch only warns)."""
+    torch_cls, fast_cls, extra = KINDS[kind]
+    with pytest.warns(UserWarning):
+        reference, candidate = make_pair(
+            torch_cls, fast_cls, INPUT_SIZE, HIDDEN_SIZE, dropout=0.5, dtype=DTYPE, **extra
+        )
+    candidate.train()
+    x = batched_input()
+    out_a, h_a = candidate(x)
+    out_b, h_b = candidate(x)
+    assert torch.equal(out_a, out_b) and torch.equal(h_a, h_b)
+    out_ref, h_ref = reference(x)
+    assert_close(out_a, out_ref)
+    assert_close(h_a, h_ref)

@@ -1,0 +1,208 @@
+"""Invalid arguments raise exactly what torch.nn raises (type and message)."""
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastrnn
+from conftest import (
+    BATCH,
+    HIDDEN_SIZE,
+    INPUT_SIZE,
+    LENGTHS,
+    SEQ_LEN,
+    assert_results_close,
+    assert_same_exception,
+    capture_warnings,
+    forward_backward,
+    make_pair,
+)
+
+I, H, B, T = INPUT_SIZE, HIDDEN_SIZE, BATCH, SEQ_LEN
+
+RECURRENT = {"RNN": (nn.RNN, fastrnn.RNN), "GRU": (nn.GRU, fastrnn.GRU)}
+CELLS = {"RNNCell": (nn.RNNCell, fastrnn.RNNCell), "GRUCell": (nn.GRUCell, fastrnn.GRUCell)}
+
+# ---------------------------------------------------------------------------
+# Constructor
+# ---------------------------------------------------------------------------
+
+CONSTRUCTOR_CASES = {
+    "nonlinearity_x": ("RNN", (I, H), dict(nonlinearity="x")),
+    "rnn_proj_size": ("RNN", (I, H), dict(proj_size=2)),
+    "gru_proj_size": ("GRU", (I, H), dict(proj_size=2)),
+    "dropout_2": (None, (I, H), dict(dropout=2)),
+    "dropout_negative": (None, (I, H), dict(dropout=-0.1)),
+    "dropout_true": (None, (I, H), dict(dropout=True)),
+    "hidden_size_0": (None, (I, 0), dict()),
+    "input_size_0": (None, (0, H), dict()),
+    "num_layers_0": (None, (I, H), dict(num_layers=0)),
+    "hidden_size_float": (None, (I, 3.5), dict()),
+    "bias_int": (None, (I, H), dict(bias=1)),
+    "num_layers_str": (None, (I, H), dict(num_layers="2")),
+}
+
+
+def constructor_params():
+    for case_id, (only, args, kwargs) in CONSTRUCTOR_CASES.items():
+        for name in RECURRENT:
+            if only is None or only == name:
+                yield pytest.param(name, args, kwargs, id=f"{name}-{case_id}")
+
+
+@pytest.mark.parametrize("name, args, kwargs", list(constructor_params()))
+def test_constructor_errors(name, args, kwargs):
+    torch_cls, fast_cls = RECURRENT[name]
+    assert_same_exception(lambda: torch_cls(*args, **kwargs), lambda: fast_cls(*args, **kwargs))
+
+
+@pytest.mark.parametrize("name", list(RECURRENT))
+@pytest.mark.parametrize("num_layers, dropout", [(1, 0.5), (1, 1.0), (2, 0.5), (1, 0.0)])
+def test_dropout_warning_parity(name, num_layers, dropout):
+    torch_cls, fast_cls = RECURRENT[name]
+    expected = capture_warnings(lambda: torch_cls(I, H, num_layers=num_layers, dropout=dropout))
+    got = capture_warnings(lambda: fast_cls(I, H, num_layers=num_layers, dropout=dropout))
+    assert got == expected
+    if num_layers == 1 and dropout > 0:
+        assert expected and expected[0][0] is UserWarning
+
+
+# ---------------------------------------------------------------------------
+# Forward of RNN / GRU
+# ---------------------------------------------------------------------------
+
+
+def packed(x, batch_first=False):
+    return pack_padded_sequence(x, torch.tensor(LENGTHS), batch_first=batch_first, enforce_sorted=False)
+
+
+# Each case: (module kwargs, function building the call arguments).
+# Modules are float32 with num_layers=2 unless overridden.
+FORWARD_CASES = {
+    "input_1d": ({}, lambda: (torch.randn(I),)),
+    "input_4d": ({}, lambda: (torch.randn(2, T, B, I),)),
+    "input_0d": ({}, lambda: (torch.tensor(1.0),)),
+    "wrong_feature_size": ({}, lambda: (torch.randn(T, B, I - 1),)),
+    "wrong_feature_size_unbatched": ({}, lambda: (torch.randn(T, I + 1),)),
+    "wrong_feature_size_batch_first": ({"batch_first": True}, lambda: (torch.randn(B, T, I - 1),)),
+    "hx_wrong_batch": ({}, lambda: (torch.randn(T, B, I), torch.randn(2, B - 1, H))),
+    "hx_wrong_hidden": ({}, lambda: (torch.randn(T, B, I), torch.randn(2, B, H + 1))),
+    "hx_wrong_num_states": ({}, lambda: (torch.randn(T, B, I), torch.randn(1, B, H))),
+    "hx_wrong_num_states_bidirectional": (
+        {"bidirectional": True},
+        lambda: (torch.randn(T, B, I), torch.randn(2, B, H)),
+    ),
+    "hx_wrong_batch_batch_first": ({"batch_first": True}, lambda: (torch.randn(B, T, I), torch.randn(2, B + 1, H))),
+    "hx_2d_with_batched_input": ({}, lambda: (torch.randn(T, B, I), torch.randn(B, H))),
+    "hx_3d_with_unbatched_input": ({}, lambda: (torch.randn(T, I), torch.randn(2, 1, H))),
+    "hx_wrong_hidden_unbatched": ({}, lambda: (torch.randn(T, I), torch.randn(2, H - 1))),
+    "hx_wrong_num_states_unbatched": ({}, lambda: (torch.randn(T, I), torch.randn(3, H))),
+    "input_float64_module_float32": ({}, lambda: (torch.randn(T, B, I, dtype=torch.float64),)),
+    "input_float32_module_float64": ({"dtype": torch.float64}, lambda: (torch.randn(T, B, I),)),
+    "hx_float64_module_float32": ({}, lambda: (torch.randn(T, B, I), torch.randn(2, B, H, dtype=torch.float64))),
+    "hx_float64_unbatched": ({}, lambda: (torch.randn(T, I), torch.randn(2, H, dtype=torch.float64))),
+    "integer_input": ({}, lambda: (torch.ones(T, B, I, dtype=torch.int64),)),
+    "empty_sequence": ({}, lambda: (torch.randn(0, B, I),)),
+    "empty_sequence_batch_first": ({"batch_first": True}, lambda: (torch.randn(B, 0, I),)),
+    "empty_sequence_unbatched": ({}, lambda: (torch.randn(0, I),)),
+    "packed_hx_wrong_hidden": ({}, lambda: (packed(torch.randn(T, B, I)), torch.randn(2, B, H + 1))),
+    "packed_hx_wrong_num_states": ({}, lambda: (packed(torch.randn(T, B, I)), torch.randn(3, B, H))),
+    "packed_hx_batch_too_small": ({}, lambda: (packed(torch.randn(T, B, I)), torch.randn(2, B - 1, H))),
+    "packed_hx_2d": ({}, lambda: (packed(torch.randn(T, B, I)), torch.randn(B, H))),
+    "packed_float64_module_float32": ({}, lambda: (packed(torch.randn(T, B, I, dtype=torch.float64)),)),
+}
+
+
+@pytest.mark.parametrize("name", list(RECURRENT))
+@pytest.mark.parametrize("case", list(FORWARD_CASES))
+def test_forward_errors(name, case):
+    kwargs, make_args = FORWARD_CASES[case]
+    kwargs = {"num_layers": 2, **kwargs}
+    torch_cls, fast_cls = RECURRENT[name]
+    reference, candidate = make_pair(torch_cls, fast_cls, I, H, **kwargs)
+    torch.manual_seed(0)
+    args = make_args()
+    assert_same_exception(lambda: reference(*args), lambda: candidate(*args))
+
+
+@pytest.mark.parametrize("name", list(RECURRENT))
+def test_packed_input_with_oversized_hx_behaves_like_torch(name):
+    # torch.nn permutes hx with the packed sequence's sorted_indices before
+    # validating it, so an hx with extra batch rows is accepted (the extra rows
+    # are ignored). A drop-in replacement must do the same.
+    torch_cls, fast_cls = RECURRENT[name]
+    reference, candidate = make_pair(torch_cls, fast_cls, I, H, num_layers=2, dtype=torch.float64)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    hx = torch.randn(2, B + 1, H, dtype=torch.float64)
+    expected = forward_backward(reference, x, hx, lengths=LENGTHS)
+    got = forward_backward(candidate, x, hx, lengths=LENGTHS)
+    assert_results_close(got, expected, torch.float64)
+
+
+@pytest.mark.parametrize("name", list(RECURRENT))
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time_first", "batch_first"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["unidir", "bidir"])
+@pytest.mark.parametrize("hx_given", [False, True], ids=["hx_none", "hx_given"])
+def test_zero_batch(name, batch_first, bidirectional, hx_given):
+    torch_cls, fast_cls = RECURRENT[name]
+    reference, candidate = make_pair(
+        torch_cls, fast_cls, I, H, num_layers=2, batch_first=batch_first, bidirectional=bidirectional
+    )
+    x = torch.randn(0, T, I) if batch_first else torch.randn(T, 0, I)
+    args = (x,)
+    if hx_given:
+        args = (x, torch.randn(2 * (2 if bidirectional else 1), 0, H))
+    expected_out, expected_h = reference(*args)
+    out, h_n = candidate(*args)
+    assert out.shape == expected_out.shape
+    assert h_n.shape == expected_h.shape
+    assert out.dtype == expected_out.dtype and h_n.dtype == expected_h.dtype
+
+
+# ---------------------------------------------------------------------------
+# Cells
+# ---------------------------------------------------------------------------
+
+CELL_CASES = {
+    "input_3d": ({}, lambda: (torch.randn(2, B, I),)),
+    "input_0d": ({}, lambda: (torch.tensor(1.0),)),
+    "hx_3d": ({}, lambda: (torch.randn(B, I), torch.randn(1, B, H))),
+    "wrong_input_size": ({}, lambda: (torch.randn(B, I - 1),)),
+    "wrong_input_size_unbatched": ({}, lambda: (torch.randn(I + 1),)),
+    "hx_wrong_batch": ({}, lambda: (torch.randn(B, I), torch.randn(B - 1, H))),
+    "hx_wrong_size": ({}, lambda: (torch.randn(B, I), torch.randn(B, H - 1))),
+    "hx_2d_with_unbatched_input": ({}, lambda: (torch.randn(I), torch.randn(1, H))),
+    "hx_1d_with_batched_input": ({}, lambda: (torch.randn(B, I), torch.randn(H))),
+    "input_float64_module_float32": ({}, lambda: (torch.randn(B, I, dtype=torch.float64), torch.randn(B, H))),
+    "input_float64_no_hx": ({}, lambda: (torch.randn(B, I, dtype=torch.float64),)),
+    "hx_float64_module_float32": ({}, lambda: (torch.randn(B, I), torch.randn(B, H, dtype=torch.float64))),
+    "input_and_hx_float64": (
+        {},
+        lambda: (torch.randn(B, I, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64)),
+    ),
+    "integer_input": ({}, lambda: (torch.ones(B, I, dtype=torch.int64),)),
+}
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+@pytest.mark.parametrize("case", list(CELL_CASES))
+def test_cell_errors(name, case):
+    kwargs, make_args = CELL_CASES[case]
+    torch_cls, fast_cls = CELLS[name]
+    reference, candidate = make_pair(torch_cls, fast_cls, I, H, **kwargs)
+    torch.manual_seed(0)
+    args = make_args()
+    assert_same_exception(lambda: reference(*args), lambda: candidate(*args))
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+@pytest.mark.parametrize("hx_given", [False, True], ids=["hx_none", "hx_given"])
+def test_cell_zero_batch(name, hx_given):
+    torch_cls, fast_cls = CELLS[name]
+    reference, candidate = make_pair(torch_cls, fast_cls, I, H)
+    args = (torch.randn(0, I),) + ((torch.randn(0, H),) if hx_given else ())
+    expected = reference(*args)
+    got = candidate(*args)
+    assert got.shape == expected.shape
+    assert got.dtype == expected.dtype

@@ -1,0 +1,208 @@
+"""Single-layer, single-direction autograd Functions.
+
+``fastrnn.autograd.RNNFunction`` / ``GRUFunction`` are checked three ways:
+numerically with ``torch.autograd.gradcheck``, against the plain PyTorch
+layers in ``fastrnn.reference``, and against ``torch.nn.RNN`` / ``torch.nn.GRU``
+run one sequence at a time.
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastrnn
+import fastrnn.autograd
+import fastrnn.reference
+from conftest import assert_close, dtype_id
+
+# (name, number of gate blocks, nonlinearity or None for GRU)
+CELLS = [("RNN_tanh", 1, "tanh"), ("RNN_relu", 1, "relu"), ("GRU", 3, None)]
+CELL_IDS = [c[0] for c in CELLS]
+
+
+def make_args(gates, T, B, I, H, bias, lengths, dtype, seed, requires_grad=True):
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        t = torch.randn(*shape, dtype=dtype, generator=generator) * 0.5
+        return t.requires_grad_(requires_grad)
+
+    x = rand(T, B, I)
+    h0 = rand(B, H)
+    w_ih = rand(gates * H, I)
+    w_hh = rand(gates * H, H)
+    b_ih = rand(gates * H) if bias else None
+    b_hh = rand(gates * H) if bias else None
+    lengths_t = None if lengths is None else torch.tensor(lengths, dtype=torch.int64)
+    return x, h0, w_ih, w_hh, b_ih, b_hh, lengths_t
+
+
+def apply_function(nonlinearity, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
+    if nonlinearity is None:
+        return fastrnn.autograd.GRUFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
+    return fastrnn.autograd.RNNFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, nonlinearity)
+
+
+def apply_reference(nonlinearity, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
+    if nonlinearity is None:
+        return fastrnn.reference.gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=lengths, reverse=reverse)
+    return fastrnn.reference.rnn_layer(
+        x, h0, w_ih, w_hh, b_ih, b_hh, lengths=lengths, reverse=reverse, nonlinearity=nonlinearity
+    )
+
+
+cell_param = pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+lengths_param = pytest.mark.parametrize("lengths", [None, [2, 4, 1]], ids=["full", "lengths"])
+reverse_param = pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+bias_param = pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+
+
+@cell_param
+@lengths_param
+@reverse_param
+@bias_param
+def test_gradcheck(cell, lengths, reverse, bias):
+    _, gates, nonlinearity = cell
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths_t = make_args(
+        gates, T=4, B=3, I=3, H=4, bias=bias, lengths=lengths, dtype=torch.float64, seed=7
+    )
+
+    def fn(x, h0, w_ih, w_hh, b_ih, b_hh):
+        return apply_function(nonlinearity, x, h0, w_ih, w_hh, b_ih, b_hh, lengths_t, reverse)
+
+    # check_undefined_grad (on by default) also covers the case where only one
+    # of (output, h_n) receives a gradient.
+    assert torch.autograd.gradcheck(fn, (x, h0, w_ih, w_hh, b_ih, b_hh), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@cell_param
+def test_double_backward_raises(cell):
+    # The backward pass is implemented by the engine itself and is marked
+    # once_differentiable: it is not differentiable again. This is why
+    # gradgradcheck is not run; instead we assert that attempting a second
+    # differentiation fails loudly rather than returning wrong values.
+    _, gates, nonlinearity = cell
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths_t = make_args(
+        gates, T=4, B=3, I=3, H=4, bias=True, lengths=[2, 4, 1], dtype=torch.float64, seed=3
+    )
+    output, h_n = apply_function(nonlinearity, x, h0, w_ih, w_hh, b_ih, b_hh, lengths_t, False)
+    grads = torch.autograd.grad(output.sum() + h_n.sum(), (x, w_hh), create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(grads[0].sum() + grads[1].sum(), (x, w_hh))
+
+
+SIZES = [
+    # (T, B, I, H, lengths)
+    (1, 1, 1, 1, None),
+    (6, 4, 5, 3, [6, 2, 5, 1]),
+    (9, 5, 7, 13, [3, 9, 1, 7, 5]),
+    (11, 3, 2, 8, [11, 11, 4]),
+    (5, 6, 9, 4, None),
+]
+
+
+def size_id(size):
+    T, B, I, H, lengths = size
+    return f"T{T}_B{B}_I{I}_H{H}" + ("_lengths" if lengths else "")
+
+
+@cell_param
+@pytest.mark.parametrize("size", SIZES, ids=size_id)
+@reverse_param
+@bias_param
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+def test_matches_reference_layer(cell, size, reverse, bias, dtype):
+    _, gates, nonlinearity = cell
+    T, B, I, H, lengths = size
+    args = make_args(gates, T, B, I, H, bias=bias, lengths=lengths, dtype=dtype, seed=11)
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths_t = args
+    leaves = [t for t in (x, h0, w_ih, w_hh, b_ih, b_hh) if t is not None]
+
+    generator = torch.Generator().manual_seed(5)
+    grad_out = torch.randn(T, B, H, dtype=dtype, generator=generator)
+    grad_h = torch.randn(B, H, dtype=dtype, generator=generator)
+
+    results = []
+    for fn in (apply_function, apply_reference):
+        output, h_n = fn(nonlinearity, x, h0, w_ih, w_hh, b_ih, b_hh, lengths_t, reverse)
+        grads = torch.autograd.grad((output, h_n), leaves, grad_outputs=(grad_out, grad_h))
+        results.append((output.detach(), h_n.detach(), grads))
+
+    (out, h_n, grads), (ref_out, ref_h_n, ref_grads) = results
+    assert out.shape == (T, B, H) and h_n.shape == (B, H)
+    assert out.dtype == dtype and h_n.dtype == dtype
+    assert_close(out, ref_out, msg="output")
+    assert_close(h_n, ref_h_n, msg="h_n")
+    names = ["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh"][: len(leaves)]
+    for name, g, ref_g in zip(names, grads, ref_grads):
+        assert_close(g, ref_g, msg=f"grad {name}")
+
+
+@cell_param
+@pytest.mark.parametrize("size", SIZES, ids=size_id)
+@reverse_param
+@bias_param
+def test_matches_torch_nn_per_sequence(cell, size, reverse, bias):
+    """Each sequence b is processed independently for lengths[b] steps: the
+    result equals a single-layer torch.nn module run on that sequence alone
+    (time-flipped for ``reverse``)."""
+    _, gates, nonlinearity = cell
+    T, B, I, H, lengths = size
+    dtype = torch.float64
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths_t = make_args(
+        gates, T, B, I, H, bias=bias, lengths=lengths, dtype=dtype, seed=13, requires_grad=False
+    )
+    with torch.no_grad():
+        output, h_n = apply_function(nonlinearity, x, h0, w_ih, w_hh, b_ih, b_hh, lengths_t, reverse)
+
+    if nonlinearity is None:
+        module = nn.GRU(I, H, bias=bias, dtype=dtype)
+    else:
+        module = nn.RNN(I, H, bias=bias, nonlinearity=nonlinearity, dtype=dtype)
+    with torch.no_grad():
+        module.weight_ih_l0.copy_(w_ih)
+        module.weight_hh_l0.copy_(w_hh)
+        if bias:
+            module.bias_ih_l0.copy_(b_ih)
+            module.bias_hh_l0.copy_(b_hh)
+
+    lengths_list = [T] * B if lengths is None else lengths
+    for b, length in enumerate(lengths_list):
+        seq = x[:length, b]
+        if reverse:
+            seq = seq.flip(0)
+        with torch.no_grad():
+            expected_out, expected_h = module(seq, h0[b : b + 1])
+        if reverse:
+            expected_out = expected_out.flip(0)
+        assert_close(output[:length, b], expected_out, msg=f"output of sequence {b}")
+        assert_close(h_n[b], expected_h[0], msg=f"h_n of sequence {b}")
+        assert torch.count_nonzero(output[length:, b]) == 0, f"padding of sequence {b} is not zero"
+
+
+@cell_param
+@reverse_param
+def test_full_lengths_equal_no_lengths(cell, reverse):
+    _, gates, nonlinearity = cell
+    T, B = 6, 4
+    x, h0, w_ih, w_hh, b_ih, b_hh, _ = make_args(
+        gates, T, B, 5, 3, bias=True, lengths=None, dtype=torch.float64, seed=17, requires_grad=False
+    )
+    full = torch.full((B,), T, dtype=torch.int64)
+    out_a, h_a = apply_function(nonlinearity, x, h0, w_ih, w_hh, b_ih, b_hh, None, reverse)
+    out_b, h_b = apply_function(nonlinearity, x, h0, w_ih, w_hh, b_ih, b_hh, full, reverse)
+    assert_close(out_b, out_a)
+    assert_close(h_b, h_a)
+
+
+@cell_param
+def test_inputs_are_not_modified(cell):
+    _, gates, nonlinearity = cell
+    args = make_args(gates, 5, 3, 4, 6, bias=True, lengths=[5, 2, 4], dtype=torch.float64, seed=19)
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths_t = args
+    tensors = [x, h0, w_ih, w_hh, b_ih, b_hh, lengths_t]
+    snapshots = [t.detach().clone() for t in tensors]
+    output, h_n = apply_function(nonlinearity, x, h0, w_ih, w_hh, b_ih, b_hh, lengths_t, True)
+    (output.sum() + h_n.sum()).backward()
+    for t, snapshot in zip(tensors, snapshots):
+        assert torch.equal(t.detach(), snapshot)

@@ -1,0 +1,150 @@
+"""Parity of fastrnn.RNN / fastrnn.GRU with torch.nn.RNN / torch.nn.GRU."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastrnn
+from conftest import (
+    BATCH,
+    HIDDEN_SIZE,
+    INPUT_SIZE,
+    LENGTHS,
+    SEQ_LEN,
+    assert_results_close,
+    count_graph_nodes,
+    dtype_id,
+    forward_backward,
+    make_pair,
+)
+
+KINDS = {
+    "RNN_tanh": (nn.RNN, fastrnn.RNN, {"nonlinearity": "tanh"}),
+    "RNN_relu": (nn.RNN, fastrnn.RNN, {"nonlinearity": "relu"}),
+    "GRU": (nn.GRU, fastrnn.GRU, {}),
+}
+
+INPUT_KINDS = ["unbatched", "batched", "packed"]
+
+
+def make_inputs(input_kind, batch_first, hx_given, num_layers, bidirectional, dtype, seed=1):
+    """Input tensor, initial state (or None) and packed lengths (or None)."""
+    generator = torch.Generator().manual_seed(seed)
+    num_states = num_layers * (2 if bidirectional else 1)
+    if input_kind == "unbatched":
+        x = torch.randn(SEQ_LEN, INPUT_SIZE, dtype=dtype, generator=generator)
+        hx_shape = (num_states, HIDDEN_SIZE)
+    else:
+        shape = (BATCH, SEQ_LEN, INPUT_SIZE) if batch_first else (SEQ_LEN, BATCH, INPUT_SIZE)
+        x = torch.randn(shape, dtype=dtype, generator=generator)
+        hx_shape = (num_states, BATCH, HIDDEN_SIZE)
+    hx = torch.randn(hx_shape, dtype=dtype, generator=generator) if hx_given else None
+    lengths = LENGTHS if input_kind == "packed" else None
+    return x, hx, lengths
+
+
+def check_parity(kind, num_layers, bidirectional, batch_first, bias, input_kind, hx_given, dtype):
+    torch_cls, fast_cls, extra = KINDS[kind]
+    reference, candidate = make_pair(
+        torch_cls,
+        fast_cls,
+        INPUT_SIZE,
+        HIDDEN_SIZE,
+        num_layers=num_layers,
+        bias=bias,
+        batch_first=batch_first,
+        dropout=0.0,
+        bidirectional=bidirectional,
+        dtype=dtype,
+        **extra,
+    )
+    x, hx, lengths = make_inputs(input_kind, batch_first, hx_given, num_layers, bidirectional, dtype)
+    expected = forward_backward(reference, x, hx, lengths=lengths, batch_first=batch_first)
+    got = forward_backward(candidate, x, hx, lengths=lengths, batch_first=batch_first)
+    assert_results_close(got, expected, dtype)
+
+
+kind_param = pytest.mark.parametrize("kind", list(KINDS))
+layers_param = pytest.mark.parametrize("num_layers", [1, 2, 3], ids=lambda n: f"layers{n}")
+bidir_param = pytest.mark.parametrize("bidirectional", [False, True], ids=["unidir", "bidir"])
+batch_first_param = pytest.mark.parametrize("batch_first", [False, True], ids=["time_first", "batch_first"])
+bias_param = pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+input_param = pytest.mark.parametrize("input_kind", INPUT_KINDS)
+hx_param = pytest.mark.parametrize("hx_given", [False, True], ids=["hx_none", "hx_given"])
+
+
+@kind_param
+@layers_param
+@bidir_param
+@batch_first_param
+@bias_param
+@input_param
+@hx_param
+def test_parity_float64(kind, num_layers, bidirectional, batch_first, bias, input_kind, hx_given):
+    check_parity(kind, num_layers, bidirectional, batch_first, bias, input_kind, hx_given, torch.float64)
+
+
+@kind_param
+@bidir_param
+@batch_first_param
+@bias_param
+@input_param
+@hx_param
+def test_parity_float32(kind, bidirectional, batch_first, bias, input_kind, hx_given):
+    check_parity(kind, 2, bidirectional, batch_first, bias, input_kind, hx_given, torch.float32)
+
+
+@kind_param
+@bidir_param
+@input_param
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+def test_parity_auto_backend(kind, bidirectional, input_kind, dtype):
+    with fastrnn.use_backend("auto"):
+        check_parity(kind, 2, bidirectional, False, True, input_kind, True, dtype)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@kind_param
+@bidir_param
+@batch_first_param
+@input_param
+def test_parity_forced_backend(backend, kind, bidirectional, batch_first, input_kind):
+    with fastrnn.use_backend(backend):
+        check_parity(kind, 2, bidirectional, batch_first, True, input_kind, True, torch.float64)
+
+
+@pytest.mark.parametrize("kind", ["RNN_tanh", "GRU"])
+def test_autograd_graph_does_not_grow_with_sequence_length(kind):
+    _, fast_cls, extra = KINDS[kind]
+    module = fast_cls(INPUT_SIZE, HIDDEN_SIZE, num_layers=2, bidirectional=True, dtype=torch.float64, **extra)
+    counts = {}
+    for seq_len in (5, 50):
+        x = torch.randn(seq_len, BATCH, INPUT_SIZE, dtype=torch.float64, requires_grad=True)
+        output, h_n = module(x)
+        assert output.grad_fn is not None
+        counts[seq_len] = count_graph_nodes(output.grad_fn)
+    assert counts[5] == counts[50], f"autograd graph size depends on the sequence length: {counts}"
+
+
+@kind_param
+def test_module_type(kind):
+    torch_cls, fast_cls, extra = KINDS[kind]
+    module = fast_cls(INPUT_SIZE, HIDDEN_SIZE, **extra)
+    assert isinstance(module, nn.RNNBase)
+    assert not isinstance(module, torch_cls)
+    assert module.mode == torch_cls(INPUT_SIZE, HIDDEN_SIZE, **extra).mode
+
+
+@kind_param
+def test_explicit_none_hx_equals_omitted_hx(kind):
+    _, fast_cls, extra = KINDS[kind]
+    module = fast_cls(INPUT_SIZE, HIDDEN_SIZE, num_layers=2, dtype=torch.float64, **extra)
+    x = torch.randn(SEQ_LEN, BATCH, INPUT_SIZE, dtype=torch.float64)
+    out_a, h_a = module(x)
+    out_b, h_b = module(x, None)
+    zeros = torch.zeros(2, BATCH, HIDDEN_SIZE, dtype=torch.float64)
+    out_c, h_c = module(x, zeros)
+    torch.testing.assert_close(out_a, out_b, rtol=0, atol=0)
+    torch.testing.assert_close(h_a, h_b, rtol=0, atol=0)
+    torch.testing.assert_close(out_a, out_c, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(h_a, h_c, rtol=1e-10, atol=1e-12)
