@@ -4,13 +4,53 @@
 //   n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))
 //   h' = (1 − z) ⊙ n + z ⊙ h
 // Same shape of work as rnn.cpp, with three gates per step.
+#include "math.h"
 #include "ops.h"
+
+#include <type_traits>
 
 namespace fastrnn::cpu {
 namespace {
 
 // Per (step, sequence) the workspace row holds [r | z | n | W_hn h + b_hn].
 constexpr int64_t kSaved = 4;
+
+// One sequence's update at one step. p: input-side pre-activations (3H),
+// q: W_hh h (3H); writes the saved gates, the output and the new state.
+template <typename scalar_t>
+FASTRNN_INLINE void forward_row_body(const scalar_t* __restrict p, const scalar_t* __restrict q,
+                                     const scalar_t* __restrict bias_hn,
+                                     scalar_t* __restrict saved, scalar_t* __restrict out,
+                                     scalar_t* __restrict h, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) {
+    const scalar_t r = sigmoid(p[j] + q[j]);
+    const scalar_t z = sigmoid(p[H + j] + q[H + j]);
+    const scalar_t hn = q[2 * H + j] + (bias_hn ? bias_hn[j] : scalar_t(0));
+    const scalar_t n = cpu::tanh(p[2 * H + j] + r * hn);
+    const scalar_t v = (h[j] - n) * z + n;
+    saved[j] = r;
+    saved[H + j] = z;
+    saved[2 * H + j] = n;
+    saved[3 * H + j] = hn;
+    out[j] = v;
+    h[j] = v;
+  }
+}
+
+FASTRNN_MULTIVERSION void forward_row_f32(const float* p, const float* q, const float* bias_hn,
+                                          float* saved, float* out, float* h, int64_t H) {
+  forward_row_body(p, q, bias_hn, saved, out, h, H);
+}
+
+template <typename scalar_t>
+void forward_row(const scalar_t* p, const scalar_t* q, const scalar_t* bias_hn, scalar_t* saved,
+                 scalar_t* out, scalar_t* h, int64_t H) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    forward_row_f32(p, q, bias_hn, saved, out, h, H);
+  } else {
+    forward_row_body(p, q, bias_hn, saved, out, h, H);
+  }
+}
 
 template <typename scalar_t>
 void forward_steps(const at::Tensor& proj, const at::Tensor& weight_hh,
@@ -37,24 +77,8 @@ void forward_steps(const at::Tensor& proj, const at::Tensor& weight_hh,
           continue;
         }
         const int64_t row = map.time(s, b) * B + b;
-        const scalar_t* pb = p + row * 3 * H;
-        const scalar_t* qb = q + b * 3 * H;
-        scalar_t* wb = ws + row * kSaved * H;
-        scalar_t* ob = out + row * H;
-        scalar_t* hb = h + b * H;
-        for (int64_t j = 0; j < H; ++j) {
-          const scalar_t r = sigmoid(pb[j] + qb[j]);
-          const scalar_t z = sigmoid(pb[H + j] + qb[H + j]);
-          const scalar_t hn = bias_hn ? qb[2 * H + j] + bias_hn[j] : qb[2 * H + j];
-          const scalar_t n = std::tanh(pb[2 * H + j] + r * hn);
-          const scalar_t v = (hb[j] - n) * z + n;
-          wb[j] = r;
-          wb[H + j] = z;
-          wb[2 * H + j] = n;
-          wb[3 * H + j] = hn;
-          ob[j] = v;
-          hb[j] = v;
-        }
+        forward_row(p + row * 3 * H, q + b * 3 * H, bias_hn, ws + row * kSaved * H,
+                    out + row * H, h + b * H, H);
       }
     });
   }

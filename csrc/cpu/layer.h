@@ -82,11 +82,6 @@ inline void parallel_rows(int64_t rows, int64_t work_per_row, const F& fn) {
   at::parallel_for(0, rows, grain, fn);
 }
 
-template <typename scalar_t>
-inline scalar_t sigmoid(scalar_t v) {
-  return scalar_t(1) / (scalar_t(1) + std::exp(-v));
-}
-
 // One layer's gradients, in the order the backward ops return them.
 using LayerGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 

@@ -3,7 +3,10 @@
 // Forward hoists the input projection into one GEMM and then runs the time
 // loop (recurrent GEMM + fused pointwise update). Backward sweeps the steps
 // in reverse for the pre-activation gradients and finishes with large GEMMs.
+#include "math.h"
 #include "ops.h"
+
+#include <type_traits>
 
 namespace fastrnn::cpu {
 namespace {
@@ -13,7 +16,7 @@ inline scalar_t activation(scalar_t v) {
   if constexpr (Relu) {
     return v < scalar_t(0) ? scalar_t(0) : v;  // NaN passes through, as in torch.relu
   } else {
-    return std::tanh(v);
+    return cpu::tanh(v);
   }
 }
 
@@ -24,6 +27,36 @@ inline scalar_t activation_grad(scalar_t h) {
     return h > scalar_t(0) ? scalar_t(1) : scalar_t(0);
   } else {
     return scalar_t(1) - h * h;
+  }
+}
+
+template <typename scalar_t, bool Relu>
+FASTRNN_INLINE void forward_row_body(const scalar_t* __restrict p, const scalar_t* __restrict q,
+                                     scalar_t* __restrict out, scalar_t* __restrict h,
+                                     int64_t H) {
+  for (int64_t j = 0; j < H; ++j) {
+    const scalar_t v = activation<scalar_t, Relu>(p[j] + q[j]);
+    out[j] = v;
+    h[j] = v;
+  }
+}
+
+FASTRNN_MULTIVERSION void forward_row_f32(const float* p, const float* q, float* out, float* h,
+                                          int64_t H, bool relu) {
+  if (relu) {
+    forward_row_body<float, true>(p, q, out, h, H);
+  } else {
+    forward_row_body<float, false>(p, q, out, h, H);
+  }
+}
+
+// One sequence's update at one step: out = h = act(p + q).
+template <typename scalar_t, bool Relu>
+void forward_row(const scalar_t* p, const scalar_t* q, scalar_t* out, scalar_t* h, int64_t H) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    forward_row_f32(p, q, out, h, H, Relu);
+  } else {
+    forward_row_body<scalar_t, Relu>(p, q, out, h, H);
   }
 }
 
@@ -50,15 +83,7 @@ void forward_steps(const at::Tensor& proj, const at::Tensor& weight_hh, at::Tens
           continue;
         }
         const int64_t row = map.time(s, b) * B + b;
-        const scalar_t* pb = p + row * H;
-        const scalar_t* qb = q + b * H;
-        scalar_t* ob = out + row * H;
-        scalar_t* hb = h + b * H;
-        for (int64_t j = 0; j < H; ++j) {
-          const scalar_t v = activation<scalar_t, Relu>(pb[j] + qb[j]);
-          ob[j] = v;
-          hb[j] = v;
-        }
+        forward_row<scalar_t, Relu>(p + row * H, q + b * H, out + row * H, h + b * H, H);
       }
     });
   }
