@@ -98,6 +98,9 @@ SIZES = [
     (9, 5, 7, 13, [3, 9, 1, 7, 5]),
     (11, 3, 2, 8, [11, 11, 4]),
     (5, 6, 9, 4, None),
+    # Large enough per step for the engine to split the batch across threads.
+    (5, 48, 6, 64, [(7 * b) % 5 + 1 for b in range(48)]),
+    (4, 48, 6, 64, None),
 ]
 
 

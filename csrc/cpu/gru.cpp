@@ -69,9 +69,8 @@ void forward_steps(const at::Tensor& proj, const at::Tensor& weight_hh,
     if (rows == 0) {
       break;  // rows never grows again
     }
-    auto hh_rows = hh.narrow(0, 0, rows);
-    at::mm_out(hh_rows, state.narrow(0, 0, rows), w_hh_t);
-    parallel_rows(rows, 3 * H, [&](int64_t begin, int64_t end) {
+    parallel_rows(rows, H * 3 * H, [&](int64_t begin, int64_t end) {
+      mm_rows(hh, state, w_hh_t, begin, end);
       for (int64_t b = begin; b < end; ++b) {
         if (!map.active(s, b)) {
           continue;
@@ -108,7 +107,8 @@ at::Tensor backward_sweep(const at::Tensor& grad_output, const at::Tensor& prev_
     }
     const scalar_t* dhp = dh.const_data_ptr<scalar_t>();
     scalar_t* cp = carry.mutable_data_ptr<scalar_t>();
-    parallel_rows(B, 3 * H, [&](int64_t begin, int64_t end) {
+    const auto step = sb ? step_buf : grad_hh.select(0, map.uniform_time_of(s));
+    parallel_rows(B, H * 3 * H, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* dhb = dhp + b * H;
         scalar_t* cb = cp + b * H;
@@ -143,9 +143,8 @@ at::Tensor backward_sweep(const at::Tensor& grad_output, const at::Tensor& prev_
           std::copy(ghb, ghb + 3 * H, sb + b * 3 * H);
         }
       }
+      addmm_rows(carry, step, weight_hh, begin, std::min(end, rows));
     });
-    const auto step = sb ? step_buf : grad_hh.select(0, map.uniform_time_of(s));
-    carry.narrow(0, 0, rows).addmm_(step.narrow(0, 0, rows), weight_hh);
     std::swap(dh, carry);
   }
   return dh;

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
 
 #include <algorithm>
 #include <vector>
@@ -80,6 +81,27 @@ inline void parallel_rows(int64_t rows, int64_t work_per_row, const F& fn) {
   constexpr int64_t kMinWork = 16384;
   const int64_t grain = std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_row));
   at::parallel_for(0, rows, grain, fn);
+}
+
+// Rows [begin, end) of out = a b, or of out += a b: each thread multiplies
+// the rows it then updates, so a step needs one parallel region and no
+// threading inside small GEMMs. Worker threads start with grad mode on, and
+// these products must not be recorded, hence the guards.
+inline void mm_rows(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, int64_t begin,
+                    int64_t end) {
+  if (end > begin) {
+    c10::AutoGradMode no_grad(false);
+    auto out_rows = out.narrow(0, begin, end - begin);
+    at::mm_out(out_rows, a.narrow(0, begin, end - begin), b);
+  }
+}
+
+inline void addmm_rows(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, int64_t begin,
+                       int64_t end) {
+  if (end > begin) {
+    c10::AutoGradMode no_grad(false);
+    out.narrow(0, begin, end - begin).addmm_(a.narrow(0, begin, end - begin), b);
+  }
 }
 
 // One layer's gradients, in the order the backward ops return them.

@@ -75,9 +75,8 @@ void forward_steps(const at::Tensor& proj, const at::Tensor& weight_hh, at::Tens
     if (rows == 0) {
       break;  // rows never grows again
     }
-    auto hh_rows = hh.narrow(0, 0, rows);
-    at::mm_out(hh_rows, state.narrow(0, 0, rows), w_hh_t);
-    parallel_rows(rows, H, [&](int64_t begin, int64_t end) {
+    parallel_rows(rows, H * H, [&](int64_t begin, int64_t end) {
+      mm_rows(hh, state, w_hh_t, begin, end);
       for (int64_t b = begin; b < end; ++b) {
         if (!map.active(s, b)) {
           continue;
@@ -111,7 +110,8 @@ at::Tensor backward_sweep(const at::Tensor& grad_output, const at::Tensor& outpu
     }
     const scalar_t* dhp = dh.const_data_ptr<scalar_t>();
     scalar_t* cp = carry.mutable_data_ptr<scalar_t>();
-    parallel_rows(B, H, [&](int64_t begin, int64_t end) {
+    const auto step = sb ? step_buf : grad_pre.select(0, map.uniform_time_of(s));
+    parallel_rows(B, H * H, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* dhb = dhp + b * H;
         scalar_t* cb = cp + b * H;
@@ -134,9 +134,8 @@ at::Tensor backward_sweep(const at::Tensor& grad_output, const at::Tensor& outpu
           std::copy(db, db + H, sb + b * H);
         }
       }
+      addmm_rows(carry, step, weight_hh, begin, std::min(end, rows));
     });
-    const auto step = sb ? step_buf : grad_pre.select(0, map.uniform_time_of(s));
-    carry.narrow(0, 0, rows).addmm_(step.narrow(0, 0, rows), weight_hh);
     std::swap(dh, carry);
   }
   return dh;
