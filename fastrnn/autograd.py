@@ -13,14 +13,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from fastrnn import backends
+from fastrnn import backends, cpp
 
 
 def _engine(device: torch.device):
-    name = backends.resolve(device)
-    if name == "cpp":
-        from fastrnn import cpp
-
+    if backends.resolve(device) == "cpp":
         return cpp
     raise RuntimeError(
         f"fastrnn has no compiled engine for tensors on {device} under backend "

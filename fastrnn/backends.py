@@ -14,6 +14,8 @@ from collections.abc import Iterator
 
 import torch
 
+from fastrnn import cpp
+
 BACKENDS = ("auto", "cpp", "triton", "reference")
 
 _backend: contextvars.ContextVar[str] = contextvars.ContextVar("fastrnn_backend", default="auto")
@@ -44,8 +46,6 @@ def use_backend(name: str) -> Iterator[None]:
 
 def resolve(device: torch.device) -> str:
     """The engine that runs tensors on ``device`` now: "cpp", "triton" or "reference"."""
-    from fastrnn import cpp
-
     name = _backend.get()
     if name == "auto":
         if device.type == "cpu" and cpp.available():

@@ -20,9 +20,9 @@ from fastrnn.autograd import GRUFunction, RNNFunction
 _WIDENED = (torch.bfloat16, torch.float16)
 
 
-def _apply(function, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh, *flags):
-    if (x.dtype in _WIDENED and backends.resolve(x.device) == "cpp"
-            and h0.dtype == x.dtype and w_ih.dtype == x.dtype):
+def _apply(function, engine: str, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh,
+           *flags):
+    if engine == "cpp" and x.dtype in _WIDENED and h0.dtype == x.dtype and w_ih.dtype == x.dtype:
         tensors = [t if t is None else t.float() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
         output, h_n = function.apply(*tensors, *flags)
         return output.to(x.dtype), h_n.to(x.dtype)
@@ -37,18 +37,20 @@ def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | 
     Returns (output (T, B, H), h_n (B, H)). ``lengths`` (int64 CPU, (B,))
     limits each sequence; ``reverse`` runs each from its own last element.
     """
-    if backends.resolve(x.device) == "reference":
+    engine = backends.resolve(x.device)
+    if engine == "reference":
         return reference.rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, nonlinearity)
-    return _apply(RNNFunction, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, nonlinearity)
+    return _apply(RNNFunction, engine, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, nonlinearity)
 
 
 def gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
               b_hh: Tensor | None = None, lengths: Tensor | None = None,
               reverse: bool = False) -> tuple[Tensor, Tensor]:
     """One GRU layer in one direction; same contract as ``rnn_layer``."""
-    if backends.resolve(x.device) == "reference":
+    engine = backends.resolve(x.device)
+    if engine == "reference":
         return reference.gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
-    return _apply(GRUFunction, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
+    return _apply(GRUFunction, engine, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
 
 
 def recurrent_layers(mode: str, x: Tensor, hx: Tensor, weights: Sequence[Tensor], num_layers: int,

@@ -25,7 +25,7 @@ FASTRNN_INLINE void forward_row_body(const scalar_t* __restrict p, const scalar_
   for (int64_t j = 0; j < H; ++j) {
     const scalar_t r = sigmoid(p[j] + q[j]);
     const scalar_t z = sigmoid(p[H + j] + q[H + j]);
-    const scalar_t hn = q[2 * H + j] + (bias_hn ? bias_hn[j] : scalar_t(0));
+    const scalar_t hn = q[2 * H + j] + bias_hn[j];
     const scalar_t n = cpu::tanh(p[2 * H + j] + r * hn);
     const scalar_t v = (h[j] - n) * z + n;
     saved[j] = r;
@@ -83,6 +83,49 @@ void forward_steps(const at::Tensor& proj, const at::Tensor& weight_hh,
   }
 }
 
+// One sequence's gradients at one step: from the gradient g reaching its
+// output (upstream plus from the next step), the input-side and hidden-side
+// gate pre-activation gradients (3H each) and the direct part g z of dh.
+template <typename scalar_t>
+FASTRNN_INLINE void backward_row_body(const scalar_t* __restrict grad_out,
+                                      const scalar_t* __restrict h_prev,
+                                      const scalar_t* __restrict saved,
+                                      const scalar_t* __restrict dh, scalar_t* __restrict grad_ih,
+                                      scalar_t* __restrict grad_hh, scalar_t* __restrict carry,
+                                      int64_t H) {
+  for (int64_t j = 0; j < H; ++j) {
+    const scalar_t r = saved[j], z = saved[H + j], n = saved[2 * H + j], hn = saved[3 * H + j];
+    const scalar_t g = grad_out[j] + dh[j];
+    const scalar_t dn = g * (scalar_t(1) - z) * (scalar_t(1) - n * n);
+    const scalar_t dz = g * (h_prev[j] - n) * z * (scalar_t(1) - z);
+    const scalar_t dr = dn * hn * r * (scalar_t(1) - r);
+    grad_ih[j] = dr;
+    grad_ih[H + j] = dz;
+    grad_ih[2 * H + j] = dn;
+    grad_hh[j] = dr;
+    grad_hh[H + j] = dz;
+    grad_hh[2 * H + j] = dn * r;
+    carry[j] = g * z;
+  }
+}
+
+FASTRNN_MULTIVERSION void backward_row_f32(const float* grad_out, const float* h_prev,
+                                           const float* saved, const float* dh, float* grad_ih,
+                                           float* grad_hh, float* carry, int64_t H) {
+  backward_row_body(grad_out, h_prev, saved, dh, grad_ih, grad_hh, carry, H);
+}
+
+template <typename scalar_t>
+void backward_row(const scalar_t* grad_out, const scalar_t* h_prev, const scalar_t* saved,
+                  const scalar_t* dh, scalar_t* grad_ih, scalar_t* grad_hh, scalar_t* carry,
+                  int64_t H) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    backward_row_f32(grad_out, h_prev, saved, dh, grad_ih, grad_hh, carry, H);
+  } else {
+    backward_row_body(grad_out, h_prev, saved, dh, grad_ih, grad_hh, carry, H);
+  }
+}
+
 // Fills grad_ih / grad_hh (T, B, 3H), the gradients of the input-side and
 // hidden-side gate pre-activations (they differ in the n rows, where the
 // hidden side is scaled by r), and returns the gradient of the initial state.
@@ -120,25 +163,9 @@ at::Tensor backward_sweep(const at::Tensor& grad_output, const at::Tensor& prev_
           continue;
         }
         const int64_t row = map.time(s, b) * B + b;
-        const scalar_t* gb = go + row * H;
-        const scalar_t* hb = hp + row * H;
-        const scalar_t* wb = ws + row * kSaved * H;
-        scalar_t* gib = gi + row * 3 * H;
         scalar_t* ghb = gh + row * 3 * H;
-        for (int64_t j = 0; j < H; ++j) {
-          const scalar_t r = wb[j], z = wb[H + j], n = wb[2 * H + j], hn = wb[3 * H + j];
-          const scalar_t g = gb[j] + dhb[j];
-          const scalar_t dn = g * (scalar_t(1) - z) * (scalar_t(1) - n * n);
-          const scalar_t dz = g * (hb[j] - n) * z * (scalar_t(1) - z);
-          const scalar_t dr = dn * hn * r * (scalar_t(1) - r);
-          gib[j] = dr;
-          gib[H + j] = dz;
-          gib[2 * H + j] = dn;
-          ghb[j] = dr;
-          ghb[H + j] = dz;
-          ghb[2 * H + j] = dn * r;
-          cb[j] = g * z;
-        }
+        backward_row(go + row * H, hp + row * H, ws + row * kSaved * H, dhb, gi + row * 3 * H,
+                     ghb, cb, H);
         if (sb) {
           std::copy(ghb, ghb + 3 * H, sb + b * 3 * H);
         }
@@ -162,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward(
   // b_hr and b_hz add straight to the pre-activations, so they join the input
   // projection; b_hn sits inside r ⊙ (W_hn h + b_hn) and stays in the loop.
   std::optional<at::Tensor> bias = bias_ih;
-  at::Tensor bias_hn;
+  auto bias_hn = at::zeros({s.H}, input.options());
   if (bias_hh.has_value() && bias_hh->defined()) {
     auto folded = bias_hh->clone();
     folded.narrow(0, 2 * s.H, s.H).zero_();
@@ -176,9 +203,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward(
   auto workspace = at::empty({s.T, s.B, kSaved * s.H}, input.options());
   auto state = hx.clone(at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::gru_forward", [&] {
-    forward_steps<scalar_t>(proj, w_hh,
-                            bias_hn.defined() ? bias_hn.const_data_ptr<scalar_t>() : nullptr,
-                            output, state, workspace, map);
+    forward_steps<scalar_t>(proj, w_hh, bias_hn.const_data_ptr<scalar_t>(), output, state,
+                            workspace, map);
   });
   return {output, state, workspace};
 }

@@ -1,0 +1,44 @@
+"""bfloat16 and float16 modules: the C++ engine computes them in float32.
+
+The result must therefore sit within one low-precision rounding of the
+float32 computation with the same weights (torch.nn, which rounds after
+every operation, is no tighter reference here).
+"""
+
+import pytest
+import torch
+
+import fastrnn
+
+CELLS = [(torch.nn.RNN, fastrnn.RNN), (torch.nn.GRU, fastrnn.GRU)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("classes", CELLS, ids=["RNN", "GRU"])
+def test_low_precision_tracks_float32(classes, dtype):
+    torch_cls, fast_cls = classes
+    torch.manual_seed(0)
+    exact = torch_cls(6, 16, num_layers=2, bidirectional=True)
+    low = fast_cls(6, 16, num_layers=2, bidirectional=True)
+    low.load_state_dict(exact.state_dict())
+    low.to(dtype)
+    x = torch.randn(12, 3, 6)
+    x_low = x.to(dtype).requires_grad_()
+    output, h_n = low(x_low)
+    assert output.dtype == dtype and h_n.dtype == dtype
+    (output.float().sum() + h_n.float().sum()).backward()
+
+    # float32 on the weights and input as rounded to the low precision
+    exact.load_state_dict({k: v.float() for k, v in low.state_dict().items()})
+    x_exact = x_low.detach().float().requires_grad_()
+    ref_output, ref_h_n = exact(x_exact)
+    (ref_output.sum() + ref_h_n.sum()).backward()
+
+    rounding = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    torch.testing.assert_close(output.float(), ref_output, rtol=rounding, atol=rounding)
+    torch.testing.assert_close(h_n.float(), ref_h_n, rtol=rounding, atol=rounding)
+    torch.testing.assert_close(x_low.grad.float(), x_exact.grad, rtol=rounding, atol=rounding)
+    for (name, p), q in zip(low.named_parameters(), exact.parameters()):
+        assert p.grad.dtype == dtype, name
+        torch.testing.assert_close(p.grad.float(), q.grad, rtol=rounding, atol=rounding * 10,
+                                   msg=name)
