@@ -9,7 +9,10 @@ import warnings
 
 import pytest
 import torch
+import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import fastrnn
 
 # Small default sizes keep the whole suite fast on a couple of CPU cores.
 INPUT_SIZE = 7
@@ -25,6 +28,13 @@ LENGTHS = [9, 3, 7, 1, 5]
 TOLERANCES = {
     torch.float64: dict(rtol=1e-10, atol=1e-12),
     torch.float32: dict(rtol=1e-5, atol=1e-5),
+}
+
+# Module kinds under test: (torch.nn class, fastrnn class, extra constructor kwargs).
+KINDS = {
+    "RNN_tanh": (nn.RNN, fastrnn.RNN, {"nonlinearity": "tanh"}),
+    "RNN_relu": (nn.RNN, fastrnn.RNN, {"nonlinearity": "relu"}),
+    "GRU": (nn.GRU, fastrnn.GRU, {}),
 }
 
 DTYPE_IDS = {torch.float64: "float64", torch.float32: "float32"}

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 import fastrnn
 from conftest import (
+    KINDS,
     BATCH,
     HIDDEN_SIZE,
     INPUT_SIZE,
@@ -22,11 +23,6 @@ from conftest import (
     make_pair,
 )
 
-KINDS = {
-    "RNN_tanh": (nn.RNN, fastrnn.RNN, {"nonlinearity": "tanh"}),
-    "RNN_relu": (nn.RNN, fastrnn.RNN, {"nonlinearity": "relu"}),
-    "GRU": (nn.GRU, fastrnn.GRU, {}),
-}
 kind_param = pytest.mark.parametrize("kind", list(KINDS))
 bidir_param = pytest.mark.parametrize("bidirectional", [False, True], ids=["unidir", "bidir"])
 

@@ -6,6 +6,7 @@ import torch.nn as nn
 
 import fastrnn
 from conftest import (
+    KINDS,
     BATCH,
     HIDDEN_SIZE,
     INPUT_SIZE,
@@ -18,11 +19,6 @@ from conftest import (
     make_pair,
 )
 
-KINDS = {
-    "RNN_tanh": (nn.RNN, fastrnn.RNN, {"nonlinearity": "tanh"}),
-    "RNN_relu": (nn.RNN, fastrnn.RNN, {"nonlinearity": "relu"}),
-    "GRU": (nn.GRU, fastrnn.GRU, {}),
-}
 
 INPUT_KINDS = ["unbatched", "batched", "packed"]
 
