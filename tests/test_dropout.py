@@ -7,9 +7,7 @@ same masks are drawn, so results can be compared with torch.nn exactly.
 
 import pytest
 import torch
-import torch.nn as nn
 
-import fastrnn
 from conftest import (
     KINDS,
     BATCH,
