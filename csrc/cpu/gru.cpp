@@ -134,47 +134,18 @@ at::Tensor backward_sweep(const at::Tensor& grad_output, const at::Tensor& prev_
                           const at::Tensor& workspace, const at::Tensor& weight_hh,
                           at::Tensor& grad_ih, at::Tensor& grad_hh, at::Tensor dh,
                           const StepMap& map) {
-  const int64_t T = prev_states.size(0), B = prev_states.size(1), H = prev_states.size(2);
-  auto carry = at::empty_like(dh);
-  auto step_buf = map.uniform_time() ? at::Tensor() : at::empty({B, 3 * H}, dh.options());
+  const int64_t H = prev_states.size(2);
   const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
   const scalar_t* hp = prev_states.const_data_ptr<scalar_t>();
   const scalar_t* ws = workspace.const_data_ptr<scalar_t>();
   scalar_t* gi = grad_ih.mutable_data_ptr<scalar_t>();
   scalar_t* gh = grad_hh.mutable_data_ptr<scalar_t>();
-  scalar_t* sb = step_buf.defined() ? step_buf.mutable_data_ptr<scalar_t>() : nullptr;
-  for (int64_t s = T - 1; s >= 0; --s) {
-    const int64_t rows = map.rows(s);
-    if (rows == 0) {
-      continue;  // every sequence is past its end: dh passes through
-    }
-    const scalar_t* dhp = dh.const_data_ptr<scalar_t>();
-    scalar_t* cp = carry.mutable_data_ptr<scalar_t>();
-    const auto step = sb ? step_buf : grad_hh.select(0, map.uniform_time_of(s));
-    parallel_rows(B, H * 3 * H, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const scalar_t* dhb = dhp + b * H;
-        scalar_t* cb = cp + b * H;
-        if (!map.active(s, b)) {
-          std::copy(dhb, dhb + H, cb);
-          if (sb && b < rows) {
-            std::fill(sb + b * 3 * H, sb + (b + 1) * 3 * H, scalar_t(0));
-          }
-          continue;
-        }
-        const int64_t row = map.time(s, b) * B + b;
-        scalar_t* ghb = gh + row * 3 * H;
+  return sweep_backward<scalar_t>(
+      grad_hh, weight_hh, std::move(dh), map,
+      [&](int64_t row, const scalar_t* dhb, scalar_t* cb) {
         backward_row(go + row * H, hp + row * H, ws + row * kSaved * H, dhb, gi + row * 3 * H,
-                     ghb, cb, H);
-        if (sb) {
-          std::copy(ghb, ghb + 3 * H, sb + b * 3 * H);
-        }
-      }
-      addmm_rows(carry, step, weight_hh, begin, std::min(end, rows));
-    });
-    std::swap(dh, carry);
-  }
-  return dh;
+                     gh + row * 3 * H, cb, H);
+      });
 }
 
 }  // namespace

@@ -104,6 +104,58 @@ inline void addmm_rows(at::Tensor& out, const at::Tensor& a, const at::Tensor& b
   }
 }
 
+// The reverse sweep every cell shares. Steps run from last to first; a
+// sequence past its end at a step held its state, so its dh passes through.
+// For each active sequence b, row_fn(row, dh_b, carry_b) computes the
+// cell's gradients at time-major row `row` = t * B + b: it writes the G
+// hidden-side pre-activation gradients to grad_hh[row] and to carry_b the
+// part of the previous step's dh that does not pass through W_hh. The rest,
+// grad_hh_t W_hh, is added per thread for its own rows. grad_hh (T, B, G)
+// must be zero at padded positions. Returns the gradient of the initial
+// state.
+template <typename scalar_t, typename RowFn>
+at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::Tensor dh,
+                          const StepMap& map, const RowFn& row_fn) {
+  const int64_t T = grad_hh.size(0), B = grad_hh.size(1), G = grad_hh.size(2);
+  const int64_t H = dh.size(1);
+  auto carry = at::empty_like(dh);
+  // Running in reverse with lengths, a step's rows sit at different times:
+  // they are gathered here for the product.
+  auto step_buf = map.uniform_time() ? at::Tensor() : at::empty({B, G}, dh.options());
+  scalar_t* gh = grad_hh.mutable_data_ptr<scalar_t>();
+  scalar_t* sb = step_buf.defined() ? step_buf.mutable_data_ptr<scalar_t>() : nullptr;
+  for (int64_t s = T - 1; s >= 0; --s) {
+    const int64_t rows = map.rows(s);
+    if (rows == 0) {
+      continue;  // every sequence is past its end: dh passes through
+    }
+    const scalar_t* dhp = dh.const_data_ptr<scalar_t>();
+    scalar_t* cp = carry.mutable_data_ptr<scalar_t>();
+    const auto step = sb ? step_buf : grad_hh.select(0, map.uniform_time_of(s));
+    parallel_rows(B, H * G, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t* dhb = dhp + b * H;
+        scalar_t* cb = cp + b * H;
+        if (!map.active(s, b)) {
+          std::copy(dhb, dhb + H, cb);
+          if (sb && b < rows) {
+            std::fill(sb + b * G, sb + (b + 1) * G, scalar_t(0));
+          }
+          continue;
+        }
+        const int64_t row = map.time(s, b) * B + b;
+        row_fn(row, dhb, cb);
+        if (sb) {
+          std::copy(gh + row * G, gh + (row + 1) * G, sb + b * G);
+        }
+      }
+      addmm_rows(carry, step, weight_hh, begin, std::min(end, rows));
+    });
+    std::swap(dh, carry);
+  }
+  return dh;
+}
+
 // One layer's gradients, in the order the backward ops return them.
 using LayerGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 

@@ -94,51 +94,21 @@ template <typename scalar_t, bool Relu>
 at::Tensor backward_sweep(const at::Tensor& grad_output, const at::Tensor& output,
                           const at::Tensor& weight_hh, at::Tensor& grad_pre, at::Tensor dh,
                           const StepMap& map) {
-  const int64_t T = output.size(0), B = output.size(1), H = output.size(2);
-  // carry becomes the next step's dh: held sequences pass dh through, active
-  // ones receive grad_pre_t W_hh.
-  auto carry = at::empty_like(dh);
-  auto step_buf = map.uniform_time() ? at::Tensor() : at::empty_like(dh);
+  const int64_t H = output.size(2);
   const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
   const scalar_t* out = output.const_data_ptr<scalar_t>();
   scalar_t* dp = grad_pre.mutable_data_ptr<scalar_t>();
-  scalar_t* sb = step_buf.defined() ? step_buf.mutable_data_ptr<scalar_t>() : nullptr;
-  for (int64_t s = T - 1; s >= 0; --s) {
-    const int64_t rows = map.rows(s);
-    if (rows == 0) {
-      continue;  // every sequence is past its end: dh passes through
-    }
-    const scalar_t* dhp = dh.const_data_ptr<scalar_t>();
-    scalar_t* cp = carry.mutable_data_ptr<scalar_t>();
-    const auto step = sb ? step_buf : grad_pre.select(0, map.uniform_time_of(s));
-    parallel_rows(B, H * H, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const scalar_t* dhb = dhp + b * H;
-        scalar_t* cb = cp + b * H;
-        if (!map.active(s, b)) {
-          std::copy(dhb, dhb + H, cb);
-          if (sb && b < rows) {
-            std::fill(sb + b * H, sb + (b + 1) * H, scalar_t(0));
-          }
-          continue;
-        }
-        const int64_t row = map.time(s, b) * B + b;
+  return sweep_backward<scalar_t>(
+      grad_pre, weight_hh, std::move(dh), map,
+      [&](int64_t row, const scalar_t* dhb, scalar_t* cb) {
         const scalar_t* gb = go + row * H;
         const scalar_t* ob = out + row * H;
         scalar_t* db = dp + row * H;
         for (int64_t j = 0; j < H; ++j) {
           db[j] = (gb[j] + dhb[j]) * activation_grad<scalar_t, Relu>(ob[j]);
-          cb[j] = scalar_t(0);
+          cb[j] = scalar_t(0);  // all of dh_{t-1} comes through W_hh
         }
-        if (sb) {
-          std::copy(db, db + H, sb + b * H);
-        }
-      }
-      addmm_rows(carry, step, weight_hh, begin, std::min(end, rows));
-    });
-    std::swap(dh, carry);
-  }
-  return dh;
+      });
 }
 
 std::optional<at::Tensor> combined_bias(const std::optional<at::Tensor>& bias_ih,
