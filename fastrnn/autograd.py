@@ -17,8 +17,11 @@ from fastrnn import backends, cpp
 
 
 def _engine(device: torch.device):
-    if backends.resolve(device) == "cpp":
+    name = backends.resolve(device)
+    if name == "cpp":
         return cpp
+    if name == "triton":
+        return backends.triton_engine()
     raise RuntimeError(
         f"fastrnn has no compiled engine for tensors on {device} under backend "
         f"{backends.current_backend()!r}; use fastrnn.use_backend('reference')"

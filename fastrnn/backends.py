@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import importlib
 import os
 from collections.abc import Iterator
 
@@ -67,8 +69,22 @@ def resolve(device: torch.device) -> str:
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """Why the Triton engine cannot run tensors on ``device``, or None if it can."""
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "CPU tensors need TRITON_INTERPRET=1 set before triton is imported"
     if device.type not in ("cpu", "cuda"):
         return f"device type {device.type!r} is not supported"
-    return "the Triton engine is not part of this build yet"
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "CPU tensors need TRITON_INTERPRET=1 set before triton is imported"
+    return _triton_load_error()
+
+
+def triton_engine():
+    """The Triton engine module (``fastrnn.triton``); imports triton on first use."""
+    return importlib.import_module("fastrnn.triton")
+
+
+@functools.cache
+def _triton_load_error() -> str | None:
+    try:
+        triton_engine()
+    except ImportError as error:
+        return f"triton could not be imported ({error})"
+    return None

@@ -1,0 +1,106 @@
+"""Pointwise pieces shared by every Triton kernel: cell updates, their
+gradients, the recurrent product and the grid-wide barrier.
+
+Cells are told apart by the constexpr ``CELL`` (TANH, RELU or GRU), so each
+kernel is compiled once per cell with no runtime branch on it.
+"""
+
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+TANH: tl.constexpr = tl.constexpr(0)
+RELU: tl.constexpr = tl.constexpr(1)
+GRU: tl.constexpr = tl.constexpr(2)
+
+
+@triton.jit
+def tanh(x, LIBDEVICE: tl.constexpr):
+    # libdevice's tanh is the accurate one on a GPU; the interpreter lacks it,
+    # so there an exp-based form with the same rounding behaviour on |x| runs.
+    if LIBDEVICE:
+        y = libdevice.tanh(x)
+    else:
+        e = tl.exp(-2.0 * tl.abs(x))
+        magnitude = (1.0 - e) / (1.0 + e)
+        y = tl.where(x < 0, -magnitude, magnitude)
+    return y
+
+
+@triton.jit
+def rnn_update(pre, CELL: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """The new state from the full pre-activation (both biases included)."""
+    if CELL == RELU:
+        # where() rather than maximum() so that NaN propagates, as torch.relu does.
+        h = tl.where(pre < 0, 0.0, pre)
+    else:
+        h = tanh(pre, LIBDEVICE)
+    return h
+
+
+@triton.jit
+def rnn_grad(g, h, CELL: tl.constexpr):
+    """Pre-activation gradient from the gradient g reaching the output h."""
+    if CELL == RELU:
+        d = tl.where(h > 0, g, 0.0)
+    else:
+        d = g * (1.0 - h * h)
+    return d
+
+
+@triton.jit
+def gru_update(p_r, p_z, p_n, q_r, q_z, q_n, b_hn, h, LIBDEVICE: tl.constexpr):
+    """One GRU step. p: input side (b_ih, b_hr, b_hz folded in); q: W_hh h.
+
+    Returns the new state and r, z, n, W_hn h + b_hn, which backward needs.
+    """
+    r = tl.sigmoid(p_r + q_r)
+    z = tl.sigmoid(p_z + q_z)
+    hn = q_n + b_hn
+    n = tanh(p_n + r * hn, LIBDEVICE)
+    return n + z * (h - n), r, z, n, hn
+
+
+@triton.jit
+def gru_grads(g, h_prev, r, z, n, hn):
+    """Gate pre-activation gradients (dr, dz, dn) from the gradient g at the output."""
+    dn = g * (1.0 - z) * (1.0 - n * n)
+    dz = g * (h_prev - n) * z * (1.0 - z)
+    dr = dn * hn * r * (1.0 - r)
+    return dr, dz, dn
+
+
+@triton.jit
+def matmul(a, b, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """a @ b. tl.dot needs every dimension >= 16; a one-row a (batch 1) or
+    float64 takes the GEMV form, a broadcast product summed over k."""
+    if USE_DOT:
+        c = tl.dot(a, b, input_precision=PRECISION)
+    else:
+        c = tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    return c
+
+
+@triton.jit
+def grid_barrier(counter, target):
+    """Waits until ``counter`` (int32, monotonically increasing) reaches ``target``
+    after adding this program's arrival. Every program taking part must be
+    co-resident (grid <= number of SMs). Data written before it by any
+    program must be read after it with cache_modifier=".cg" (L1 is not coherent).
+    """
+    tl.debug_barrier()  # every thread's stores issued before the arrival
+    tl.atomic_add(counter, 1, sem="release", scope="gpu")
+    arrived = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
+    while arrived < target:
+        arrived = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def step_time(s, length, reverse):
+    """Which time each sequence of a tile is at on step s, and whether it is
+    still running (s < its length). Reversed sequences start at their own
+    last element. Finished sequences get time 0, always a valid address."""
+    active = s < length
+    t = tl.where(reverse != 0, length - 1 - s, s)
+    return active, tl.where(active, t, 0).to(tl.int64)

@@ -1,0 +1,333 @@
+"""The Triton engine's layer ops: same contract as the C++ engine's
+(``fastrnn.cpp``), so the autograd Functions run either unchanged.
+
+Forward: the input projection of all steps is one GEMM (cuBLAS through
+torch); one of three strategies then runs the time loop (``plan``).
+Backward: a reverse sweep writes every step's pre-activation gradients, then
+dW_ih, dW_hh, the biases and dx come from GEMMs over all T * B rows.
+bfloat16 and float16 keep their state, gates and gradients in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastrnn.triton.split import split_bwd_kernel, split_fwd_kernel
+from fastrnn.triton.tile import tile_bwd_kernel, tile_fwd_kernel
+
+STRATEGIES = ("auto", "tile", "split", "stepwise")
+TANH, RELU, GRU = 0, 1, 2
+
+# Largest zero-padded hidden size whose W_hh one tile program keeps in
+# registers, by (gates, GEMV form); the ahead-of-time compile test checks
+# these configurations spill nothing.
+TILE_MAX_BLOCK_H = {(1, False): 128, (3, False): 64, (1, True): 64, (3, True): 32}
+# Batch from which the recurrent product is a GEMM worth cuBLAS.
+STEPWISE_MIN_BATCH = 256
+# SM count assumed when no GPU is present (an H100 SXM's), so that the
+# interpreter takes the same decisions as the device.
+DEFAULT_SM_COUNT = 132
+
+_strategy: contextvars.ContextVar[str] = contextvars.ContextVar("fastrnn_triton_strategy",
+                                                                default="auto")
+
+
+@contextlib.contextmanager
+def use_strategy(name: str) -> Iterator[None]:
+    """Forces the Triton engine's launch strategy inside the ``with`` block:
+    ``"auto"`` (chosen per shape), ``"tile"``, ``"split"`` or ``"stepwise"``."""
+    if name not in STRATEGIES:
+        raise ValueError(f"Unknown fastrnn Triton strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    token = _strategy.set(name)
+    try:
+        yield
+    finally:
+        _strategy.reset(token)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one layer's recurrence is launched.
+
+    block_b: batch rows per program (1 means the GEMV form); block_n: hidden
+    units per program (the whole padded H for "tile"); block_k: the
+    reduction chunk of the split product; grid_sync: one persistent launch
+    with a grid barrier per step, else one launch per step (and phase).
+    """
+
+    strategy: str
+    block_b: int
+    block_n: int
+    block_k: int
+    use_dot: bool
+    num_warps: int
+    grid_sync: bool
+
+    def grid(self, B: int, H: int) -> tuple[int, int]:
+        return triton.cdiv(B, self.block_b), triton.cdiv(H, self.block_n)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SM_COUNT
+
+
+def plan(cell: int, B: int, H: int, dtype: torch.dtype, device: torch.device) -> Plan:
+    """The launch plan for a layer, under the strategy in force (``use_strategy``).
+
+    auto: "stepwise" from STEPWISE_MIN_BATCH rows; else "tile" when W_hh fits
+    one program; else "split" when its grid fits the SMs; else "stepwise".
+    """
+    gates = 3 if cell == GRU else 1
+    gemv = B == 1 or dtype == torch.float64
+    block_b = 1 if gemv else 16
+    block_h = max(16, triton.next_power_of_2(H))
+    tile = Plan("tile", block_b, block_h, block_h, not gemv, 8 if block_h >= 128 else 4, False)
+    stepwise = Plan("stepwise", 16, 64, 64, False, 4, False)
+    sms = _sm_count(device)
+    tiles = triton.cdiv(B, block_b)
+    # The narrowest column block whose grid still fits the SMs.
+    block_n = next((n for n in (16, 32, 64) if tiles * triton.cdiv(H, n) <= sms), None)
+    fits_sms = block_n is not None
+    split = Plan("split", block_b, block_n or 16, 64 if gemv else 32, not gemv, 4,
+                 fits_sms and device.type == "cuda")
+    forced = _strategy.get()
+    if forced != "auto":
+        return {"tile": tile, "split": split, "stepwise": stepwise}[forced]
+    if B >= STEPWISE_MIN_BATCH:
+        return stepwise
+    if block_h <= TILE_MAX_BLOCK_H[(gates, gemv)]:
+        return tile
+    return split if fits_sms else stepwise
+
+
+def _dtypes(plan: Plan, dtype: torch.dtype, device: torch.device):
+    """(state dtype, dot operand dtype, fp32 dot precision, use libdevice) as constexprs."""
+    state = tl.float64 if dtype == torch.float64 else tl.float32
+    interpreted = device.type == "cpu"
+    if not plan.use_dot or interpreted:
+        # The interpreter's tl.dot is exact in float32 but wrong on half operands.
+        dot = state
+    else:
+        dot = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+    precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 and dtype == torch.float32 else "ieee"
+    return dict(STATE_DTYPE=state, DOT_DTYPE=dot, PRECISION=precision), not interpreted
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _lengths(lengths: Tensor | None, T: int, B: int, device: torch.device) -> Tensor:
+    if lengths is None:
+        return torch.full((B,), T, dtype=torch.int32, device=device)
+    return lengths.to(device=device, dtype=torch.int32)
+
+
+def _check(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, gates: int) -> None:
+    if x.dim() != 3 or h0.dim() != 2 or w_ih.dim() != 2 or w_hh.dim() != 2:
+        raise RuntimeError("fastrnn: expected input (T, B, I), hx (B, H), weight_ih (G, I), weight_hh (G, H)")
+    T, B, I = x.shape
+    H = h0.shape[1]
+    if h0.shape[0] != B or w_ih.shape != (gates * H, I) or w_hh.shape != (gates * H, H):
+        raise RuntimeError(
+            f"fastrnn: inconsistent layer shapes: input {tuple(x.shape)}, hx {tuple(h0.shape)}, "
+            f"weight_ih {tuple(w_ih.shape)}, weight_hh {tuple(w_hh.shape)}")
+
+
+def _project(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> Tensor:
+    """x W_ih^T + bias for all steps at once: (T, B, G)."""
+    T, B, I = x.shape
+    x2 = x.reshape(T * B, I)
+    proj = torch.mm(x2, w_ih.t()) if bias is None else torch.addmm(bias, x2, w_ih.t())
+    return proj.view(T, B, -1)
+
+
+def _forward(cell: int, proj: Tensor, h0: Tensor, w_hh: Tensor, b_hn: Tensor | None,
+             lengths: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+    T, B, G = proj.shape
+    H = h0.shape[1]
+    dtype, device = proj.dtype, proj.device
+    p = plan(cell, B, H, dtype, device)
+    constexprs, libdevice = _dtypes(p, dtype, device)
+    state_dtype = _state_dtype(dtype)
+    output = (torch.zeros if lengths is not None else torch.empty)(T, B, H, dtype=dtype, device=device)
+    workspace = torch.empty(T, B, 4 * H, dtype=state_dtype, device=device) if cell == GRU else None
+    ws = output if workspace is None else workspace  # an unread stand-in for the RNN
+    h_n = torch.empty(B, H, dtype=dtype, device=device)
+    if B == 0:
+        return output, h_n, workspace
+    w_hh = w_hh.contiguous()
+    b_hn = w_hh if b_hn is None else b_hn.contiguous()  # read only by the GRU
+    length = _lengths(lengths, T, B, device)
+    h0 = h0.contiguous()
+    if p.strategy == "tile":
+        tile_fwd_kernel[p.grid(B, H)[:1]](
+            proj, w_hh, b_hn, h0, length, output, h_n, ws, T, B, H, int(reverse),
+            CELL=cell, BLOCK_B=p.block_b, BLOCK_H=p.block_n, USE_DOT=p.use_dot,
+            LIBDEVICE=libdevice, num_warps=p.num_warps, **constexprs)
+        return output, h_n, workspace
+
+    state = torch.empty(2, B, H, dtype=state_dtype, device=device)
+    state[0] = h0
+    barrier = torch.zeros(p.grid(B, H)[0], dtype=torch.int32, device=device)
+    stepwise = p.strategy == "stepwise"
+    q = torch.empty(B, G, dtype=w_hh.dtype, device=device) if stepwise else proj
+
+    def launch(begin: int, end: int, grid_sync: bool) -> None:
+        split_fwd_kernel[p.grid(B, H)](
+            proj, q, w_hh, b_hn, state, length, output, ws, barrier, begin, end,
+            T, B, H, int(reverse), CELL=cell, BLOCK_B=p.block_b, BLOCK_N=p.block_n,
+            BLOCK_K=p.block_k, USE_DOT=p.use_dot, LIBDEVICE=libdevice, EXTERNAL_Q=stepwise,
+            GRID_SYNC=grid_sync, num_warps=p.num_warps, **constexprs)
+
+    if p.grid_sync:
+        launch(0, T, True)
+    else:
+        for s in range(T):
+            if stepwise:
+                torch.mm(state[s % 2].to(w_hh.dtype), w_hh.t(), out=q)
+            launch(s, s + 1, False)
+    h_n.copy_(state[T % 2])
+    return output, h_n, workspace
+
+
+def previous_states(output: Tensor, h0: Tensor, lengths: Tensor | None, reverse: bool) -> Tensor:
+    """The state each step started from, (T, B, H), at that step's time.
+
+    Positions past a sequence's length hold values no gradient reads.
+    """
+    h0 = h0.to(output.dtype)[None]
+    if not reverse:
+        return torch.cat([h0, output[:-1]])
+    prev = torch.cat([output[1:], h0])
+    if lengths is not None:
+        # A reversed sequence starts from h0 at its own last element.
+        batch = torch.arange(output.shape[1], device=output.device)
+        prev[lengths.to(output.device) - 1, batch] = h0[0]
+    return prev
+
+
+def _backward(cell: int, grad_output: Tensor, grad_hy: Tensor, x: Tensor, h0: Tensor,
+              w_ih: Tensor, w_hh: Tensor, output: Tensor, workspace: Tensor,
+              lengths: Tensor | None, reverse: bool, input_requires_grad: bool):
+    T, B, I = x.shape
+    H = h0.shape[1]
+    G = w_hh.shape[0]
+    dtype, device = x.dtype, x.device
+    p = plan(cell, B, H, dtype, device)
+    constexprs, _ = _dtypes(p, dtype, device)
+    state_dtype = _state_dtype(dtype)
+    prev = previous_states(output, h0, lengths, reverse)
+    make = torch.zeros if lengths is not None else torch.empty
+    dp_hh = make(T, B, G, dtype=state_dtype, device=device)
+    dp_ih = make(T, B, G, dtype=state_dtype, device=device) if cell == GRU else dp_hh
+    carry = grad_hy.to(state_dtype).contiguous().clone()
+    workspace = output if workspace is None else workspace  # an unread stand-in for the RNN
+    if B > 0:
+        w = w_hh.contiguous()
+        grad_output = grad_output.contiguous()
+        length = _lengths(lengths, T, B, device)
+        if p.strategy == "tile":
+            tile_bwd_kernel[p.grid(B, H)[:1]](
+                grad_output, carry, w, output, prev, workspace, length, dp_ih, dp_hh, carry,
+                T, B, H, int(reverse), CELL=cell, BLOCK_B=p.block_b, BLOCK_H=p.block_n,
+                USE_DOT=p.use_dot, num_warps=p.num_warps, **constexprs)
+        else:
+            _split_backward(p, cell, grad_output, w, output, prev, workspace, length, carry,
+                            dp_ih, dp_hh, T, B, H, reverse, constexprs)
+    return _weight_grads(dp_ih, dp_hh, carry, x, h0, w_ih, w_hh, prev, input_requires_grad)
+
+
+def _split_backward(p: Plan, cell, grad_output, w, output, prev, workspace, length, carry,
+                    dp_ih, dp_hh, T, B, H, reverse, constexprs) -> None:
+    stepwise = p.strategy == "stepwise"
+    step = torch.empty(B, w.shape[0], dtype=w.dtype, device=w.device) if stepwise else dp_hh
+    barrier = torch.zeros(p.grid(B, H)[0], dtype=torch.int32, device=w.device)
+
+    def launch(begin, end, pointwise, recurrent, grid_sync):
+        split_bwd_kernel[p.grid(B, H)](
+            grad_output, w, output, prev, workspace, length, carry, dp_ih, dp_hh, step, barrier,
+            begin, end, T, B, H, int(reverse), CELL=cell, BLOCK_B=p.block_b, BLOCK_N=p.block_n,
+            BLOCK_K=p.block_k, USE_DOT=p.use_dot, POINTWISE=pointwise, RECURRENT=recurrent,
+            WRITE_STEP=stepwise, GRID_SYNC=grid_sync, num_warps=p.num_warps, **constexprs)
+
+    if p.grid_sync:
+        launch(0, T, True, True, True)
+        return
+    for i in range(T):
+        launch(i, i + 1, True, False, False)
+        if stepwise:
+            carry.add_(torch.mm(step, w))
+        else:
+            launch(i, i + 1, False, True, False)
+
+
+def _weight_grads(dp_ih: Tensor, dp_hh: Tensor, grad_h0: Tensor, x: Tensor, h0: Tensor,
+                  w_ih: Tensor, w_hh: Tensor, prev: Tensor, input_requires_grad: bool):
+    """dx, dh0, dW_ih, dW_hh, db_ih, db_hh from the sweep's gate gradients."""
+    T, B, I = x.shape
+    G = dp_hh.shape[2]
+    dp_ih2 = dp_ih.reshape(T * B, G)
+    dp_hh2 = dp_hh.reshape(T * B, G)
+    compute = dp_hh.dtype
+    grad_w_ih = (dp_ih2.t() @ x.reshape(T * B, I).to(compute)).to(w_ih.dtype)
+    grad_w_hh = (dp_hh2.t() @ prev.reshape(T * B, -1).to(compute)).to(w_hh.dtype)
+    grad_b_ih = dp_ih2.sum(0).to(w_ih.dtype)
+    grad_b_hh = dp_hh2.sum(0).to(w_hh.dtype)
+    if input_requires_grad:
+        grad_x = (dp_ih2 @ w_ih.to(compute)).view(T, B, I).to(x.dtype)
+    else:
+        grad_x = x.new_empty(0)
+    return grad_x, grad_h0.to(h0.dtype), grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh
+
+
+def rnn_forward(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+                b_hh: Tensor | None, lengths: Tensor | None, reverse: bool,
+                relu: bool) -> tuple[Tensor, Tensor]:
+    """tanh/ReLU RNN layer forward: (output (T, B, H), h_n (B, H))."""
+    _check(x, h0, w_ih, w_hh, 1)
+    biases = [b for b in (b_ih, b_hh) if b is not None]
+    bias = sum(biases[1:], biases[0]) if biases else None
+    output, h_n, _ = _forward(RELU if relu else TANH, _project(x, w_ih, bias), h0, w_hh, None,
+                              lengths, reverse)
+    return output, h_n
+
+
+def rnn_backward(grad_output, grad_hy, x, h0, w_ih, w_hh, output, lengths, reverse, relu,
+                 input_requires_grad):
+    """(grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh)."""
+    return _backward(RELU if relu else TANH, grad_output, grad_hy, x, h0, w_ih, w_hh, output,
+                     None, lengths, reverse, input_requires_grad)
+
+
+def gru_forward(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+                b_hh: Tensor | None, lengths: Tensor | None,
+                reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """GRU layer forward: (output, h_n, workspace (T, B, 4H): r | z | n | W_hn h + b_hn)."""
+    _check(x, h0, w_ih, w_hh, 3)
+    H = h0.shape[1]
+    # b_hr and b_hz add straight to the pre-activations, so they join the
+    # input projection; b_hn sits inside r * (W_hn h + b_hn) and stays apart.
+    bias, b_hn = b_ih, torch.zeros(H, dtype=x.dtype, device=x.device)
+    if b_hh is not None:
+        folded = torch.cat([b_hh[:2 * H], torch.zeros_like(b_hh[2 * H:])])
+        bias = folded if bias is None else bias + folded
+        b_hn = b_hh[2 * H:]
+    return _forward(GRU, _project(x, w_ih, bias), h0, w_hh, b_hn, lengths, reverse)
+
+
+def gru_backward(grad_output, grad_hy, x, h0, w_ih, w_hh, output, workspace, lengths, reverse,
+                 input_requires_grad):
+    """(grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh)."""
+    return _backward(GRU, grad_output, grad_hy, x, h0, w_ih, w_hh, output, workspace, lengths,
+                     reverse, input_requires_grad)
