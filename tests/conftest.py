@@ -5,6 +5,7 @@ module with identical weights, feed both the same inputs and the same
 upstream gradients, and compare every output and every gradient.
 """
 
+import os
 import warnings
 
 import pytest
@@ -12,7 +13,12 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-import fastrnn
+# Without a GPU the Triton kernels run on CPU tensors under the interpreter,
+# which must be switched on before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastrnn  # noqa: E402
 
 # Small default sizes keep the whole suite fast on a couple of CPU cores.
 INPUT_SIZE = 7
@@ -29,6 +35,10 @@ TOLERANCES = {
     torch.float64: dict(rtol=1e-10, atol=1e-12),
     torch.float32: dict(rtol=1e-5, atol=1e-5),
 }
+
+# Where the Triton engine's tests run: the GPU when there is one, else CPU
+# tensors under the Triton interpreter.
+TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 # Module kinds under test: (torch.nn class, fastrnn class, extra constructor kwargs).
 KINDS = {

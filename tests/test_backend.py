@@ -1,7 +1,5 @@
 """Backend selection with fastrnn.use_backend."""
 
-import os
-
 import pytest
 import torch
 
@@ -9,10 +7,15 @@ import fastrnn
 import fastrnn.autograd
 from conftest import BATCH, HIDDEN_SIZE, INPUT_SIZE, LENGTHS, SEQ_LEN, assert_results_close, forward_backward
 
-triton_runs_on_cpu = os.environ.get("TRITON_INTERPRET") == "1"
-needs_triton_unavailable_on_cpu = pytest.mark.skipif(
-    triton_runs_on_cpu, reason="TRITON_INTERPRET=1 lets the triton backend run CPU tensors"
-)
+
+
+@pytest.fixture
+def no_interpreter(monkeypatch):
+    """CPU tensors as the Triton engine sees them without TRITON_INTERPRET=1."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+needs_triton_unavailable_on_cpu = pytest.mark.usefixtures("no_interpreter")
 
 
 def small_gru(**kwargs):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -27,14 +28,19 @@ STRATEGIES = ("auto", "tile", "split", "stepwise")
 TANH, RELU, GRU = 0, 1, 2
 
 # Largest zero-padded hidden size whose W_hh one tile program keeps in
-# registers, by (gates, GEMV form); the ahead-of-time compile test checks
-# these configurations spill nothing.
-TILE_MAX_BLOCK_H = {(1, False): 128, (3, False): 64, (1, True): 64, (3, True): 32}
+# registers, by (product form, gates): "gemv" for one-row tiles and float64,
+# "fp32" for float32 tl.dot (FMA, IEEE), "half" for bfloat16/float16 tl.dot
+# (tensor cores). The ahead-of-time compile test checks that none of these
+# spills (tests/triton_aot.py prints the table).
+TILE_MAX_BLOCK_H = {("gemv", 1): 64, ("gemv", 3): 32, ("fp32", 1): 32, ("fp32", 3): 32,
+                    ("half", 1): 128, ("half", 3): 64}
 # Batch from which the recurrent product is a GEMM worth cuBLAS.
 STEPWISE_MIN_BATCH = 256
 # SM count assumed when no GPU is present (an H100 SXM's), so that the
 # interpreter takes the same decisions as the device.
 DEFAULT_SM_COUNT = 132
+# Hidden units per program of the persistent split grid.
+SPLIT_BLOCK_N = 16
 
 _strategy: contextvars.ContextVar[str] = contextvars.ContextVar("fastrnn_triton_strategy",
                                                                 default="auto")
@@ -55,12 +61,13 @@ def use_strategy(name: str) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Plan:
-    """How one layer's recurrence is launched.
+    """How one layer's recurrence is launched, and the kernels that launch it.
 
-    block_b: batch rows per program (1 means the GEMV form); block_n: hidden
+    block_b: batch rows per program (1: the GEMV form); block_n: hidden
     units per program (the whole padded H for "tile"); block_k: the
-    reduction chunk of the split product; grid_sync: one persistent launch
-    with a grid barrier per step, else one launch per step (and phase).
+    reduction chunk of the split product; gpu: compiled for a GPU (else
+    run by the interpreter, where "split" launches once per step and phase
+    instead of syncing its grid).
     """
 
     strategy: str
@@ -69,14 +76,43 @@ class Plan:
     block_k: int
     use_dot: bool
     num_warps: int
-    grid_sync: bool
+    cell: int
+    state_dtype: tl.dtype
+    dot_dtype: tl.dtype
+    precision: str
+    gpu: bool
+
+    @property
+    def grid_sync(self) -> bool:
+        return self.strategy == "split" and self.gpu
 
     def grid(self, B: int, H: int) -> tuple[int, int]:
         return triton.cdiv(B, self.block_b), triton.cdiv(H, self.block_n)
 
+    def launches(self) -> dict:
+        """Kernel and compile-time arguments per launch kind: "forward",
+        "backward" and, for an unsynced split, "backward_recurrent"."""
+        common = dict(CELL=self.cell, BLOCK_B=self.block_b, USE_DOT=self.use_dot,
+                      DOT_DTYPE=self.dot_dtype, STATE_DTYPE=self.state_dtype,
+                      PRECISION=self.precision, num_warps=self.num_warps)
+        if self.strategy == "tile":
+            return {"forward": (tile_fwd_kernel, dict(common, BLOCK_H=self.block_n, LIBDEVICE=self.gpu)),
+                    "backward": (tile_bwd_kernel, dict(common, BLOCK_H=self.block_n))}
+        common.update(BLOCK_N=self.block_n, BLOCK_K=self.block_k)
+        stepwise = self.strategy == "stepwise"
+        kinds = {"forward": (split_fwd_kernel, dict(common, LIBDEVICE=self.gpu, EXTERNAL_Q=stepwise,
+                                                    GRID_SYNC=self.grid_sync))}
+        phases = dict(POINTWISE=True, RECURRENT=self.grid_sync, WRITE_STEP=stepwise,
+                      GRID_SYNC=self.grid_sync)
+        kinds["backward"] = (split_bwd_kernel, dict(common, **phases))
+        if self.strategy == "split" and not self.grid_sync:
+            kinds["backward_recurrent"] = (split_bwd_kernel, dict(common, **dict(
+                phases, POINTWISE=False, RECURRENT=True)))
+        return kinds
+
 
 def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
+    if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_properties(device).multi_processor_count
     return DEFAULT_SM_COUNT
 
@@ -86,41 +122,47 @@ def plan(cell: int, B: int, H: int, dtype: torch.dtype, device: torch.device) ->
 
     auto: "stepwise" from STEPWISE_MIN_BATCH rows; else "tile" when W_hh fits
     one program; else "split" when its grid fits the SMs; else "stepwise".
+    A forced strategy that cannot run the shape raises RuntimeError.
     """
     gates = 3 if cell == GRU else 1
+    gpu = device.type == "cuda"
     gemv = B == 1 or dtype == torch.float64
-    block_b = 1 if gemv else 16
+    state = tl.float64 if dtype == torch.float64 else tl.float32
+    # The interpreter's tl.dot is exact in float32 but wrong on half operands.
+    dot = state if gemv or not gpu else _TL_DTYPES[dtype]
+    precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 and dtype == torch.float32 else "ieee"
+    make = functools.partial(Plan, cell=cell, state_dtype=state, dot_dtype=dot,
+                             precision=precision, gpu=gpu)
+
     block_h = max(16, triton.next_power_of_2(H))
-    tile = Plan("tile", block_b, block_h, block_h, not gemv, 8 if block_h >= 128 else 4, False)
-    stepwise = Plan("stepwise", 16, 64, 64, False, 4, False)
-    sms = _sm_count(device)
-    tiles = triton.cdiv(B, block_b)
-    # The narrowest column block whose grid still fits the SMs.
-    block_n = next((n for n in (16, 32, 64) if tiles * triton.cdiv(H, n) <= sms), None)
-    fits_sms = block_n is not None
-    split = Plan("split", block_b, block_n or 16, 64 if gemv else 32, not gemv, 4,
-                 fits_sms and device.type == "cuda")
+    form = "gemv" if gemv else ("fp32" if dtype == torch.float32 else "half")
+    tile_max = TILE_MAX_BLOCK_H[(form, gates)]
+    tile = make("tile", 1 if gemv else 16, block_h, block_h, not gemv, 8 if block_h >= 128 else 4)
+    stepwise = make("stepwise", 16, 32, 32, False, 4)
+    # Persistent split: every program must be resident for the grid barrier.
+    split_b = 1 if gemv else 16
+    split_fits = (triton.cdiv(B, split_b) * triton.cdiv(H, SPLIT_BLOCK_N) <= _sm_count(device)
+                  or not gpu)
+    split = make("split", split_b, SPLIT_BLOCK_N, 64 if gemv else 32, not gemv, 4)
+
     forced = _strategy.get()
+    if forced == "tile" and block_h > tile_max:
+        raise RuntimeError(f"fastrnn Triton strategy 'tile' holds W_hh in registers only up to "
+                           f"hidden size {tile_max} here, got {H}")
+    if forced == "split" and not split_fits:
+        raise RuntimeError(f"fastrnn Triton strategy 'split' needs a grid of at most "
+                           f"{_sm_count(device)} programs, batch {B} x hidden {H} needs more")
     if forced != "auto":
         return {"tile": tile, "split": split, "stepwise": stepwise}[forced]
     if B >= STEPWISE_MIN_BATCH:
         return stepwise
-    if block_h <= TILE_MAX_BLOCK_H[(gates, gemv)]:
+    if block_h <= tile_max:
         return tile
-    return split if fits_sms else stepwise
+    return split if split_fits else stepwise
 
 
-def _dtypes(plan: Plan, dtype: torch.dtype, device: torch.device):
-    """(state dtype, dot operand dtype, fp32 dot precision, use libdevice) as constexprs."""
-    state = tl.float64 if dtype == torch.float64 else tl.float32
-    interpreted = device.type == "cpu"
-    if not plan.use_dot or interpreted:
-        # The interpreter's tl.dot is exact in float32 but wrong on half operands.
-        dot = state
-    else:
-        dot = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
-    precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 and dtype == torch.float32 else "ieee"
-    return dict(STATE_DTYPE=state, DOT_DTYPE=dot, PRECISION=precision), not interpreted
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+              torch.float64: tl.float64}
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -153,50 +195,44 @@ def _project(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def _forward(cell: int, proj: Tensor, h0: Tensor, w_hh: Tensor, b_hn: Tensor | None,
-             lengths: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+             lengths: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     T, B, G = proj.shape
     H = h0.shape[1]
     dtype, device = proj.dtype, proj.device
-    p = plan(cell, B, H, dtype, device)
-    constexprs, libdevice = _dtypes(p, dtype, device)
-    state_dtype = _state_dtype(dtype)
     output = (torch.zeros if lengths is not None else torch.empty)(T, B, H, dtype=dtype, device=device)
-    workspace = torch.empty(T, B, 4 * H, dtype=state_dtype, device=device) if cell == GRU else None
-    ws = output if workspace is None else workspace  # an unread stand-in for the RNN
+    workspace = (torch.empty(T, B, 4 * H, dtype=_state_dtype(dtype), device=device)
+                 if cell == GRU else None)
     h_n = torch.empty(B, H, dtype=dtype, device=device)
     if B == 0:
         return output, h_n, workspace
+    p = plan(cell, B, H, dtype, device)
+    kernel, constexprs = p.launches()["forward"]
+    ws = output if workspace is None else workspace  # an unread stand-in for the RNN
     w_hh = w_hh.contiguous()
-    b_hn = w_hh if b_hn is None else b_hn.contiguous()  # read only by the GRU
+    b_hn = w_hh if b_hn is None else b_hn.contiguous()  # read by the GRU only
     length = _lengths(lengths, T, B, device)
-    h0 = h0.contiguous()
     if p.strategy == "tile":
-        tile_fwd_kernel[p.grid(B, H)[:1]](
-            proj, w_hh, b_hn, h0, length, output, h_n, ws, T, B, H, int(reverse),
-            CELL=cell, BLOCK_B=p.block_b, BLOCK_H=p.block_n, USE_DOT=p.use_dot,
-            LIBDEVICE=libdevice, num_warps=p.num_warps, **constexprs)
+        kernel[p.grid(B, H)[:1]](proj, w_hh, b_hn, h0.contiguous(), length, output, h_n, ws,
+                                 T, B, H, int(reverse), **constexprs)
         return output, h_n, workspace
 
-    state = torch.empty(2, B, H, dtype=state_dtype, device=device)
+    state = torch.empty(2, B, H, dtype=_state_dtype(dtype), device=device)
     state[0] = h0
     barrier = torch.zeros(p.grid(B, H)[0], dtype=torch.int32, device=device)
     stepwise = p.strategy == "stepwise"
     q = torch.empty(B, G, dtype=w_hh.dtype, device=device) if stepwise else proj
 
-    def launch(begin: int, end: int, grid_sync: bool) -> None:
-        split_fwd_kernel[p.grid(B, H)](
-            proj, q, w_hh, b_hn, state, length, output, ws, barrier, begin, end,
-            T, B, H, int(reverse), CELL=cell, BLOCK_B=p.block_b, BLOCK_N=p.block_n,
-            BLOCK_K=p.block_k, USE_DOT=p.use_dot, LIBDEVICE=libdevice, EXTERNAL_Q=stepwise,
-            GRID_SYNC=grid_sync, num_warps=p.num_warps, **constexprs)
+    def launch(begin: int, end: int) -> None:
+        kernel[p.grid(B, H)](proj, q, w_hh, b_hn, state, length, output, ws, barrier, begin, end,
+                             T, B, H, int(reverse), **constexprs)
 
     if p.grid_sync:
-        launch(0, T, True)
+        launch(0, T)
     else:
         for s in range(T):
             if stepwise:
                 torch.mm(state[s % 2].to(w_hh.dtype), w_hh.t(), out=q)
-            launch(s, s + 1, False)
+            launch(s, s + 1)
     h_n.copy_(state[T % 2])
     return output, h_n, workspace
 
@@ -218,58 +254,50 @@ def previous_states(output: Tensor, h0: Tensor, lengths: Tensor | None, reverse:
 
 
 def _backward(cell: int, grad_output: Tensor, grad_hy: Tensor, x: Tensor, h0: Tensor,
-              w_ih: Tensor, w_hh: Tensor, output: Tensor, workspace: Tensor,
+              w_ih: Tensor, w_hh: Tensor, output: Tensor, workspace: Tensor | None,
               lengths: Tensor | None, reverse: bool, input_requires_grad: bool):
-    T, B, I = x.shape
+    T, B, _ = x.shape
     H = h0.shape[1]
     G = w_hh.shape[0]
     dtype, device = x.dtype, x.device
-    p = plan(cell, B, H, dtype, device)
-    constexprs, _ = _dtypes(p, dtype, device)
     state_dtype = _state_dtype(dtype)
     prev = previous_states(output, h0, lengths, reverse)
     make = torch.zeros if lengths is not None else torch.empty
     dp_hh = make(T, B, G, dtype=state_dtype, device=device)
     dp_ih = make(T, B, G, dtype=state_dtype, device=device) if cell == GRU else dp_hh
+    # The gradient reaching the state from later steps; dh0 once the sweep ends.
     carry = grad_hy.to(state_dtype).contiguous().clone()
-    workspace = output if workspace is None else workspace  # an unread stand-in for the RNN
     if B > 0:
+        p = plan(cell, B, H, dtype, device)
+        launches = p.launches()
         w = w_hh.contiguous()
         grad_output = grad_output.contiguous()
+        ws = output if workspace is None else workspace  # an unread stand-in for the RNN
         length = _lengths(lengths, T, B, device)
         if p.strategy == "tile":
-            tile_bwd_kernel[p.grid(B, H)[:1]](
-                grad_output, carry, w, output, prev, workspace, length, dp_ih, dp_hh, carry,
-                T, B, H, int(reverse), CELL=cell, BLOCK_B=p.block_b, BLOCK_H=p.block_n,
-                USE_DOT=p.use_dot, num_warps=p.num_warps, **constexprs)
+            kernel, constexprs = launches["backward"]
+            kernel[p.grid(B, H)[:1]](grad_output, carry, w, output, prev, ws, length, dp_ih, dp_hh,
+                                     carry, T, B, H, int(reverse), **constexprs)
         else:
-            _split_backward(p, cell, grad_output, w, output, prev, workspace, length, carry,
-                            dp_ih, dp_hh, T, B, H, reverse, constexprs)
+            stepwise = p.strategy == "stepwise"
+            step = torch.empty(B, G, dtype=w.dtype, device=device) if stepwise else dp_hh
+            barrier = torch.zeros(p.grid(B, H)[0], dtype=torch.int32, device=device)
+
+            def launch(kind: str, begin: int, end: int) -> None:
+                kernel, constexprs = launches[kind]
+                kernel[p.grid(B, H)](grad_output, w, output, prev, ws, length, carry, dp_ih, dp_hh,
+                                     step, barrier, begin, end, T, B, H, int(reverse), **constexprs)
+
+            if p.grid_sync:
+                launch("backward", 0, T)
+            else:
+                for i in range(T):
+                    launch("backward", i, i + 1)
+                    if stepwise:
+                        carry.add_(torch.mm(step, w))
+                    else:
+                        launch("backward_recurrent", i, i + 1)
     return _weight_grads(dp_ih, dp_hh, carry, x, h0, w_ih, w_hh, prev, input_requires_grad)
-
-
-def _split_backward(p: Plan, cell, grad_output, w, output, prev, workspace, length, carry,
-                    dp_ih, dp_hh, T, B, H, reverse, constexprs) -> None:
-    stepwise = p.strategy == "stepwise"
-    step = torch.empty(B, w.shape[0], dtype=w.dtype, device=w.device) if stepwise else dp_hh
-    barrier = torch.zeros(p.grid(B, H)[0], dtype=torch.int32, device=w.device)
-
-    def launch(begin, end, pointwise, recurrent, grid_sync):
-        split_bwd_kernel[p.grid(B, H)](
-            grad_output, w, output, prev, workspace, length, carry, dp_ih, dp_hh, step, barrier,
-            begin, end, T, B, H, int(reverse), CELL=cell, BLOCK_B=p.block_b, BLOCK_N=p.block_n,
-            BLOCK_K=p.block_k, USE_DOT=p.use_dot, POINTWISE=pointwise, RECURRENT=recurrent,
-            WRITE_STEP=stepwise, GRID_SYNC=grid_sync, num_warps=p.num_warps, **constexprs)
-
-    if p.grid_sync:
-        launch(0, T, True, True, True)
-        return
-    for i in range(T):
-        launch(i, i + 1, True, False, False)
-        if stepwise:
-            carry.add_(torch.mm(step, w))
-        else:
-            launch(i, i + 1, False, True, False)
 
 
 def _weight_grads(dp_ih: Tensor, dp_hh: Tensor, grad_h0: Tensor, x: Tensor, h0: Tensor,

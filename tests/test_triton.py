@@ -1,0 +1,206 @@
+"""The Triton engine against the reference loop and torch.nn.
+
+Without a GPU these run on CPU tensors under the Triton interpreter
+(conftest sets TRITON_INTERPRET=1); with one they run the compiled kernels
+on it. Each launch strategy is forced in turn so every kernel is exercised,
+whatever the planner would choose for these small shapes.
+"""
+
+import pytest
+import torch
+
+import fastrnn
+import fastrnn.autograd
+import fastrnn.reference
+from conftest import KINDS, TRITON_DEVICE, assert_close, forward_backward, make_pair, assert_results_close
+from test_functions import CELLS, apply_function, apply_reference, make_args
+
+triton_engine = pytest.importorskip("fastrnn.triton")
+engine = triton_engine.engine
+
+STRATEGIES = ["tile", "split", "stepwise"]
+# (T, B, H): odd sizes covering batch 1 (GEMV form), a partial batch tile,
+# more than one batch tile, and hidden sizes that are not powers of two.
+SHAPES = [(1, 1, 13), (2, 3, 40), (37, 17, 13), (37, 1, 40), (2, 17, 100), (37, 3, 100)]
+SHAPE_IDS = [f"T{t}-B{b}-H{h}" for t, b, h in SHAPES]
+needs_cuda = pytest.mark.skipif(TRITON_DEVICE.type != "cuda", reason="needs a CUDA GPU")
+
+
+def lengths_for(T, B, packed):
+    """Unsorted per-sequence lengths in 1..T, the longest equal to T."""
+    if not packed:
+        return None
+    return [T] + [1 + (7 * b) % T for b in range(1, B)]
+
+
+def run_layer(fn, nonlinearity, args, lengths, reverse, upstream):
+    output, h_n = fn(nonlinearity, *args, lengths, reverse)
+    leaves = [a for a in args if a is not None]
+    grads = torch.autograd.grad((output, h_n), leaves, upstream(output, h_n))
+    return [output, h_n, *grads]
+
+
+def check_layer(strategy, cell, T, B, H, packed, reverse, dtype, tolerance_dtype=None, I=5):
+    _, gates, nonlinearity = cell
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths = make_args(
+        gates, T, B, I, H, bias=True, lengths=lengths_for(T, B, packed), dtype=torch.float64, seed=T + B + H)
+    # torch.nn's initial scale keeps long recurrences contractive, so float32
+    # rounding is not amplified step after step.
+    with torch.no_grad():
+        for w in (w_ih, w_hh, b_ih, b_hh):
+            w.mul_(2 / H ** 0.5)
+    generator = torch.Generator().manual_seed(11)
+
+    def upstream(output, h_n):
+        return [torch.randn(t.shape, dtype=torch.float64, generator=generator).to(t) for t in (output, h_n)]
+
+    args = [t.detach().to(TRITON_DEVICE, dtype).requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    with fastrnn.use_backend("triton"), triton_engine.use_strategy(strategy):
+        got = run_layer(apply_function, nonlinearity, args, lengths, reverse, upstream)
+    reference_args = [t.detach().cpu().double().requires_grad_() for t in args]
+    generator.manual_seed(11)
+    expected = run_layer(apply_reference, nonlinearity, reference_args, lengths, reverse, upstream)
+    names = ["output", "h_n", "grad_x", "grad_h0", "grad_w_ih", "grad_w_hh", "grad_b_ih", "grad_b_hh"]
+    for name, a, b in zip(names, got, expected):
+        assert a.dtype == dtype and a.device.type == TRITON_DEVICE.type, name
+        assert_close(a.cpu().double(), b, tolerance_dtype or dtype, msg=name)
+
+
+def tile_fits(cell, H, B, dtype):
+    form = "gemv" if B == 1 or dtype == torch.float64 else ("fp32" if dtype == torch.float32 else "half")
+    return max(16, 1 << (H - 1).bit_length()) <= engine.TILE_MAX_BLOCK_H[(form, cell[1])]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("cell", CELLS, ids=[c[0] for c in CELLS])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("packed,reverse", [(False, False), (True, True)], ids=["full", "lengths-reverse"])
+def test_layer_matches_reference(strategy, cell, shape, packed, reverse):
+    T, B, H = shape
+    if strategy == "tile" and not tile_fits(cell, H, B, torch.float32):
+        with pytest.raises(RuntimeError, match="tile"), fastrnn.use_backend("triton"), \
+                triton_engine.use_strategy("tile"):
+            check_layer(strategy, cell, T, B, H, packed, reverse, torch.float32)
+        return
+    check_layer(strategy, cell, T, B, H, packed, reverse, torch.float32)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("cell", CELLS, ids=[c[0] for c in CELLS])
+@pytest.mark.parametrize("packed,reverse", [(False, True), (True, False)], ids=["reverse", "lengths"])
+def test_layer_matches_reference_float64(strategy, cell, packed, reverse):
+    check_layer(strategy, cell, 9, 3, 13, packed, reverse, torch.float64)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("cell", CELLS, ids=[c[0] for c in CELLS])
+@pytest.mark.parametrize("lengths,reverse", [(None, False), ([2, 4, 1], True)], ids=["full", "lengths-reverse"])
+def test_gradcheck(strategy, cell, lengths, reverse):
+    _, gates, nonlinearity = cell
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths_t = make_args(
+        gates, T=4, B=3, I=3, H=4, bias=True, lengths=lengths, dtype=torch.float64, seed=7)
+    inputs = [t.detach().to(TRITON_DEVICE).requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+
+    def fn(*tensors):
+        return apply_function(nonlinearity, *tensors, lengths_t, reverse)
+
+    with fastrnn.use_backend("triton"), triton_engine.use_strategy(strategy):
+        assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("cell", CELLS, ids=[c[0] for c in CELLS])
+def test_low_precision_keeps_float32_state(strategy, dtype, cell):
+    """Half inputs and weights, float32 state and accumulation: the result is
+    within the half type's rounding of the exact computation on the same
+    (rounded) inputs, over 37 steps."""
+    check_layer(strategy, cell, 37, 3, 40, True, False, dtype, tolerance_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("strategy", ["auto", *STRATEGIES])
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["unidir", "bidir"])
+@pytest.mark.parametrize("input_kind", ["batched", "packed"])
+def test_modules_match_torch_nn(strategy, kind, bidirectional, input_kind):
+    """Two-layer modules on the Triton engine against torch.nn (float64)."""
+    torch_cls, fast_cls, extra = KINDS[kind]
+    reference, candidate = make_pair(torch_cls, fast_cls, 7, 13, num_layers=2, batch_first=True,
+                                     bidirectional=bidirectional, dtype=torch.float64, **extra)
+    candidate.to(TRITON_DEVICE)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 9, 7, dtype=torch.float64, generator=generator)
+    hx = torch.randn(2 * (2 if bidirectional else 1), 5, 13, dtype=torch.float64, generator=generator)
+    lengths = [9, 3, 7, 1, 5] if input_kind == "packed" else None
+    expected = forward_backward(reference, x, hx, lengths=lengths, batch_first=True)
+    with fastrnn.use_backend("triton"), triton_engine.use_strategy(strategy):
+        got = forward_backward(candidate, x.to(TRITON_DEVICE), hx.to(TRITON_DEVICE), lengths=lengths,
+                               batch_first=True)
+    assert_results_close({k: v.cpu() for k, v in got.items()}, expected, torch.float64)
+
+
+def test_auto_strategy_by_shape():
+    def chosen(cell, B, H, dtype=torch.float32):
+        return engine.plan(cell, B, H, dtype, torch.device("cuda")).strategy
+
+    assert chosen(engine.TANH, 8, 32) == "tile"
+    assert chosen(engine.TANH, 8, 128, torch.bfloat16) == "tile"
+    assert chosen(engine.GRU, 1, 32) == "tile"
+    assert chosen(engine.TANH, 8, 128) == "split"
+    assert chosen(engine.GRU, 8, 256) == "split"
+    assert chosen(engine.TANH, 32, 1024) == "split"
+    assert chosen(engine.GRU, 512, 64) == "stepwise"
+    # too many batch tiles x column blocks to be co-resident on 132 SMs
+    assert chosen(engine.GRU, 200, 2048) == "stepwise"
+    with triton_engine.use_strategy("tile"), pytest.raises(RuntimeError, match="tile"):
+        chosen(engine.GRU, 8, 512)
+
+
+def test_unknown_strategy_raises():
+    with pytest.raises(ValueError, match="strategy"):
+        with triton_engine.use_strategy("fastest"):
+            pass
+
+
+@pytest.mark.parametrize("kernel", ["tile_fwd_kernel", "tile_bwd_kernel", "split_fwd_kernel", "split_bwd_kernel"])
+def test_sequence_length_is_not_specialised(kernel):
+    """T (and the step range) are runtime arguments that never trigger a
+    recompile: no constexpr, no integer specialisation."""
+    import fastrnn.triton.split as split
+    import fastrnn.triton.tile as tile
+
+    fn = getattr(tile, kernel, None) or getattr(split, kernel)
+    jit = getattr(fn, "fn", fn)  # the interpreter wraps the JITFunction's function
+    names = list(jit.arg_names) if hasattr(jit, "arg_names") else fn.arg_names
+    runtime = {"T", "step_begin", "step_end"} & set(names)
+    assert "T" in runtime
+    params = getattr(fn, "params", None) or getattr(jit, "params", None)
+    if params is not None:
+        for param in params:
+            if param.name in runtime:
+                assert not param.is_constexpr and param.do_not_specialize, param.name
+
+
+@needs_cuda
+@pytest.mark.parametrize("cell", CELLS, ids=[c[0] for c in CELLS])
+def test_split_grid_barrier_on_gpu(cell):
+    """The persistent split launch with its grid barrier (compiled out under
+    the interpreter) over a shape that spreads across many SMs."""
+    plan = engine.plan(engine.GRU if cell[2] is None else engine.TANH, 8, 512, torch.float32, TRITON_DEVICE)
+    assert plan.grid_sync
+    check_layer("split", cell, 64, 8, 512, True, True, torch.float32)
+
+
+@needs_cuda
+def test_no_recompile_across_sequence_lengths():
+    from fastrnn.triton.tile import tile_bwd_kernel, tile_fwd_kernel
+
+    def compiled():
+        device = torch.cuda.current_device()
+        return [len(kernel.device_caches[device][0]) for kernel in (tile_fwd_kernel, tile_bwd_kernel)]
+
+    check_layer("tile", CELLS[0], 5, 3, 13, False, False, torch.float32)
+    before = compiled()
+    for T in (6, 50, 333):
+        check_layer("tile", CELLS[0], T, 3, 13, False, False, torch.float32)
+    assert compiled() == before
