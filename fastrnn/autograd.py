@@ -38,7 +38,9 @@ class RNNFunction(torch.autograd.Function):
 
     x is (T, B, I) time-major, h0 (B, H); b_ih/b_hh may be None; lengths is
     None or an int64 CPU tensor (B,); positions past a sequence's length
-    must hold finite values and come out as zeros. Returns (output, h_n).
+    must hold finite values and come out as zeros. Returns (output, h_n), in
+    x's dtype, or in float32 for half-precision x on the Triton engine (the
+    state it kept; ``fastrnn.functional`` narrows them).
     """
 
     @staticmethod

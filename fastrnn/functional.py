@@ -22,11 +22,14 @@ _WIDENED = (torch.bfloat16, torch.float16)
 
 def _apply(function, engine: str, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh,
            *flags):
+    dtype = x.dtype
     if engine == "cpp" and x.dtype in _WIDENED and h0.dtype == x.dtype and w_ih.dtype == x.dtype:
-        tensors = [t if t is None else t.float() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
-        output, h_n = function.apply(*tensors, *flags)
-        return output.to(x.dtype), h_n.to(x.dtype)
-    return function.apply(x, h0, w_ih, w_hh, b_ih, b_hh, *flags)
+        x, h0, w_ih, w_hh, b_ih, b_hh = [t if t is None else t.float()
+                                         for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    # The Triton engine takes half types as they are but returns the float32
+    # state it kept (and saves it for backward); both are narrowed here.
+    output, h_n = function.apply(x, h0, w_ih, w_hh, b_ih, b_hh, *flags)
+    return output.to(dtype), h_n.to(dtype)
 
 
 def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,

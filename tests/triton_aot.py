@@ -6,12 +6,15 @@ hidden sizes and strategies; ``compile_config`` builds one for an NVIDIA
 architecture and reads its register, stack, local and shared memory use off
 the cubin with cuobjdump.
 
-Run as a script to print the table: ``python tests/triton_aot.py``.
+Run as a script to print the table: ``python tests/triton_aot.py`` (with
+``--json``, the rows as JSON). It must run without TRITON_INTERPRET=1,
+under which the kernels are interpreted functions that cannot be compiled.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import subprocess
@@ -35,10 +38,10 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 BATCHES = (1, 2, 16, 17, 48, 100, 255, 256, 1024)
 HIDDEN = (13, 32, 40, 64, 100, 128, 256, 512, 1024, 2048)
 
-# Pointer arguments by role: the layer's dtype, the float32/float64 state,
-# the weights' dtype (the stepwise GEMM operands) or int32.
-_STATE_ARGS = {"WS", "STATE", "CARRY", "DP_IH", "DP_HH", "GRAD_HN", "GRAD_H0"}
-_WEIGHT_ARGS = {"Q", "DP_STEP"}
+# Pointer arguments by role: the float32/float64 state (outputs and their
+# gradients included), int32, or else the layer's own dtype.
+_STATE_ARGS = {"WS", "STATE", "CARRY", "DP_IH", "DP_HH", "DP_STEP", "Q", "OUT", "H_N", "GRAD_HN",
+               "GRAD_H0", "GRAD_OUT", "PREV"}
 _INT_ARGS = {"LENGTHS", "BARRIER"}
 _SCALAR_ARGS = {"T", "B", "H", "reverse", "step_begin", "step_end"}
 _TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
@@ -137,6 +140,14 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def compile_all_in_subprocess() -> list[tuple[str, int, dict]]:
+    """compile_all() in a fresh interpreter without TRITON_INTERPRET (for the tests)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--json"], env=env,
+                            capture_output=True, text=True, check=True)
+    return [tuple(row) for row in json.loads(result.stdout)]
+
+
 if __name__ == "__main__":
-    print(f"{len(shipped_configs())} configurations", file=sys.stderr)
-    print(table(compile_all(int(os.environ.get("WORKERS", "2")))))
+    rows = compile_all(int(os.environ.get("WORKERS", "2")))
+    print(json.dumps(rows) if "--json" in sys.argv else table(rows))

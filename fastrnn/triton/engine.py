@@ -81,6 +81,7 @@ class Plan:
     dot_dtype: tl.dtype
     precision: str
     gpu: bool
+    backward_warps: int | None = None  # when backward differs from num_warps
 
     @property
     def grid_sync(self) -> bool:
@@ -96,11 +97,12 @@ class Plan:
                       DOT_DTYPE=self.dot_dtype, STATE_DTYPE=self.state_dtype,
                       PRECISION=self.precision, num_warps=self.num_warps)
         if self.strategy == "tile":
-            return {"forward": (tile_fwd_kernel, dict(common, BLOCK_H=self.block_n, LIBDEVICE=self.gpu)),
-                    "backward": (tile_bwd_kernel, dict(common, BLOCK_H=self.block_n))}
+            return {"forward": (tile_fwd_kernel, dict(common, BLOCK_H=self.block_n)),
+                    "backward": (tile_bwd_kernel, dict(common, BLOCK_H=self.block_n,
+                                                       num_warps=self.backward_warps or self.num_warps))}
         common.update(BLOCK_N=self.block_n, BLOCK_K=self.block_k)
         stepwise = self.strategy == "stepwise"
-        kinds = {"forward": (split_fwd_kernel, dict(common, LIBDEVICE=self.gpu, EXTERNAL_Q=stepwise,
+        kinds = {"forward": (split_fwd_kernel, dict(common, EXTERNAL_Q=stepwise,
                                                     GRID_SYNC=self.grid_sync))}
         phases = dict(POINTWISE=True, RECURRENT=self.grid_sync, WRITE_STEP=stepwise,
                       GRID_SYNC=self.grid_sync)
@@ -137,13 +139,20 @@ def plan(cell: int, B: int, H: int, dtype: torch.dtype, device: torch.device) ->
     block_h = max(16, triton.next_power_of_2(H))
     form = "gemv" if gemv else ("fp32" if dtype == torch.float32 else "half")
     tile_max = TILE_MAX_BLOCK_H[(form, gates)]
-    tile = make("tile", 1 if gemv else 16, block_h, block_h, not gemv, 8 if block_h >= 128 else 4)
+    # Warps per program: where ptxas spills no configuration, forward and
+    # backward apart (tests/triton_aot.py checks each one).
+    wide = 16 if gates == 3 or block_h >= 128 else 8
+    tile = make("tile", 1 if gemv else 16, block_h, block_h, not gemv,
+                4 if gemv else (16 if form == "fp32" else wide),
+                backward_warps=4 if gemv or form == "fp32" else wide)
     stepwise = make("stepwise", 16, 32, 32, False, 4)
     # Persistent split: every program must be resident for the grid barrier.
     split_b = 1 if gemv else 16
     split_fits = (triton.cdiv(B, split_b) * triton.cdiv(H, SPLIT_BLOCK_N) <= _sm_count(device)
                   or not gpu)
-    split = make("split", split_b, SPLIT_BLOCK_N, 64 if gemv else 32, not gemv, 4)
+    split_k = 64 if gemv else (32 if gates == 3 else 16)
+    split_warps = 4 if gates == 1 and not gemv else 8
+    split = make("split", split_b, SPLIT_BLOCK_N, split_k, not gemv, split_warps)
 
     forced = _strategy.get()
     if forced == "tile" and block_h > tile_max:
@@ -199,10 +208,14 @@ def _forward(cell: int, proj: Tensor, h0: Tensor, w_hh: Tensor, b_hn: Tensor | N
     T, B, G = proj.shape
     H = h0.shape[1]
     dtype, device = proj.dtype, proj.device
-    output = (torch.zeros if lengths is not None else torch.empty)(T, B, H, dtype=dtype, device=device)
-    workspace = (torch.empty(T, B, 4 * H, dtype=_state_dtype(dtype), device=device)
-                 if cell == GRU else None)
-    h_n = torch.empty(B, H, dtype=dtype, device=device)
+    # Outputs and h_n come back in the state dtype (float32 for half types):
+    # backward differentiates through them, and rounding them first would
+    # cost the gradients their accuracy. The layer function narrows them.
+    state_dtype = _state_dtype(dtype)
+    output = (torch.zeros if lengths is not None else torch.empty)(T, B, H, dtype=state_dtype,
+                                                                   device=device)
+    workspace = torch.empty(T, B, 4 * H, dtype=state_dtype, device=device) if cell == GRU else None
+    h_n = torch.empty(B, H, dtype=state_dtype, device=device)
     if B == 0:
         return output, h_n, workspace
     p = plan(cell, B, H, dtype, device)
@@ -216,11 +229,14 @@ def _forward(cell: int, proj: Tensor, h0: Tensor, w_hh: Tensor, b_hn: Tensor | N
                                  T, B, H, int(reverse), **constexprs)
         return output, h_n, workspace
 
-    state = torch.empty(2, B, H, dtype=_state_dtype(dtype), device=device)
+    state = torch.empty(2, B, H, dtype=state_dtype, device=device)
     state[0] = h0
     barrier = torch.zeros(p.grid(B, H)[0], dtype=torch.int32, device=device)
     stepwise = p.strategy == "stepwise"
-    q = torch.empty(B, G, dtype=w_hh.dtype, device=device) if stepwise else proj
+    # The per-step cuBLAS product runs on the float32 state (float32 weights
+    # for half types), so that no step's product is rounded to 8 bits.
+    w_mm = w_hh.to(state_dtype)
+    q = torch.empty(B, G, dtype=state_dtype, device=device) if stepwise else proj
 
     def launch(begin: int, end: int) -> None:
         kernel[p.grid(B, H)](proj, q, w_hh, b_hn, state, length, output, ws, barrier, begin, end,
@@ -231,7 +247,7 @@ def _forward(cell: int, proj: Tensor, h0: Tensor, w_hh: Tensor, b_hn: Tensor | N
     else:
         for s in range(T):
             if stepwise:
-                torch.mm(state[s % 2].to(w_hh.dtype), w_hh.t(), out=q)
+                torch.mm(state[s % 2], w_mm.t(), out=q)
             launch(s, s + 1)
     h_n.copy_(state[T % 2])
     return output, h_n, workspace
@@ -280,7 +296,8 @@ def _backward(cell: int, grad_output: Tensor, grad_hy: Tensor, x: Tensor, h0: Te
                                      carry, T, B, H, int(reverse), **constexprs)
         else:
             stepwise = p.strategy == "stepwise"
-            step = torch.empty(B, G, dtype=w.dtype, device=device) if stepwise else dp_hh
+            step = torch.empty(B, G, dtype=state_dtype, device=device) if stepwise else dp_hh
+            w_mm = w.to(state_dtype)  # as in forward: float32 products for half types
             barrier = torch.zeros(p.grid(B, H)[0], dtype=torch.int32, device=device)
 
             def launch(kind: str, begin: int, end: int) -> None:
@@ -294,7 +311,7 @@ def _backward(cell: int, grad_output: Tensor, grad_hy: Tensor, x: Tensor, h0: Te
                 for i in range(T):
                     launch("backward", i, i + 1)
                     if stepwise:
-                        carry.add_(torch.mm(step, w))
+                        carry.addmm_(step, w_mm)
                     else:
                         launch("backward_recurrent", i, i + 1)
     return _weight_grads(dp_ih, dp_hh, carry, x, h0, w_ih, w_hh, prev, input_requires_grad)

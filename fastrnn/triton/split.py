@@ -55,7 +55,7 @@ def split_fwd_kernel(P, Q, W, B_HN, STATE, LENGTHS, OUT, WS, BARRIER, step_begin
                      T, B, H, reverse,
                      CELL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                     STATE_DTYPE: tl.constexpr, PRECISION: tl.constexpr, LIBDEVICE: tl.constexpr,
+                     STATE_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                      EXTERNAL_Q: tl.constexpr, GRID_SYNC: tl.constexpr):
     """Steps [step_begin, step_end) forward. STATE[s % 2] holds the state
     before step s (every sequence; finished ones keep theirs). With
@@ -102,15 +102,14 @@ def split_fwd_kernel(P, Q, W, B_HN, STATE, LENGTHS, OUT, WS, BARRIER, step_begin
                 tl.load(p, mask=mask, other=0.0).to(STATE_DTYPE),
                 tl.load(p + H, mask=mask, other=0.0).to(STATE_DTYPE),
                 tl.load(p + 2 * H, mask=mask, other=0.0).to(STATE_DTYPE),
-                q_r, q_z, q_n, b_hn, h, LIBDEVICE)
+                q_r, q_z, q_n, b_hn, h)
             ws = WS + at * (4 * H) + units[None, :]
             tl.store(ws, r, mask=mask)
             tl.store(ws + H, z, mask=mask)
             tl.store(ws + 2 * H, n, mask=mask)
             tl.store(ws + 3 * H, hn, mask=mask)
         else:
-            h_new = rnn_update(tl.load(p, mask=mask, other=0.0).to(STATE_DTYPE) + q_r, CELL,
-                               LIBDEVICE)
+            h_new = rnn_update(tl.load(p, mask=mask, other=0.0).to(STATE_DTYPE) + q_r, CELL)
         tl.store(OUT + at * H + units[None, :], h_new.to(OUT.dtype.element_ty), mask=mask)
         tl.store(state_out + own, tl.where(active[:, None], h_new, h), mask=own_ok)
         if GRID_SYNC:

@@ -32,7 +32,7 @@ def _load_gate(W, gate, H, TRANSPOSE: tl.constexpr, BLOCK_H: tl.constexpr, DOT_D
 def tile_fwd_kernel(P, W, B_HN, H0, LENGTHS, OUT, H_N, WS, T, B, H, reverse,
                     CELL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
                     USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
-                    PRECISION: tl.constexpr, LIBDEVICE: tl.constexpr):
+                    PRECISION: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     units = tl.arange(0, BLOCK_H)
     unit_ok = units < H
@@ -64,7 +64,7 @@ def tile_fwd_kernel(P, W, B_HN, H0, LENGTHS, OUT, H_N, WS, T, B, H, reverse,
                 matmul(operand, w_r, USE_DOT, PRECISION).to(STATE_DTYPE),
                 matmul(operand, w_z, USE_DOT, PRECISION).to(STATE_DTYPE),
                 matmul(operand, w_n, USE_DOT, PRECISION).to(STATE_DTYPE),
-                b_hn, h, LIBDEVICE)
+                b_hn, h)
             ws = WS + at * (4 * H) + units[None, :]
             tl.store(ws, r, mask=mask)
             tl.store(ws + H, z, mask=mask)
@@ -73,7 +73,7 @@ def tile_fwd_kernel(P, W, B_HN, H0, LENGTHS, OUT, H_N, WS, T, B, H, reverse,
         else:
             pre = tl.load(p, mask=mask, other=0.0).to(STATE_DTYPE)
             h_new = rnn_update(pre + matmul(operand, w, USE_DOT, PRECISION).to(STATE_DTYPE),
-                               CELL, LIBDEVICE)
+                               CELL)
         tl.store(OUT + at * H + units[None, :], h_new.to(OUT.dtype.element_ty), mask=mask)
         h = tl.where(active[:, None], h_new, h)
     tl.store(H_N + own, h.to(H_N.dtype.element_ty), mask=own_ok)
