@@ -39,11 +39,18 @@ def use_backend(name: str) -> Iterator[None]:
     """
     if name not in BACKENDS:
         raise ValueError(f"Unknown fastrnn backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    token = _backend.set(name)
+    with setting(_backend, name):
+        yield
+
+
+@contextlib.contextmanager
+def setting(variable: contextvars.ContextVar, value) -> Iterator[None]:
+    """Sets ``variable`` to ``value`` inside the ``with`` block (per thread and task)."""
+    token = variable.set(value)
     try:
         yield
     finally:
-        _backend.reset(token)
+        variable.reset(token)
 
 
 def resolve(device: torch.device) -> str:

@@ -24,7 +24,6 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 import triton
-import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 

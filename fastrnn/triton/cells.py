@@ -70,12 +70,38 @@ def gru_update(p_r, p_z, p_n, q_r, q_z, q_n, b_hn, h):
 
 
 @triton.jit
-def gru_grads(g, h_prev, r, z, n, hn):
-    """Gate pre-activation gradients (dr, dz, dn) from the gradient g at the output."""
+def gru_save(ws, r, z, n, hn, H, mask):
+    """Stores a step's r | z | n | W_hn h + b_hn at the workspace rows ws."""
+    tl.store(ws, r, mask=mask)
+    tl.store(ws + H, z, mask=mask)
+    tl.store(ws + 2 * H, n, mask=mask)
+    tl.store(ws + 3 * H, hn, mask=mask)
+
+
+@triton.jit
+def gru_backward_rows(ws, h_prev, dp_ih, dp_hh, g, H, mask, STATE_DTYPE: tl.constexpr):
+    """One GRU step backward from the gradient g reaching its output.
+
+    Reads the step's saved gates (workspace rows ws) and previous state,
+    stores the gate pre-activation gradients on the input side (dr | dz | dn)
+    and the hidden side (dr | dz | dn r), and returns (dr, dz, dn r, z).
+    """
+    r = tl.load(ws, mask=mask, other=0.0)
+    z = tl.load(ws + H, mask=mask, other=0.0)
+    n = tl.load(ws + 2 * H, mask=mask, other=0.0)
+    hn = tl.load(ws + 3 * H, mask=mask, other=0.0)
+    h = tl.load(h_prev, mask=mask, other=0.0).to(STATE_DTYPE)
     dn = g * (1.0 - z) * (1.0 - n * n)
-    dz = g * (h_prev - n) * z * (1.0 - z)
+    dz = g * (h - n) * z * (1.0 - z)
     dr = dn * hn * r * (1.0 - r)
-    return dr, dz, dn
+    dn_hh = dn * r
+    tl.store(dp_ih, dr, mask=mask)
+    tl.store(dp_ih + H, dz, mask=mask)
+    tl.store(dp_ih + 2 * H, dn, mask=mask)
+    tl.store(dp_hh, dr, mask=mask)
+    tl.store(dp_hh + H, dz, mask=mask)
+    tl.store(dp_hh + 2 * H, dn_hh, mask=mask)
+    return dr, dz, dn_hh, z
 
 
 @triton.jit

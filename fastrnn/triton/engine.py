@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastrnn import backends
 from fastrnn.triton.split import split_bwd_kernel, split_fwd_kernel
 from fastrnn.triton.tile import tile_bwd_kernel, tile_fwd_kernel
 
@@ -52,11 +53,8 @@ def use_strategy(name: str) -> Iterator[None]:
     ``"auto"`` (chosen per shape), ``"tile"``, ``"split"`` or ``"stepwise"``."""
     if name not in STRATEGIES:
         raise ValueError(f"Unknown fastrnn Triton strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
-    token = _strategy.set(name)
-    try:
+    with backends.setting(_strategy, name):
         yield
-    finally:
-        _strategy.reset(token)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ one after another, checks the same arithmetic.
 import triton
 import triton.language as tl
 
-from fastrnn.triton.cells import GRU, grid_barrier, gru_grads, gru_update, matmul, rnn_grad, rnn_update, step_time
+from fastrnn.triton.cells import (GRU, grid_barrier, gru_backward_rows, gru_save,
+                                   gru_update, matmul, rnn_grad, rnn_update, step_time)
 
 
 @triton.jit
@@ -103,11 +104,7 @@ def split_fwd_kernel(P, Q, W, B_HN, STATE, LENGTHS, OUT, WS, BARRIER, step_begin
                 tl.load(p + H, mask=mask, other=0.0).to(STATE_DTYPE),
                 tl.load(p + 2 * H, mask=mask, other=0.0).to(STATE_DTYPE),
                 q_r, q_z, q_n, b_hn, h)
-            ws = WS + at * (4 * H) + units[None, :]
-            tl.store(ws, r, mask=mask)
-            tl.store(ws + H, z, mask=mask)
-            tl.store(ws + 2 * H, n, mask=mask)
-            tl.store(ws + 3 * H, hn, mask=mask)
+            gru_save(WS + at * (4 * H) + units[None, :], r, z, n, hn, H, mask)
         else:
             h_new = rnn_update(tl.load(p, mask=mask, other=0.0).to(STATE_DTYPE) + q_r, CELL)
         tl.store(OUT + at * H + units[None, :], h_new.to(OUT.dtype.element_ty), mask=mask)
@@ -153,21 +150,9 @@ def split_bwd_kernel(GRAD_OUT, W, OUT, PREV, WS, LENGTHS, CARRY, DP_IH, DP_HH, D
             dp = DP_HH + at * G + units[None, :]
             step = DP_STEP + rows[:, None] * G + units[None, :]
             if CELL == GRU:
-                ws = WS + at * (4 * H) + units[None, :]
-                r = tl.load(ws, mask=mask, other=0.0)
-                z = tl.load(ws + H, mask=mask, other=0.0)
-                n = tl.load(ws + 2 * H, mask=mask, other=0.0)
-                hn = tl.load(ws + 3 * H, mask=mask, other=0.0)
-                h_prev = tl.load(PREV + at * H + units[None, :], mask=mask, other=0.0).to(STATE_DTYPE)
-                dr, dz, dn = gru_grads(g, h_prev, r, z, n, hn)
-                dn_hh = dn * r
-                dp_ih = DP_IH + at * G + units[None, :]
-                tl.store(dp_ih, dr, mask=mask)
-                tl.store(dp_ih + H, dz, mask=mask)
-                tl.store(dp_ih + 2 * H, dn, mask=mask)
-                tl.store(dp, dr, mask=mask)
-                tl.store(dp + H, dz, mask=mask)
-                tl.store(dp + 2 * H, dn_hh, mask=mask)
+                dr, dz, dn_hh, z = gru_backward_rows(
+                    WS + at * (4 * H) + units[None, :], PREV + at * H + units[None, :],
+                    DP_IH + at * G + units[None, :], dp, g, H, mask, STATE_DTYPE)
                 if WRITE_STEP:
                     keep = active[:, None]
                     tl.store(step, tl.where(keep, dr, 0.0).to(DP_STEP.dtype.element_ty), mask=own_ok)

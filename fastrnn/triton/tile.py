@@ -14,7 +14,8 @@ workspace (T, B, 4H) holding r | z | n | W_hn h + b_hn of every step.
 import triton
 import triton.language as tl
 
-from fastrnn.triton.cells import GRU, gru_grads, gru_update, matmul, rnn_grad, rnn_update, step_time
+from fastrnn.triton.cells import (GRU, gru_backward_rows, gru_save, gru_update,
+                                   matmul, rnn_grad, rnn_update, step_time)
 
 
 @triton.jit
@@ -65,11 +66,7 @@ def tile_fwd_kernel(P, W, B_HN, H0, LENGTHS, OUT, H_N, WS, T, B, H, reverse,
                 matmul(operand, w_z, USE_DOT, PRECISION).to(STATE_DTYPE),
                 matmul(operand, w_n, USE_DOT, PRECISION).to(STATE_DTYPE),
                 b_hn, h)
-            ws = WS + at * (4 * H) + units[None, :]
-            tl.store(ws, r, mask=mask)
-            tl.store(ws + H, z, mask=mask)
-            tl.store(ws + 2 * H, n, mask=mask)
-            tl.store(ws + 3 * H, hn, mask=mask)
+            gru_save(WS + at * (4 * H) + units[None, :], r, z, n, hn, H, mask)
         else:
             pre = tl.load(p, mask=mask, other=0.0).to(STATE_DTYPE)
             h_new = rnn_update(pre + matmul(operand, w, USE_DOT, PRECISION).to(STATE_DTYPE),
@@ -112,21 +109,9 @@ def tile_bwd_kernel(GRAD_OUT, GRAD_HN, W, OUT, PREV, WS, LENGTHS, DP_IH, DP_HH, 
         g = tl.load(GRAD_OUT + at * H + units[None, :], mask=mask, other=0.0).to(STATE_DTYPE) + carry
         dp = DP_HH + at * G + units[None, :]
         if CELL == GRU:
-            ws = WS + at * (4 * H) + units[None, :]
-            r = tl.load(ws, mask=mask, other=0.0)
-            z = tl.load(ws + H, mask=mask, other=0.0)
-            n = tl.load(ws + 2 * H, mask=mask, other=0.0)
-            hn = tl.load(ws + 3 * H, mask=mask, other=0.0)
-            h_prev = tl.load(PREV + at * H + units[None, :], mask=mask, other=0.0).to(STATE_DTYPE)
-            dr, dz, dn = gru_grads(g, h_prev, r, z, n, hn)
-            dn_hh = dn * r
-            dp_ih = DP_IH + at * G + units[None, :]
-            tl.store(dp_ih, dr, mask=mask)
-            tl.store(dp_ih + H, dz, mask=mask)
-            tl.store(dp_ih + 2 * H, dn, mask=mask)
-            tl.store(dp, dr, mask=mask)
-            tl.store(dp + H, dz, mask=mask)
-            tl.store(dp + 2 * H, dn_hh, mask=mask)
+            dr, dz, dn_hh, z = gru_backward_rows(
+                WS + at * (4 * H) + units[None, :], PREV + at * H + units[None, :],
+                DP_IH + at * G + units[None, :], dp, g, H, mask, STATE_DTYPE)
             carry_new = (g * z
                          + matmul(dr.to(DOT_DTYPE), w_r, USE_DOT, PRECISION).to(STATE_DTYPE)
                          + matmul(dz.to(DOT_DTYPE), w_z, USE_DOT, PRECISION).to(STATE_DTYPE)
