@@ -1,6 +1,7 @@
 # Two entry points, each setting up what it needs (a local virtual
 # environment with torch, the built extension) and quick when nothing changed:
-#   make bench   compare fastrnn with torch.nn on this machine
+#   make bench   compare fastrnn with torch.nn on this machine (python -m fastrnn.bench;
+#                options through BENCH_ARGS, e.g. make bench BENCH_ARGS=--quick)
 #   make test    run the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -15,7 +16,7 @@ test: build
 	$(PY) -m pytest tests
 
 bench: build
-	$(PY) bench/compare.py
+	$(PY) -m fastrnn.bench $(BENCH_ARGS)
 
 build: $(EXT_STAMP)
 

@@ -1,0 +1,89 @@
+"""python -m fastrnn.bench: how much faster is fastrnn than torch.nn here?
+
+Times fastrnn, torch.nn (cuDNN on CUDA, PyTorch's own kernels on CPU) and,
+on tiny shapes, the plain reference loop, forward and forward+backward, over
+a grid of shapes on the device present (CUDA if available). Prints a table
+of speed-ups per shape and a summary line, measures the machine's float32
+GEMM rate to report the FLOP/s fastrnn reaches as a fraction of it, and
+writes the records as JSON and CSV and a PNG plot under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+import torch
+from tqdm import tqdm
+
+from fastrnn.bench import measure, report
+
+# (batch, hidden, steps) grids per device; dtypes per device.
+GRIDS = {
+    "cpu": {
+        "quick": dict(batch=[16], hidden=[64], steps=[50]),
+        "default": dict(batch=[1, 16, 64], hidden=[64, 256, 512], steps=[100, 500]),
+        "full": dict(batch=[1, 16, 64, 256], hidden=[64, 128, 256, 512, 1024], steps=[100, 500, 1000]),
+    },
+    "cuda": {
+        "quick": dict(batch=[8], hidden=[128], steps=[256]),
+        "default": dict(batch=[1, 8, 32, 128, 512], hidden=[64, 128, 256, 512, 1024], steps=[256, 1024]),
+        "full": dict(batch=[1, 8, 32, 128, 512, 1024], hidden=[64, 128, 256, 512, 1024, 2048],
+                     steps=[64, 256, 1024, 4096]),
+    },
+}
+DEFAULT_DTYPES = {"cpu": ["float32"], "cuda": ["float32", "bfloat16"]}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m fastrnn.bench", description=__doc__.splitlines()[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a one-shape smoke grid")
+    size.add_argument("--full", action="store_true", help="the large grid")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    parser.add_argument("--cells", nargs="+", choices=list(measure.CELLS), default=list(measure.CELLS))
+    parser.add_argument("--dtypes", nargs="+", choices=list(measure.DTYPES))
+    parser.add_argument("--modes", nargs="+", choices=list(measure.MODES), default=list(measure.MODES))
+    parser.add_argument("--providers", nargs="+", choices=list(measure.PROVIDERS),
+                        default=list(measure.PROVIDERS))
+    parser.add_argument("--batch", nargs="+", type=int, help="batch sizes (overrides the grid)")
+    parser.add_argument("--hidden", nargs="+", type=int, help="hidden sizes (overrides the grid)")
+    parser.add_argument("--steps", nargs="+", type=int, help="sequence lengths (overrides the grid)")
+    parser.add_argument("--min-run-time", type=float, default=0.3, help="seconds of timed calls per case")
+    parser.add_argument("--out", default="bench/results", help="folder for the JSON, CSV and PNG")
+    return parser.parse_args(argv)
+
+
+def cases(args: argparse.Namespace, device: torch.device) -> list[measure.Case]:
+    grid = dict(GRIDS[device.type]["quick" if args.quick else "full" if args.full else "default"])
+    for key in ("batch", "hidden", "steps"):
+        grid[key] = getattr(args, key) or grid[key]
+    dtypes = args.dtypes or DEFAULT_DTYPES[device.type]
+    return [measure.Case(cell, dtype, batch, hidden, steps, mode)
+            for cell, dtype, batch, hidden, steps, mode in itertools.product(
+                args.cells, dtypes, grid["batch"], grid["hidden"], grid["steps"], args.modes)]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    name = measure.device_name(device)
+    rate = measure.gemm_rate(device)
+    print(f"{name}: float32 GEMM {rate / 1e9:.1f} GFLOP/s; {measure.versions()}")
+    jobs = [(case, provider) for case in cases(args, device) for provider in args.providers
+            if measure.runs_provider(provider, case)]
+    records = []
+    for case, provider in tqdm(jobs, desc="benchmark", unit="case", file=sys.stderr):
+        timing = measure.time_call(measure.make_call(provider, case, device), device, args.min_run_time)
+        records.append(measure.record(case, provider, timing, device, rate))
+    print(report.table(records))
+    print(report.summary(records))
+    meta = {"device": name, "gemm_flops": rate, **measure.versions(), "command": sys.argv}
+    paths = report.write_all(records, meta, args.out)
+    print("wrote " + ", ".join(paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""What the benchmark times, and how.
+
+A ``Case`` is one (cell, dtype, batch, hidden, steps, mode); a provider
+builds a callable running it: ``"fastrnn"``, ``"torch"`` (torch.nn: cuDNN
+on CUDA, PyTorch's own kernels on CPU) or ``"reference"`` (fastrnn's plain
+PyTorch loop, on tiny shapes only). ``time_call`` times a callable after
+warm-up and returns the median with the 20th and 80th percentiles; on CUDA
+each call is synchronised, so the time is the GPU's.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+import fastrnn
+
+CELLS = {"rnn": (torch.nn.RNN, fastrnn.RNN), "gru": (torch.nn.GRU, fastrnn.GRU)}
+GATES = {"rnn": 1, "gru": 3}
+MODES = ("forward", "forward_backward")
+PROVIDERS = ("fastrnn", "torch", "reference")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+# The reference loop is there to show what a Python time loop costs; beyond
+# this many (steps x batch x hidden) it only slows the run down.
+REFERENCE_MAX_WORK = 100 * 16 * 64
+
+
+@dataclass(frozen=True)
+class Case:
+    cell: str
+    dtype: str
+    batch: int
+    hidden: int
+    steps: int
+    mode: str
+
+    @property
+    def input_size(self) -> int:
+        return self.hidden
+
+    def flops(self) -> float:
+        """Multiply-adds x 2 of the layer's GEMMs: the input projection and the
+        recurrent product each step; backward does twice forward's."""
+        gates = GATES[self.cell] * self.hidden
+        forward = 2.0 * self.steps * self.batch * gates * (self.input_size + self.hidden)
+        return forward if self.mode == "forward" else 3.0 * forward
+
+
+def runs_provider(provider: str, case: Case) -> bool:
+    if provider == "reference":
+        return case.steps * case.batch * case.hidden <= REFERENCE_MAX_WORK
+    return True
+
+
+def make_call(provider: str, case: Case, device: torch.device) -> Callable[[], None]:
+    """A callable running ``case`` once with ``provider``'s implementation."""
+    torch_cls, fast_cls = CELLS[case.cell]
+    dtype = DTYPES[case.dtype]
+    generator = torch.manual_seed(0)
+    module = torch_cls(case.input_size, case.hidden) if provider == "torch" else \
+        fast_cls(case.input_size, case.hidden)
+    module.to(device=device, dtype=dtype)
+    x = torch.randn(case.steps, case.batch, case.input_size, generator=generator).to(device, dtype)
+    backend = "reference" if provider == "reference" else "auto"
+    training = case.mode == "forward_backward"
+    x.requires_grad_(training)
+
+    def call() -> None:
+        with fastrnn.use_backend(backend), torch.set_grad_enabled(training):
+            output, h_n = module(x)
+            if training:
+                torch.autograd.backward((output, h_n), (torch.ones_like(output), torch.ones_like(h_n)))
+
+    return call
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(call: Callable[[], None], device: torch.device, min_run_time: float = 0.3,
+              min_runs: int = 5) -> dict:
+    """Median, 20th and 80th percentile seconds of ``call``, after one warm-up call."""
+    call()
+    _synchronize(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_run_time:
+        begin = time.perf_counter()
+        call()
+        _synchronize(device)
+        times.append(time.perf_counter() - begin)
+    deciles = statistics.quantiles(times, n=10, method="inclusive")
+    return {"median_s": statistics.median(times), "p20_s": deciles[1], "p80_s": deciles[7],
+            "runs": len(times)}
+
+
+def gemm_rate(device: torch.device, dtype: torch.dtype = torch.float32, size: int | None = None,
+              min_run_time: float = 0.5) -> float:
+    """The machine's own square-GEMM rate in FLOP/s (torch.mm), the yardstick
+    for the FLOP/s the recurrences reach."""
+    size = size or (4096 if device.type == "cuda" else 1024)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    timing = time_call(lambda: torch.mm(a, b), device, min_run_time)
+    return 2.0 * size ** 3 / timing["median_s"]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def versions() -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"torch": torch.__version__, "triton": triton_version, "fastrnn": fastrnn.__version__}
+
+
+def record(case: Case, provider: str, timing: dict, device: torch.device, rate: float) -> dict:
+    """One result row: the case, the provider, its timing and the FLOP/s it reached."""
+    achieved = case.flops() / timing["median_s"]
+    return {**asdict(case), "provider": provider, **timing, "device": device_name(device),
+            **versions(), "flops": case.flops(), "achieved_flops": achieved,
+            "gemm_fraction": achieved / rate if rate and math.isfinite(rate) else None}

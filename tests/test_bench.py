@@ -1,0 +1,70 @@
+"""The benchmark command on a tiny grid: its table, summary and files, and
+the pytest-benchmark suite over the same cases."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastrnn.bench.__main__ import main
+
+BATCHES, HIDDEN, STEPS = [1, 3], [4, 6], [2]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["--device", "cpu", "--out", str(out), "--min-run-time", "0.01", "--batch", *map(str, BATCHES),
+            "--hidden", *map(str, HIDDEN), "--steps", *map(str, STEPS)]
+    return out, argv
+
+
+def test_command_writes_table_records_and_plot(run, capsys):
+    out, argv = run
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "GFLOP/s" in printed
+    assert "speed-up over torch.nn: forward median" in printed and "forward+backward median" in printed
+    files = sorted(os.listdir(out))
+    stems = {os.path.splitext(f)[0] for f in files}
+    assert len(stems) == 1 and {os.path.splitext(f)[1] for f in files} == {".json", ".csv", ".png"}
+    stem = os.path.join(out, stems.pop())
+
+    with open(stem + ".json") as f:
+        data = json.load(f)
+    records = data["records"]
+    assert data["meta"]["gemm_flops"] > 0 and data["meta"]["torch"]
+    expected = {(cell, batch, hidden, steps, mode, provider)
+                for cell in ("rnn", "gru") for batch in BATCHES for hidden in HIDDEN for steps in STEPS
+                for mode in ("forward", "forward_backward") for provider in ("fastrnn", "torch", "reference")}
+    got = {(r["cell"], r["batch"], r["hidden"], r["steps"], r["mode"], r["provider"]) for r in records}
+    assert got == expected
+    for r in records:
+        assert r["dtype"] == "float32" and r["device"] and r["torch"] and r["fastrnn"]
+        for key in ("median_s", "p20_s", "p80_s", "flops", "achieved_flops", "gemm_fraction"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert r["p20_s"] <= r["median_s"] <= r["p80_s"]
+
+    with open(stem + ".csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(records)
+    assert {(r["cell"], int(r["batch"]), int(r["hidden"]), int(r["steps"]), r["mode"], r["provider"])
+            for r in rows} == expected
+
+    with open(stem + ".png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pytest_benchmark_suite_runs():
+    env = dict(os.environ, FASTRNN_BENCH_GRID="quick")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", os.path.join(ROOT, "bench"), "-q", "-p", "no:cacheprovider",
+         "-k", "not backward and not gru"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 passed" in result.stdout
