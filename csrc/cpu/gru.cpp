@@ -58,7 +58,7 @@ void forward_steps(const at::Tensor& proj, const at::Tensor& weight_hh,
                    at::Tensor& workspace, const StepMap& map) {
   const int64_t T = proj.size(0), B = proj.size(1), H = state.size(1);
   auto hh = at::empty({B, 3 * H}, state.options());
-  const auto w_hh_t = weight_hh.t();
+  const scalar_t* w = weight_hh.const_data_ptr<scalar_t>();
   const scalar_t* p = proj.const_data_ptr<scalar_t>();
   const scalar_t* q = hh.const_data_ptr<scalar_t>();
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
@@ -70,7 +70,7 @@ void forward_steps(const at::Tensor& proj, const at::Tensor& weight_hh,
       break;  // rows never grows again
     }
     parallel_rows(rows, H * 3 * H, [&](int64_t begin, int64_t end) {
-      mm_rows(hh, state, w_hh_t, begin, end);
+      mm_rows(hh.mutable_data_ptr<scalar_t>(), h, w, 3 * H, H, begin, end);
       for (int64_t b = begin; b < end; ++b) {
         if (!map.active(s, b)) {
           continue;

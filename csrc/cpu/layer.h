@@ -7,6 +7,7 @@
 #include <c10/core/GradMode.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace fastrnn::cpu {
@@ -83,24 +84,75 @@ inline void parallel_rows(int64_t rows, int64_t work_per_row, const F& fn) {
   at::parallel_for(0, rows, grain, fn);
 }
 
-// Rows [begin, end) of out = a b, or of out += a b: each thread multiplies
-// the rows it then updates, so a step needs one parallel region and no
-// threading inside small GEMMs. Worker threads start with grad mode on, and
-// these products must not be recorded, hence the guards.
-inline void mm_rows(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, int64_t begin,
-                    int64_t end) {
+// The Fortran BLAS that PyTorch's CPU library exports where it links one
+// (MKL on x86-64). Weak: where it is absent they are null and gemm() below
+// goes through ATen instead.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+            const float*, const int*, const float*, const int*, const float*, float*,
+            const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+            const double*, const int*, const double*, const int*, const double*, double*,
+            const int*) __attribute__((weak));
+}
+
+// Column-major C (m x n) = A' B' + beta C, A' = A^T if trans_a (A stored k x m)
+// else A (m x k), likewise B'. A direct BLAS call on raw rows: at small
+// sizes the dispatcher and tensor views that at::mm_out needs cost as much
+// as the product itself.
+template <typename scalar_t>
+inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const scalar_t* a,
+                 int64_t lda, const scalar_t* b, int64_t ldb, scalar_t beta, scalar_t* c,
+                 int64_t ldc) {
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int mi = m, ni = n, ki = k, la = lda, lb = ldb, lc = ldc;
+  const scalar_t one = 1;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (sgemm_ != nullptr) {
+      sgemm_(&ta, &tb, &mi, &ni, &ki, &one, a, &la, b, &lb, &beta, c, &lc);
+      return;
+    }
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    if (dgemm_ != nullptr) {
+      dgemm_(&ta, &tb, &mi, &ni, &ki, &one, a, &la, b, &lb, &beta, c, &lc);
+      return;
+    }
+  }
+  // A column-major (r x s) matrix with leading dimension ld is the row-major
+  // (s x r) tensor with row stride ld, transposed. Worker threads start with
+  // grad mode on, and this product must not be recorded.
+  c10::AutoGradMode no_grad(false);
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  auto view = [&](const scalar_t* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+    auto t = at::from_blob(const_cast<scalar_t*>(p), {trans ? rows : cols, trans ? cols : rows},
+                           {ld, 1}, options);
+    return trans ? t : t.t();
+  };
+  auto c_view = view(c, m, n, ldc, false);
+  c_view.addmm_(view(a, m, k, lda, trans_a), view(b, k, n, ldb, trans_b), beta, 1);
+}
+
+// Rows [begin, end) of out = state W^T (out: (B, G), state: (B, H), W: (G, H),
+// all contiguous): each thread multiplies the rows it then updates, so a step
+// needs one parallel region and no threading inside small GEMMs.
+template <typename scalar_t>
+inline void mm_rows(scalar_t* out, const scalar_t* state, const scalar_t* weight, int64_t G,
+                    int64_t H, int64_t begin, int64_t end) {
   if (end > begin) {
-    c10::AutoGradMode no_grad(false);
-    auto out_rows = out.narrow(0, begin, end - begin);
-    at::mm_out(out_rows, a.narrow(0, begin, end - begin), b);
+    // Column-major: out^T (G x rows) = W (G x H) state^T (H x rows).
+    gemm<scalar_t>(true, false, G, end - begin, H, weight, H, state + begin * H, H, scalar_t(0),
+                   out + begin * G, G);
   }
 }
 
-inline void addmm_rows(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, int64_t begin,
-                       int64_t end) {
+// Rows [begin, end) of carry += step W (carry: (B, H), step: (B, G), W: (G, H)).
+template <typename scalar_t>
+inline void addmm_rows(scalar_t* carry, const scalar_t* step, const scalar_t* weight, int64_t G,
+                       int64_t H, int64_t begin, int64_t end) {
   if (end > begin) {
-    c10::AutoGradMode no_grad(false);
-    out.narrow(0, begin, end - begin).addmm_(a.narrow(0, begin, end - begin), b);
+    // Column-major: carry^T (H x rows) += W^T (H x G) step^T (G x rows).
+    gemm<scalar_t>(false, false, H, end - begin, G, weight, H, step + begin * G, G, scalar_t(1),
+                   carry + begin * H, H);
   }
 }
 
@@ -124,6 +176,7 @@ at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::
   auto step_buf = map.uniform_time() ? at::Tensor() : at::empty({B, G}, dh.options());
   scalar_t* gh = grad_hh.mutable_data_ptr<scalar_t>();
   scalar_t* sb = step_buf.defined() ? step_buf.mutable_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* w = weight_hh.const_data_ptr<scalar_t>();
   for (int64_t s = T - 1; s >= 0; --s) {
     const int64_t rows = map.rows(s);
     if (rows == 0) {
@@ -131,7 +184,7 @@ at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::
     }
     const scalar_t* dhp = dh.const_data_ptr<scalar_t>();
     scalar_t* cp = carry.mutable_data_ptr<scalar_t>();
-    const auto step = sb ? step_buf : grad_hh.select(0, map.uniform_time_of(s));
+    const scalar_t* step = sb ? sb : gh + map.uniform_time_of(s) * B * G;
     parallel_rows(B, H * G, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* dhb = dhp + b * H;
@@ -149,7 +202,7 @@ at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::
           std::copy(gh + row * G, gh + (row + 1) * G, sb + b * G);
         }
       }
-      addmm_rows(carry, step, weight_hh, begin, std::min(end, rows));
+      addmm_rows(cp, step, w, G, H, begin, std::min(end, rows));
     });
     std::swap(dh, carry);
   }
