@@ -131,6 +131,20 @@ def grid_barrier(counter, target):
 
 
 @triton.jit
+def program_block(LENGTHS, B, H, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What program (i, j) owns: batch rows i*BLOCK_B.. and hidden units
+    j*BLOCK_N.. (a 1-D grid owns units from 0), their masks, the (B, H)
+    offsets of its block and each row's sequence length (0 past B)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    units = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    unit_ok = units < H
+    own = rows[:, None] * H + units[None, :]
+    own_ok = (rows < B)[:, None] & unit_ok[None, :]
+    length = tl.load(LENGTHS + rows, mask=rows < B, other=0)
+    return rows, units, unit_ok, own, own_ok, length
+
+
+@triton.jit
 def step_time(s, length, reverse):
     """Which time each sequence of a tile is at on step s, and whether it is
     still running (s < its length). Reversed sequences start at their own

@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from fastrnn.triton.cells import (GRU, grid_barrier, gru_backward_rows, gru_save,
-                                   gru_update, matmul, rnn_grad, rnn_update, step_time)
+                                   gru_update, matmul, program_block, rnn_grad, rnn_update,
+                                   step_time)
 
 
 @triton.jit
@@ -61,15 +62,9 @@ def split_fwd_kernel(P, Q, W, B_HN, STATE, LENGTHS, OUT, WS, BARRIER, step_begin
     """Steps [step_begin, step_end) forward. STATE[s % 2] holds the state
     before step s (every sequence; finished ones keep theirs). With
     EXTERNAL_Q, Q (B, G) already holds STATE[s % 2] W_hh^T for the one step."""
-    tile = tl.program_id(0)
-    rows = tile * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows, units, unit_ok, own, own_ok, length = program_block(LENGTHS, B, H, BLOCK_B, BLOCK_N)
     rows_ok = rows < B
-    units = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    unit_ok = units < H
-    own = rows[:, None] * H + units[None, :]
-    own_ok = rows_ok[:, None] & unit_ok[None, :]
     G = 3 * H if CELL == GRU else H
-    length = tl.load(LENGTHS + rows, mask=rows_ok, other=0)
     if CELL == GRU:
         b_hn = tl.load(B_HN + units, mask=unit_ok, other=0.0).to(STATE_DTYPE)[None, :]
 
@@ -110,7 +105,7 @@ def split_fwd_kernel(P, Q, W, B_HN, STATE, LENGTHS, OUT, WS, BARRIER, step_begin
         tl.store(OUT + at * H + units[None, :], h_new.to(OUT.dtype.element_ty), mask=mask)
         tl.store(state_out + own, tl.where(active[:, None], h_new, h), mask=own_ok)
         if GRID_SYNC:
-            grid_barrier(BARRIER + tile, (s + 1 - step_begin) * tl.num_programs(1))
+            grid_barrier(BARRIER + tl.program_id(0), (s + 1 - step_begin) * tl.num_programs(1))
 
 
 @triton.jit(do_not_specialize=["T", "reverse", "step_begin", "step_end"])
@@ -130,15 +125,8 @@ def split_bwd_kernel(GRAD_OUT, W, OUT, PREV, WS, LENGTHS, CARRY, DP_IH, DP_HH, D
     the part that skips the product (GRU: g z). The RECURRENT phase adds
     DP_HH W_hh, reading every program's gate gradients of this step.
     """
-    tile = tl.program_id(0)
-    rows = tile * BLOCK_B + tl.arange(0, BLOCK_B)
-    rows_ok = rows < B
-    units = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    unit_ok = units < H
-    own = rows[:, None] * H + units[None, :]
-    own_ok = rows_ok[:, None] & unit_ok[None, :]
+    rows, units, unit_ok, own, own_ok, length = program_block(LENGTHS, B, H, BLOCK_B, BLOCK_N)
     G = 3 * H if CELL == GRU else H
-    length = tl.load(LENGTHS + rows, mask=rows_ok, other=0)
 
     for i in range(step_begin, step_end):
         active, t = step_time(T - 1 - i, length, reverse)
@@ -170,7 +158,7 @@ def split_bwd_kernel(GRAD_OUT, W, OUT, PREV, WS, LENGTHS, CARRY, DP_IH, DP_HH, D
                 skip = tl.zeros((BLOCK_B, BLOCK_N), STATE_DTYPE)
             tl.store(CARRY + own, tl.where(active[:, None], skip, carry), mask=own_ok)
         if GRID_SYNC:
-            grid_barrier(BARRIER + tile, (i + 1 - step_begin) * tl.num_programs(1))
+            grid_barrier(BARRIER + tl.program_id(0), (i + 1 - step_begin) * tl.num_programs(1))
         if RECURRENT:
             acc = _recurrent_product(DP_HH, at, active, W, 0, units, H, G, False, BLOCK_B, BLOCK_N,
                                      BLOCK_K, USE_DOT, DOT_DTYPE, STATE_DTYPE, PRECISION)
