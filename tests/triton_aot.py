@@ -101,9 +101,10 @@ def compile_config(kernel, constexprs: dict, dtype: torch.dtype, arch: int) -> d
     plus dynamic) and SPILLS: local-memory loads and stores in the SASS
     (a stack frame alone may hold call frames; STL/LDL are register spills)."""
     constexprs = dict(constexprs)
-    num_warps = constexprs.pop("num_warps")
+    options = {name: constexprs.pop(name) for name in ("num_warps", "num_stages", "launch_cooperative_grid")
+               if name in constexprs}
     source = ASTSource(fn=kernel, signature=_signature(kernel, constexprs, dtype), constexprs=constexprs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()

@@ -98,8 +98,15 @@ class Plan:
             return {"forward": (tile_fwd_kernel, dict(common, BLOCK_H=self.block_n)),
                     "backward": (tile_bwd_kernel, dict(common, BLOCK_H=self.block_n,
                                                        num_warps=self.backward_warps or self.num_warps))}
-        common.update(BLOCK_N=self.block_n, BLOCK_K=self.block_k)
+        # No software pipelining: its async copies may go through L1, and the
+        # state other programs wrote must be read past it.
+        common.update(BLOCK_N=self.block_n, BLOCK_K=self.block_k, num_stages=1)
         stepwise = self.strategy == "stepwise"
+        if self.grid_sync and _COOPERATIVE_LAUNCH:
+            # The driver schedules all programs together or fails the launch,
+            # rather than leaving some spinning at the barrier for SMs that
+            # another stream's kernels hold.
+            common["launch_cooperative_grid"] = True
         kinds = {"forward": (split_fwd_kernel, dict(common, EXTERNAL_Q=stepwise,
                                                     GRID_SYNC=self.grid_sync))}
         phases = dict(POINTWISE=True, RECURRENT=self.grid_sync, WRITE_STEP=stepwise,
@@ -109,6 +116,17 @@ class Plan:
             kinds["backward_recurrent"] = (split_bwd_kernel, dict(common, **dict(
                 phases, POINTWISE=False, RECURRENT=True)))
         return kinds
+
+
+def _cooperative_launch_supported() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_cooperative_grid" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+_COOPERATIVE_LAUNCH = _cooperative_launch_supported()
 
 
 def _sm_count(device: torch.device) -> int:
@@ -149,7 +167,7 @@ def plan(cell: int, B: int, H: int, dtype: torch.dtype, device: torch.device) ->
     split_fits = (triton.cdiv(B, split_b) * triton.cdiv(H, SPLIT_BLOCK_N) <= _sm_count(device)
                   or not gpu)
     split_k = 64 if gemv else (32 if gates == 3 else 16)
-    split_warps = 4 if gates == 1 and not gemv else 8
+    split_warps = 8 if gemv or (gates == 3 and form == "fp32") else 4
     split = make("split", split_b, SPLIT_BLOCK_N, split_k, not gemv, split_warps)
 
     forced = _strategy.get()
@@ -201,8 +219,19 @@ def _project(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> Tensor:
     return proj.view(T, B, -1)
 
 
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device and its stream: make them the tensors'."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _forward(cell: int, proj: Tensor, h0: Tensor, w_hh: Tensor, b_hn: Tensor | None,
              lengths: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    with _on_device(proj.device):
+        return _forward_on_device(cell, proj, h0, w_hh, b_hn, lengths, reverse)
+
+
+def _forward_on_device(cell: int, proj: Tensor, h0: Tensor, w_hh: Tensor, b_hn: Tensor | None,
+                       lengths: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     T, B, G = proj.shape
     H = h0.shape[1]
     dtype, device = proj.dtype, proj.device
@@ -270,6 +299,14 @@ def previous_states(output: Tensor, h0: Tensor, lengths: Tensor | None, reverse:
 def _backward(cell: int, grad_output: Tensor, grad_hy: Tensor, x: Tensor, h0: Tensor,
               w_ih: Tensor, w_hh: Tensor, output: Tensor, workspace: Tensor | None,
               lengths: Tensor | None, reverse: bool, input_requires_grad: bool):
+    with _on_device(x.device):
+        return _backward_on_device(cell, grad_output, grad_hy, x, h0, w_ih, w_hh, output, workspace,
+                                   lengths, reverse, input_requires_grad)
+
+
+def _backward_on_device(cell: int, grad_output: Tensor, grad_hy: Tensor, x: Tensor, h0: Tensor,
+                        w_ih: Tensor, w_hh: Tensor, output: Tensor, workspace: Tensor | None,
+                        lengths: Tensor | None, reverse: bool, input_requires_grad: bool):
     T, B, _ = x.shape
     H = h0.shape[1]
     G = w_hh.shape[0]
