@@ -182,19 +182,23 @@ def test_unknown_strategy_raises():
 def test_sequence_length_is_not_specialised(kernel):
     """T (and the step range) are runtime arguments that never trigger a
     recompile: no constexpr, no integer specialisation."""
+    import inspect
+
     import fastrnn.triton.split as split
     import fastrnn.triton.tile as tile
 
     fn = getattr(tile, kernel, None) or getattr(split, kernel)
-    jit = getattr(fn, "fn", fn)  # the interpreter wraps the JITFunction's function
-    names = list(jit.arg_names) if hasattr(jit, "arg_names") else fn.arg_names
-    runtime = {"T", "step_begin", "step_end"} & set(names)
+    if hasattr(fn, "params"):  # a compiled JITFunction
+        unspecialised = {p.name for p in fn.params if p.do_not_specialize}
+        constexprs = {p.name for p in fn.params if p.is_constexpr}
+    else:  # the interpreter's wrapper keeps the decorator's arguments
+        unspecialised = set(fn.kwargs["do_not_specialize"])
+        constexprs = {name for name, p in inspect.signature(fn.fn).parameters.items()
+                      if "constexpr" in str(p.annotation)}
+    runtime = {"T", "step_begin", "step_end"} & set(fn.arg_names)
     assert "T" in runtime
-    params = getattr(fn, "params", None) or getattr(jit, "params", None)
-    if params is not None:
-        for param in params:
-            if param.name in runtime:
-                assert not param.is_constexpr and param.do_not_specialize, param.name
+    assert runtime <= unspecialised, runtime - unspecialised
+    assert not runtime & constexprs
 
 
 @needs_cuda
