@@ -68,18 +68,19 @@ def cases(args: argparse.Namespace, device: torch.device) -> list[measure.Case]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    name = measure.device_name(device)
+    machine = {"device": measure.device_name(device), **measure.versions()}
     rate = measure.gemm_rate(device)
-    print(f"{name}: float32 GEMM {rate / 1e9:.1f} GFLOP/s; {measure.versions()}")
+    versions = ", ".join(f"{k} {v}" for k, v in machine.items() if k != "device")
+    print(f"{machine['device']}: float32 GEMM {rate / 1e9:.1f} GFLOP/s; {versions}")
     jobs = [(case, provider) for case in cases(args, device) for provider in args.providers
             if measure.runs_provider(provider, case)]
     records = []
     for case, provider in tqdm(jobs, desc="benchmark", unit="case", file=sys.stderr):
         timing = measure.time_call(measure.make_call(provider, case, device), device, args.min_run_time)
-        records.append(measure.record(case, provider, timing, device, rate))
+        records.append(measure.record(case, provider, timing, machine, rate))
     print(report.table(records))
     print(report.summary(records))
-    meta = {"device": name, "gemm_flops": rate, **measure.versions(), "command": sys.argv}
+    meta = {**machine, "gemm_flops": rate, "command": sys.argv}
     paths = report.write_all(records, meta, args.out)
     print("wrote " + ", ".join(paths.values()))
     return 0

@@ -136,9 +136,11 @@ def versions() -> dict:
     return {"torch": torch.__version__, "triton": triton_version, "fastrnn": fastrnn.__version__}
 
 
-def record(case: Case, provider: str, timing: dict, device: torch.device, rate: float) -> dict:
-    """One result row: the case, the provider, its timing and the FLOP/s it reached."""
+def record(case: Case, provider: str, timing: dict, machine: dict, rate: float) -> dict:
+    """One result row: the case, the provider, its timing, the machine
+    (``device`` name and versions, gathered once per run) and the FLOP/s it
+    reached."""
     achieved = case.flops() / timing["median_s"]
-    return {**asdict(case), "provider": provider, **timing, "device": device_name(device),
-            **versions(), "flops": case.flops(), "achieved_flops": achieved,
+    return {**asdict(case), "provider": provider, **timing, **machine, "flops": case.flops(),
+            "achieved_flops": achieved,
             "gemm_fraction": achieved / rate if rate and math.isfinite(rate) else None}

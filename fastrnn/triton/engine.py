@@ -260,9 +260,6 @@ def _forward_on_device(cell: int, proj: Tensor, h0: Tensor, w_hh: Tensor, b_hn: 
     state[0] = h0
     barrier = torch.zeros(p.grid(B, H)[0], dtype=torch.int32, device=device)
     stepwise = p.strategy == "stepwise"
-    # The per-step cuBLAS product runs on the float32 state (float32 weights
-    # for half types), so that no step's product is rounded to 8 bits.
-    w_mm = w_hh.to(state_dtype)
     q = torch.empty(B, G, dtype=state_dtype, device=device) if stepwise else proj
 
     def launch(begin: int, end: int) -> None:
@@ -272,6 +269,9 @@ def _forward_on_device(cell: int, proj: Tensor, h0: Tensor, w_hh: Tensor, b_hn: 
     if p.grid_sync:
         launch(0, T)
     else:
+        # The per-step cuBLAS product runs on the float32 state (float32
+        # weights for half types), so that no step's product is rounded.
+        w_mm = w_hh.to(state_dtype) if stepwise else None
         for s in range(T):
             if stepwise:
                 torch.mm(state[s % 2], w_mm.t(), out=q)
@@ -332,7 +332,8 @@ def _backward_on_device(cell: int, grad_output: Tensor, grad_hy: Tensor, x: Tens
         else:
             stepwise = p.strategy == "stepwise"
             step = torch.empty(B, G, dtype=state_dtype, device=device) if stepwise else dp_hh
-            w_mm = w.to(state_dtype)  # as in forward: float32 products for half types
+            # As in forward: float32 products for half types.
+            w_mm = w.to(state_dtype) if stepwise else None
             barrier = torch.zeros(p.grid(B, H)[0], dtype=torch.int32, device=device)
 
             def launch(kind: str, begin: int, end: int) -> None:
