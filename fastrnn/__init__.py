@@ -2,7 +2,9 @@
 
 from fastrnn.backends import BACKENDS, current_backend, use_backend
 from fastrnn.modules import GRU, RNN, GRUCell, RNNCell
+from fastrnn.patching import convert, is_patched, patch, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["RNN", "GRU", "RNNCell", "GRUCell", "use_backend", "current_backend", "BACKENDS"]
+__all__ = ["RNN", "GRU", "RNNCell", "GRUCell", "use_backend", "current_backend", "BACKENDS",
+           "patch", "unpatch", "is_patched", "convert"]

@@ -21,7 +21,7 @@ def _engine(device: torch.device):
     if name == "cpp":
         return cpp
     if name == "triton":
-        return backends.triton_engine()
+        return backends.triton_engine  # imported by resolve()
     raise RuntimeError(
         f"fastrnn has no compiled engine for tensors on {device} under backend "
         f"{backends.current_backend()!r}; use fastrnn.use_backend('reference')"

@@ -53,6 +53,7 @@ def setting(variable: contextvars.ContextVar, value) -> Iterator[None]:
         variable.reset(token)
 
 
+@torch.compiler.assume_constant_result
 def resolve(device: torch.device) -> str:
     """The engine that runs tensors on ``device`` now: "cpp", "triton" or "reference"."""
     name = _backend.get()
@@ -83,15 +84,16 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     return _triton_load_error()
 
 
-def triton_engine():
-    """The Triton engine module (``fastrnn.triton``); imports triton on first use."""
-    return importlib.import_module("fastrnn.triton")
+# The Triton engine module (``fastrnn.triton``) once imported; triton is
+# imported on first use only, so that fastrnn imports without it.
+triton_engine = None
 
 
 @functools.cache
 def _triton_load_error() -> str | None:
+    global triton_engine
     try:
-        triton_engine()
+        triton_engine = importlib.import_module("fastrnn.triton")
     except ImportError as error:
         return f"triton could not be imported ({error})"
     return None

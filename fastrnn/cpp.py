@@ -1,13 +1,15 @@
 """The C++ CPU engine: loads ``fastrnn._C`` and exposes its layer ops.
 
-The ops are registered with the dispatcher as ``torch.ops.fastrnn.*``; the
-fake (meta) implementations below give their output shapes so that tracing
+The ops are registered with the dispatcher as ``torch.ops.fastrnn.*``; their
+fake (meta) implementations come from ``fastrnn.fake``, so that tracing
 (torch.compile, the meta device) needs no real data.
 """
 
 from __future__ import annotations
 
 import torch
+
+from fastrnn import fake
 
 try:
     from fastrnn import _C  # noqa: F401  (loading it registers torch.ops.fastrnn)
@@ -27,39 +29,24 @@ def load_error() -> str | None:
     return _LOAD_ERROR
 
 
-def _layer_output(input, hx):
-    return input.new_empty(input.shape[0], input.shape[1], hx.shape[1]), hx.new_empty(hx.shape)
-
-
-def _layer_grads(grad_output, grad_hy, input, hx, weight_ih, weight_hh, input_requires_grad):
-    grad_input = input.new_empty(input.shape) if input_requires_grad else input.new_empty(0)
-    gates = weight_hh.shape[0]
-    return (grad_input, hx.new_empty(hx.shape), weight_ih.new_empty(weight_ih.shape),
-            weight_hh.new_empty(weight_hh.shape), weight_hh.new_empty(gates),
-            weight_hh.new_empty(gates))
-
-
 if available():
     @torch.library.register_fake("fastrnn::rnn_forward")
     def _(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse, relu):
-        return _layer_output(input, hx)
+        return fake.layer_forward(input, hx)
 
     @torch.library.register_fake("fastrnn::rnn_backward")
     def _(grad_output, grad_hy, input, hx, weight_ih, weight_hh, output, lengths, reverse, relu,
           input_requires_grad):
-        return _layer_grads(grad_output, grad_hy, input, hx, weight_ih, weight_hh,
-                            input_requires_grad)
+        return fake.layer_backward(input, hx, weight_ih, weight_hh, input_requires_grad)
 
     @torch.library.register_fake("fastrnn::gru_forward")
     def _(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse):
-        output, h_n = _layer_output(input, hx)
-        return output, h_n, input.new_empty(input.shape[0], input.shape[1], 4 * hx.shape[1])
+        return fake.gru_forward(input, hx)
 
     @torch.library.register_fake("fastrnn::gru_backward")
     def _(grad_output, grad_hy, input, hx, weight_ih, weight_hh, output, workspace, lengths,
           reverse, input_requires_grad):
-        return _layer_grads(grad_output, grad_hy, input, hx, weight_ih, weight_hh,
-                            input_requires_grad)
+        return fake.layer_backward(input, hx, weight_ih, weight_hh, input_requires_grad)
 
     rnn_forward = torch.ops.fastrnn.rnn_forward
     rnn_backward = torch.ops.fastrnn.rnn_backward

@@ -32,6 +32,30 @@ def _apply(function, engine: str, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Ten
     return output.to(dtype), h_n.to(dtype)
 
 
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype layers on x's device run in under ``torch.autocast``, or None."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
+def _run_layer(function, reference_layer, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
+               b_ih, b_hh, *flags):
+    low = _autocast_dtype(x)
+    if low is not None:
+        # Like cuDNN's RNNs under autocast: the whole layer runs on inputs and
+        # weights rounded to the low-precision dtype, with float32 state and
+        # accumulation inside, and returns that dtype. Autocast is switched
+        # off inside so that the engine's own products are not recast.
+        tensors = [t if t is None else t.to(low) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+        with torch.autocast(x.device.type, enabled=False):
+            return _run_layer(function, reference_layer, *tensors, *flags)
+    engine = backends.resolve(x.device)
+    if engine == "reference":
+        return reference_layer(x, h0, w_ih, w_hh, b_ih, b_hh, *flags)
+    return _apply(function, engine, x, h0, w_ih, w_hh, b_ih, b_hh, *flags)
+
+
 def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
               b_hh: Tensor | None = None, lengths: Tensor | None = None, reverse: bool = False,
               nonlinearity: str = "tanh") -> tuple[Tensor, Tensor]:
@@ -39,21 +63,18 @@ def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | 
 
     Returns (output (T, B, H), h_n (B, H)). ``lengths`` (int64 CPU, (B,))
     limits each sequence; ``reverse`` runs each from its own last element.
+    Under ``torch.autocast`` the layer runs in the autocast dtype.
     """
-    engine = backends.resolve(x.device)
-    if engine == "reference":
-        return reference.rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, nonlinearity)
-    return _apply(RNNFunction, engine, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, nonlinearity)
+    return _run_layer(RNNFunction, reference.rnn_layer, x, h0, w_ih, w_hh, b_ih, b_hh, lengths,
+                      reverse, nonlinearity)
 
 
 def gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
               b_hh: Tensor | None = None, lengths: Tensor | None = None,
               reverse: bool = False) -> tuple[Tensor, Tensor]:
     """One GRU layer in one direction; same contract as ``rnn_layer``."""
-    engine = backends.resolve(x.device)
-    if engine == "reference":
-        return reference.gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
-    return _apply(GRUFunction, engine, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
+    return _run_layer(GRUFunction, reference.gru_layer, x, h0, w_ih, w_hh, b_ih, b_hh, lengths,
+                      reverse)
 
 
 def recurrent_layers(mode: str, x: Tensor, hx: Tensor, weights: Sequence[Tensor], num_layers: int,

@@ -15,13 +15,14 @@ import contextvars
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastrnn import backends
+from fastrnn import backends, fake
 from fastrnn.triton.split import split_bwd_kernel, split_fwd_kernel
 from fastrnn.triton.tile import tile_bwd_kernel, tile_fwd_kernel
 
@@ -190,10 +191,6 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
               torch.float64: tl.float64}
 
 
-def _state_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _lengths(lengths: Tensor | None, T: int, B: int, device: torch.device) -> Tensor:
     if lengths is None:
         return torch.full((B,), T, dtype=torch.int32, device=device)
@@ -238,7 +235,7 @@ def _forward_on_device(cell: int, proj: Tensor, h0: Tensor, w_hh: Tensor, b_hn: 
     # Outputs and h_n come back in the state dtype (float32 for half types):
     # backward differentiates through them, and rounding them first would
     # cost the gradients their accuracy. The layer function narrows them.
-    state_dtype = _state_dtype(dtype)
+    state_dtype = fake.state_dtype(dtype)
     output = (torch.zeros if lengths is not None else torch.empty)(T, B, H, dtype=state_dtype,
                                                                    device=device)
     workspace = torch.empty(T, B, 4 * H, dtype=state_dtype, device=device) if cell == GRU else None
@@ -311,7 +308,7 @@ def _backward_on_device(cell: int, grad_output: Tensor, grad_hy: Tensor, x: Tens
     H = h0.shape[1]
     G = w_hh.shape[0]
     dtype, device = x.dtype, x.device
-    state_dtype = _state_dtype(dtype)
+    state_dtype = fake.state_dtype(dtype)
     prev = previous_states(output, h0, lengths, reverse)
     make = torch.zeros if lengths is not None else torch.empty
     dp_hh = make(T, B, G, dtype=state_dtype, device=device)
@@ -372,8 +369,12 @@ def _weight_grads(dp_ih: Tensor, dp_hh: Tensor, grad_h0: Tensor, x: Tensor, h0: 
     return grad_x, grad_h0.to(h0.dtype), grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh
 
 
-def rnn_forward(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
-                b_hh: Tensor | None, lengths: Tensor | None, reverse: bool,
+# The layer ops are custom operators, so that torch.compile keeps each as one
+# opaque node (with its shapes from ``fastrnn.fake``) instead of tracing the
+# launch logic; outputs never alias inputs.
+@torch.library.custom_op("fastrnn::triton_rnn_forward", mutates_args=())
+def rnn_forward(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                b_hh: Optional[Tensor], lengths: Optional[Tensor], reverse: bool,
                 relu: bool) -> tuple[Tensor, Tensor]:
     """tanh/ReLU RNN layer forward: (output (T, B, H), h_n (B, H))."""
     _check(x, h0, w_ih, w_hh, 1)
@@ -384,15 +385,19 @@ def rnn_forward(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor 
     return output, h_n
 
 
-def rnn_backward(grad_output, grad_hy, x, h0, w_ih, w_hh, output, lengths, reverse, relu,
-                 input_requires_grad):
+@torch.library.custom_op("fastrnn::triton_rnn_backward", mutates_args=())
+def rnn_backward(grad_output: Tensor, grad_hy: Tensor, x: Tensor, h0: Tensor, w_ih: Tensor,
+                 w_hh: Tensor, output: Tensor, lengths: Optional[Tensor], reverse: bool,
+                 relu: bool, input_requires_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor,
+                                                                 Tensor, Tensor]:
     """(grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh)."""
     return _backward(RELU if relu else TANH, grad_output, grad_hy, x, h0, w_ih, w_hh, output,
                      None, lengths, reverse, input_requires_grad)
 
 
-def gru_forward(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
-                b_hh: Tensor | None, lengths: Tensor | None,
+@torch.library.custom_op("fastrnn::triton_gru_forward", mutates_args=())
+def gru_forward(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                b_hh: Optional[Tensor], lengths: Optional[Tensor],
                 reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
     """GRU layer forward: (output, h_n, workspace (T, B, 4H): r | z | n | W_hn h + b_hn)."""
     _check(x, h0, w_ih, w_hh, 3)
@@ -407,8 +412,33 @@ def gru_forward(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor 
     return _forward(GRU, _project(x, w_ih, bias), h0, w_hh, b_hn, lengths, reverse)
 
 
-def gru_backward(grad_output, grad_hy, x, h0, w_ih, w_hh, output, workspace, lengths, reverse,
-                 input_requires_grad):
+@torch.library.custom_op("fastrnn::triton_gru_backward", mutates_args=())
+def gru_backward(grad_output: Tensor, grad_hy: Tensor, x: Tensor, h0: Tensor, w_ih: Tensor,
+                 w_hh: Tensor, output: Tensor, workspace: Tensor, lengths: Optional[Tensor],
+                 reverse: bool, input_requires_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor,
+                                                                    Tensor, Tensor]:
     """(grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh)."""
     return _backward(GRU, grad_output, grad_hy, x, h0, w_ih, w_hh, output, workspace, lengths,
                      reverse, input_requires_grad)
+
+
+@rnn_forward.register_fake
+def _(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, relu):
+    return fake.layer_forward(x, h0)
+
+
+@gru_forward.register_fake
+def _(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
+    return fake.gru_forward(x, h0)
+
+
+@rnn_backward.register_fake
+def _(grad_output, grad_hy, x, h0, w_ih, w_hh, output, lengths, reverse, relu,
+      input_requires_grad):
+    return fake.layer_backward(x, h0, w_ih, w_hh, input_requires_grad)
+
+
+@gru_backward.register_fake
+def _(grad_output, grad_hy, x, h0, w_ih, w_hh, output, workspace, lengths, reverse,
+      input_requires_grad):
+    return fake.layer_backward(x, h0, w_ih, w_hh, input_requires_grad)

@@ -1,0 +1,86 @@
+"""Modules under torch.autocast run in the low-precision dtype, like cuDNN's.
+
+Inputs, state and weights are rounded to the autocast dtype, the engines
+keep float32 state and accumulation, and the outputs come back in that
+dtype while the parameters and their gradients stay float32. The reference
+is the float32 torch.nn module on the same rounded weights and input, so
+the results must agree within the rounding of the autocast dtype (each
+layer's output is rounded once more before the next layer reads it).
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastrnn
+from conftest import TOLERANCES, TRITON_DEVICE
+
+MODULES = {"RNN": (nn.RNN, fastrnn.RNN), "GRU": (nn.GRU, fastrnn.GRU)}
+CELLS = {"RNNCell": (nn.RNNCell, fastrnn.RNNCell), "GRUCell": (nn.GRUCell, fastrnn.GRUCell)}
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _check(classes, args, x, device_type, dtype, **kwargs):
+    torch_cls, fast_cls = classes
+    torch.manual_seed(0)
+    fast = fast_cls(*args, **kwargs).to(x.device)
+    exact = torch_cls(*args, **kwargs).to(x.device)
+    exact.load_state_dict({k: v.to(dtype).float() for k, v in fast.state_dict().items()})
+
+    x_fast = x.clone().requires_grad_()
+    with torch.autocast(device_type, dtype=dtype):
+        outputs = fast(x_fast)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    assert all(out.dtype == dtype for out in outputs)
+    sum(out.float().sum() for out in outputs).backward()
+
+    x_exact = x.to(dtype).float().requires_grad_()
+    expected = exact(x_exact)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    sum(out.sum() for out in expected).backward()
+
+    tol = TOLERANCES[dtype]
+    for got, want in zip(outputs, expected):
+        torch.testing.assert_close(got.float(), want, **tol)
+    torch.testing.assert_close(x_fast.grad, x_exact.grad, **tol)
+    for (name, p), q in zip(fast.named_parameters(), exact.parameters()):
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, name
+        # Weight gradients sum over every step and sequence.
+        scale = max(1.0, q.grad.abs().max().item())
+        torch.testing.assert_close(p.grad, q.grad, rtol=tol["rtol"], atol=tol["atol"] * scale,
+                                   msg=name)
+
+
+@pytest.mark.parametrize("kind", sorted(MODULES))
+def test_cpu_bfloat16_modules(kind):
+    _check(MODULES[kind], (6, 16), torch.randn(12, 3, 6), "cpu", torch.bfloat16, num_layers=2,
+           bidirectional=True)
+
+
+@pytest.mark.parametrize("kind", sorted(CELLS))
+def test_cpu_bfloat16_cells(kind):
+    _check(CELLS[kind], (6, 16), torch.randn(3, 6), "cpu", torch.bfloat16)
+
+
+def test_autocast_off_inside_keeps_float32():
+    torch.manual_seed(0)
+    gru = fastrnn.GRU(6, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", enabled=False):
+            output, h_n = gru(torch.randn(4, 2, 6))
+    assert output.dtype == h_n.dtype == torch.float32
+
+
+def test_triton_engine_bfloat16():
+    """The Triton engine under autocast (on CPU: the interpreter)."""
+    x = torch.randn(7, 3, 6, device=TRITON_DEVICE)
+    with fastrnn.use_backend("triton"):
+        _check(MODULES["GRU"], (6, 16), x, TRITON_DEVICE.type, torch.bfloat16)
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("kind", sorted(MODULES))
+def test_cuda_modules(kind, dtype):
+    _check(MODULES[kind], (6, 64), torch.randn(50, 8, 6, device="cuda"), "cuda", dtype,
+           num_layers=2, bidirectional=True)
