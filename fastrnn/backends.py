@@ -12,6 +12,7 @@ import contextvars
 import functools
 import importlib
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -60,8 +61,11 @@ def resolve(device: torch.device) -> str:
     if name == "auto":
         if device.type == "cpu" and cpp.available():
             return "cpp"
-        if device.type == "cuda" and triton_unavailable_reason(device) is None:
-            return "triton"
+        if device.type == "cuda":
+            reason = triton_unavailable_reason(device)
+            if reason is None:
+                return "triton"
+            _warn_reference_fallback(device.type, reason)
         return "reference"
     if name == "cpp":
         if device.type != "cpu":
@@ -73,6 +77,13 @@ def resolve(device: torch.device) -> str:
         if reason is not None:
             raise RuntimeError(f"fastrnn backend 'triton' cannot run tensors on {device}: {reason}")
     return name
+
+
+@functools.cache
+def _warn_reference_fallback(device_type: str, reason: str) -> None:
+    warnings.warn(f"fastrnn: the Triton engine cannot run {device_type} tensors ({reason}); they "
+                  "run the slow reference loop. Install triton (`pip install fastrnn[gpu]`).",
+                  RuntimeWarning, stacklevel=3)
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:

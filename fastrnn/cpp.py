@@ -7,6 +7,8 @@ fake (meta) implementations come from ``fastrnn.fake``, so that tracing
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from fastrnn import fake
@@ -17,6 +19,10 @@ try:
     _LOAD_ERROR: str | None = None
 except ImportError as error:  # a source checkout whose extension is not built
     _LOAD_ERROR = f"the compiled extension fastrnn._C could not be loaded ({error})"
+    warnings.warn(
+        f"fastrnn: {_LOAD_ERROR}. CPU tensors will run the slow reference loop; build the "
+        "extension with `pip install --no-build-isolation .` (or `make build` in a checkout).",
+        RuntimeWarning, stacklevel=2)
 
 
 def available() -> bool:

@@ -5,6 +5,7 @@ module with identical weights, feed both the same inputs and the same
 upstream gradients, and compare every output and every gradient.
 """
 
+import importlib.util
 import os
 import warnings
 
@@ -221,3 +222,9 @@ def capture_warnings(fn):
 def _deterministic_seed():
     torch.manual_seed(0)
     yield
+
+
+# The Triton engine is optional (`pip install fastrnn[gpu]`): its tests skip
+# where triton is not installed, as in a wheel installed with torch alone.
+requires_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                     reason="triton is not installed")

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import fastrnn
-from conftest import TOLERANCES, TRITON_DEVICE
+from conftest import TOLERANCES, TRITON_DEVICE, requires_triton
 
 MODULES = {"RNN": (nn.RNN, fastrnn.RNN), "GRU": (nn.GRU, fastrnn.GRU)}
 CELLS = {"RNNCell": (nn.RNNCell, fastrnn.RNNCell), "GRUCell": (nn.GRUCell, fastrnn.GRUCell)}
@@ -71,6 +71,7 @@ def test_autocast_off_inside_keeps_float32():
     assert output.dtype == h_n.dtype == torch.float32
 
 
+@requires_triton
 def test_triton_engine_bfloat16():
     """The Triton engine under autocast (on CPU: the interpreter)."""
     x = torch.randn(7, 3, 6, device=TRITON_DEVICE)

@@ -10,7 +10,10 @@ import sys
 
 import pytest
 
-from fastrnn.bench.__main__ import main
+for _tool in ("matplotlib", "tqdm", "pytest_benchmark"):  # the `bench` extra
+    pytest.importorskip(_tool)
+
+from fastrnn.bench.__main__ import main  # noqa: E402
 
 BATCHES, HIDDEN, STEPS = [1, 3], [4, 6], [2]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -22,6 +22,7 @@ from conftest import (
     assert_results_close,
     forward_backward,
     make_pair,
+    requires_triton,
 )
 
 CELLS = {"RNNCell": (nn.RNNCell, fastrnn.RNNCell), "GRUCell": (nn.GRUCell, fastrnn.GRUCell)}
@@ -101,6 +102,7 @@ def test_whole_model_with_inductor():
     assert_results_close(actual, expected, torch.float32)
 
 
+@requires_triton
 @pytest.mark.parametrize("kind", ["RNN_tanh", "GRU"])
 def test_triton_engine_compiles_to_one_graph(kind):
     """The Triton layer ops are custom operators too (on CPU: the interpreter)."""
