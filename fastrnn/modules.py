@@ -26,6 +26,13 @@ class _RecurrentModule(nn.RNNBase):
         """Does nothing: fastrnn's engines read the parameters where they are."""
 
     def forward(self, input, hx: Tensor | None = None):
+        """Runs the layers over ``input``, as the torch.nn namesake does.
+
+        ``input`` is (L, N, H_in) (or (N, L, H_in) with ``batch_first``),
+        unbatched (L, H_in), or a ``PackedSequence``; ``hx`` is the initial
+        state (D * num_layers, N, H_out), zeros when omitted. Returns
+        ``(output, h_n)`` in the same form as the input.
+        """
         self._update_flat_weights()
         directions = 2 if self.bidirectional else 1
         packed = isinstance(input, PackedSequence)
@@ -158,6 +165,7 @@ class RNNCell(nn.RNNCellBase):
         self.nonlinearity = nonlinearity
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        """One step: ``input`` (N, H_in) or (H_in,), ``hx`` (zeros when omitted) -> h'."""
         input, hx, is_batched = _cell_inputs(self, "RNNCell", input, hx)
         if self.nonlinearity not in ("tanh", "relu"):
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
@@ -174,6 +182,7 @@ class GRUCell(nn.RNNCellBase):
         super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        """One step: ``input`` (N, H_in) or (H_in,), ``hx`` (zeros when omitted) -> h'."""
         input, hx, is_batched = _cell_inputs(self, "GRUCell", input, hx)
         _, h = functional.gru_layer(input.unsqueeze(0), hx, self.weight_ih, self.weight_hh,
                                     self.bias_ih, self.bias_hh)
