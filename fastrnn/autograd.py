@@ -45,6 +45,7 @@ class RNNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, nonlinearity):
+        """Runs the engine's time loop; saves what the backward sweep reads."""
         engine = _engine(x.device)
         relu = nonlinearity == "relu"
         output, h_n = engine.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, relu)
@@ -55,6 +56,7 @@ class RNNFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output, grad_hy):
+        """The engine's backward-through-time sweep, then the weight GEMMs."""
         x, h0, w_ih, w_hh, output, lengths = ctx.saved_tensors
         grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = ctx.engine.rnn_backward(
             grad_output, grad_hy, x, h0, w_ih, w_hh, output, lengths, ctx.reverse, ctx.relu,
@@ -68,6 +70,7 @@ class GRUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
+        """Runs the engine's time loop; saves what the backward sweep reads (and its gates)."""
         engine = _engine(x.device)
         output, h_n, workspace = engine.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
         ctx.save_for_backward(x, h0, w_ih, w_hh, output, workspace, lengths)
@@ -77,6 +80,7 @@ class GRUFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output, grad_hy):
+        """The engine's backward-through-time sweep, then the weight GEMMs."""
         x, h0, w_ih, w_hh, output, workspace, lengths = ctx.saved_tensors
         grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = ctx.engine.gru_backward(
             grad_output, grad_hy, x, h0, w_ih, w_hh, output, workspace, lengths, ctx.reverse,
