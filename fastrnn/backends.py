@@ -59,7 +59,7 @@ def resolve(device: torch.device) -> str:
     """The engine that runs tensors on ``device`` now: "cpp", "triton" or "reference"."""
     name = _backend.get()
     if name == "auto":
-        if device.type == "cpu" and cpp.available():
+        if device.type in ("cpu", "meta") and cpp.available():
             return "cpp"
         if device.type == "cuda":
             reason = triton_unavailable_reason(device)

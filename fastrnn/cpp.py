@@ -38,20 +38,28 @@ def load_error() -> str | None:
 if available():
     @torch.library.register_fake("fastrnn::rnn_forward")
     def _(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse, relu):
+        fake.check_same_device(input, hx, weight_ih, weight_hh, bias_ih, bias_hh,
+                               lengths=lengths)
         return fake.layer_forward(input, hx)
 
     @torch.library.register_fake("fastrnn::rnn_backward")
     def _(grad_output, grad_hy, input, hx, weight_ih, weight_hh, output, lengths, reverse, relu,
           input_requires_grad):
+        fake.check_same_device(grad_output, grad_hy, input, hx, weight_ih, weight_hh, output,
+                               lengths=lengths)
         return fake.layer_backward(input, hx, weight_ih, weight_hh, input_requires_grad)
 
     @torch.library.register_fake("fastrnn::gru_forward")
     def _(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse):
+        fake.check_same_device(input, hx, weight_ih, weight_hh, bias_ih, bias_hh,
+                               lengths=lengths)
         return fake.gru_forward(input, hx)
 
     @torch.library.register_fake("fastrnn::gru_backward")
     def _(grad_output, grad_hy, input, hx, weight_ih, weight_hh, output, workspace, lengths,
           reverse, input_requires_grad):
+        fake.check_same_device(grad_output, grad_hy, input, hx, weight_ih, weight_hh, output,
+                               workspace, lengths=lengths)
         return fake.layer_backward(input, hx, weight_ih, weight_hh, input_requires_grad)
 
     rnn_forward = torch.ops.fastrnn.rnn_forward

@@ -42,3 +42,15 @@ def layer_backward(input: Tensor, hx: Tensor, weight_ih: Tensor, weight_hh: Tens
     return (grad_input, hx.new_empty(hx.shape), weight_ih.new_empty(weight_ih.shape),
             weight_hh.new_empty(weight_hh.shape), weight_hh.new_empty(gates),
             weight_hh.new_empty(gates))
+
+
+def check_same_device(*tensors, lengths=None) -> None:
+    """Raises as ATen does when the tensors given to one op sit on different devices.
+
+    ``lengths`` may also be on the CPU, where the modules keep it.
+    """
+    if lengths is not None and lengths.device.type != "cpu":
+        tensors = (*tensors, lengths)
+    devices = sorted({str(t.device) for t in tensors if t is not None})
+    torch._check(len(devices) <= 1, lambda: "Expected all tensors to be on the same device, but "
+                 f"found at least two devices, {', '.join(devices)}!")

@@ -34,7 +34,7 @@ def _apply(function, engine: str, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Ten
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype layers on x's device run in under ``torch.autocast``, or None."""
-    if torch.is_autocast_enabled(x.device.type):
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return None
 

@@ -63,6 +63,7 @@ class _RecurrentModule(nn.RNNBase):
         else:
             hx = self.permute_hidden(hx, sorted_indices)
         self.check_forward_args(input, hx, batch_sizes)
+        _check_devices(input, hx, self._flat_weights)
 
         if packed:
             # Sorted, time-major padding; the engines stop each sequence at its length.
@@ -85,6 +86,16 @@ class _RecurrentModule(nn.RNNBase):
             output = output.squeeze(batch_dim)
             h_n = h_n.squeeze(1)
         return output, h_n
+
+
+def _check_devices(input: Tensor, hx: Tensor, weights) -> None:
+    """torch.nn's device check (ATen's check_attributes): the state, then the parameters."""
+    for name, tensors in (("hidden", [hx]), ("parameter", weights)):
+        for t in tensors:
+            if t is not None and t.device != input.device:
+                raise RuntimeError(
+                    f"Input and {name} tensors are not at the same device, found input tensor at "
+                    f"{input.device} and {name} tensor at {t.device}")
 
 
 class RNN(_RecurrentModule):
@@ -156,6 +167,11 @@ def _cell_inputs(cell: nn.RNNCellBase, name: str, input: Tensor, hx: Tensor | No
     return input, hx, is_batched
 
 
+def _mixed_devices(cell: nn.RNNCellBase, input: Tensor, hx: Tensor) -> bool:
+    tensors = [hx, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh]
+    return any(t is not None and t.device != input.device for t in tensors)
+
+
 class RNNCell(nn.RNNCellBase):
     """One Elman RNN step with tanh or ReLU: a drop-in for ``torch.nn.RNNCell``."""
 
@@ -169,6 +185,10 @@ class RNNCell(nn.RNNCellBase):
         input, hx, is_batched = _cell_inputs(self, "RNNCell", input, hx)
         if self.nonlinearity not in ("tanh", "relu"):
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
+        if _mixed_devices(self, input, hx):
+            # torch.nn's own cell raises torch.nn's error for this
+            cell = torch._VF.rnn_tanh_cell if self.nonlinearity == "tanh" else torch._VF.rnn_relu_cell
+            return cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         _, h = functional.rnn_layer(input.unsqueeze(0), hx, self.weight_ih, self.weight_hh,
                                     self.bias_ih, self.bias_hh, nonlinearity=self.nonlinearity)
         return h if is_batched else h.squeeze(0)
@@ -184,6 +204,9 @@ class GRUCell(nn.RNNCellBase):
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         """One step: ``input`` (N, H_in) or (H_in,), ``hx`` (zeros when omitted) -> h'."""
         input, hx, is_batched = _cell_inputs(self, "GRUCell", input, hx)
+        if _mixed_devices(self, input, hx):
+            return torch._VF.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih,
+                                      self.bias_hh)
         _, h = functional.gru_layer(input.unsqueeze(0), hx, self.weight_ih, self.weight_hh,
                                     self.bias_ih, self.bias_hh)
         return h if is_batched else h.squeeze(0)

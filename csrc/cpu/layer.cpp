@@ -127,6 +127,13 @@ at::Tensor previous_states(const at::Tensor& output, const at::Tensor& hx, const
   if (!reverse) {
     prev.select(0, 0).copy_(hx);
     prev.narrow(0, 1, T - 1).copy_(output.narrow(0, 0, T - 1));
+    // The step after a sequence's end is padding: it must read zero, not the
+    // sequence's last output (a padded 0 times an infinite state is NaN).
+    for (int64_t b = 0; map.has_lengths() && b < output.size(1); ++b) {
+      if (map.length(b) < T) {
+        prev.select(0, map.length(b)).select(0, b).zero_();
+      }
+    }
     return prev;
   }
   prev.narrow(0, 0, T - 1).copy_(output.narrow(0, 1, T - 1));

@@ -105,7 +105,10 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, co
                  int64_t lda, const scalar_t* b, int64_t ldb, scalar_t beta, scalar_t* c,
                  int64_t ldc) {
   const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-  const int mi = m, ni = n, ki = k, la = lda, lb = ldb, lc = ldc;
+  // BLAS requires leading dimensions >= 1 even for empty matrices (H = 0).
+  const int mi = m, ni = n, ki = k;
+  const int la = std::max<int64_t>(1, lda), lb = std::max<int64_t>(1, ldb),
+            lc = std::max<int64_t>(1, ldc);
   const scalar_t one = 1;
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (sgemm_ != nullptr) {

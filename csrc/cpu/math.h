@@ -42,7 +42,10 @@ FASTRNN_INLINE float exp(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  // Outside the clamp, saturate as std::exp does (to 0 and to inf), so that
+  // sigmoid(-inf) is 0 and sigmoid(inf) is 1 exactly.
+  const float e = p * scale;
+  return x < -87.0f ? 0.0f : (x > 88.0f ? __builtin_inff() : e);
 }
 
 // tanh: its odd Taylor series for |x| < 0.5 (where 1 - 2/(e^2|x| + 1) would

@@ -24,7 +24,9 @@ inline scalar_t activation(scalar_t v) {
 template <typename scalar_t, bool Relu>
 inline scalar_t activation_grad(scalar_t h) {
   if constexpr (Relu) {
-    return h > scalar_t(0) ? scalar_t(1) : scalar_t(0);
+    // As torch's threshold_backward: the gradient passes unless h <= 0, so
+    // it also passes where h is NaN.
+    return h <= scalar_t(0) ? scalar_t(0) : scalar_t(1);
   } else {
     return scalar_t(1) - h * h;
   }

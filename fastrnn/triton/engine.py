@@ -213,7 +213,7 @@ def _project(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> Tensor:
     T, B, I = x.shape
     x2 = x.reshape(T * B, I)
     proj = torch.mm(x2, w_ih.t()) if bias is None else torch.addmm(bias, x2, w_ih.t())
-    return proj.view(T, B, -1)
+    return proj.view(T, B, w_ih.shape[0])
 
 
 def _on_device(device: torch.device):
@@ -359,7 +359,7 @@ def _weight_grads(dp_ih: Tensor, dp_hh: Tensor, grad_h0: Tensor, x: Tensor, h0: 
     dp_hh2 = dp_hh.reshape(T * B, G)
     compute = dp_hh.dtype
     grad_w_ih = (dp_ih2.t() @ x.reshape(T * B, I).to(compute)).to(w_ih.dtype)
-    grad_w_hh = (dp_hh2.t() @ prev.reshape(T * B, -1).to(compute)).to(w_hh.dtype)
+    grad_w_hh = (dp_hh2.t() @ prev.reshape(T * B, h0.shape[1]).to(compute)).to(w_hh.dtype)
     grad_b_ih = dp_ih2.sum(0).to(w_ih.dtype)
     grad_b_hh = dp_hh2.sum(0).to(w_hh.dtype)
     if input_requires_grad:
