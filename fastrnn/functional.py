@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fastrnn import backends, reference
 from fastrnn.autograd import GRUFunction, RNNFunction
@@ -77,6 +78,19 @@ def gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | 
                       reverse)
 
 
+def _dropout(x: Tensor, p: float, lengths: Tensor | None) -> Tensor:
+    """Dropout between layers, drawn as torch.nn draws it.
+
+    With lengths, torch.nn drops out the packed data (only the real steps),
+    so the mask is drawn over that, then the padding comes back as zeros.
+    """
+    if lengths is None:
+        return F.dropout(x, p, training=True)
+    packed = pack_padded_sequence(x, lengths)
+    data = F.dropout(packed.data, p, training=True)
+    return pad_packed_sequence(PackedSequence(data, packed.batch_sizes), total_length=x.shape[0])[0]
+
+
 def recurrent_layers(mode: str, x: Tensor, hx: Tensor, weights: Sequence[Tensor], num_layers: int,
                      bidirectional: bool, dropout: float = 0.0, training: bool = False,
                      lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -107,5 +121,5 @@ def recurrent_layers(mode: str, x: Tensor, hx: Tensor, weights: Sequence[Tensor]
             h_n.append(h)
         x = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
         if dropout > 0 and training and layer < num_layers - 1:
-            x = F.dropout(x, dropout, training=True)
+            x = _dropout(x, dropout, lengths)
     return x, torch.stack(h_n)

@@ -84,9 +84,13 @@ def test_train_mode_calls_differ(kind, bidirectional):
 
 @kind_param
 @bidir_param
-@pytest.mark.parametrize("input_kind", ["time_first", "batch_first", "unbatched"])
+@pytest.mark.parametrize("input_kind", ["time_first", "batch_first", "unbatched", "packed"])
 @pytest.mark.parametrize("hx_given", [False, True], ids=["hx_none", "hx_given"])
 def test_train_mode_matches_torch_with_same_seed(kind, bidirectional, input_kind, hx_given):
+    """Same masks, so the same numbers, and the same randomness consumed.
+
+    With packed input torch.nn drops out the packed data only (not padding).
+    """
     batch_first = input_kind == "batch_first"
     reference, candidate = build_pair(kind, bidirectional, batch_first=batch_first)
     reference.train()
@@ -94,24 +98,21 @@ def test_train_mode_matches_torch_with_same_seed(kind, bidirectional, input_kind
     x = batched_input(batch_first)
     if input_kind == "unbatched":
         x = x[:, 0]
+    lengths = LENGTHS if input_kind == "packed" else None
     num_states = 3 * (2 if bidirectional else 1)
     hx = None
     if hx_given:
         hx_shape = (num_states, HIDDEN_SIZE) if input_kind == "unbatched" else (num_states, BATCH, HIDDEN_SIZE)
         hx = torch.randn(hx_shape, dtype=DTYPE, generator=torch.Generator().manual_seed(4))
 
-    torch.manual_seed(2024)
-    expected = forward_backward(reference, x, hx, batch_first=batch_first)
-    torch.manual_seed(2024)
-    got = forward_backward(candidate, x, hx, batch_first=batch_first)
+    def run(module):
+        torch.manual_seed(2024)
+        result = forward_backward(module, x, hx, lengths=lengths, batch_first=batch_first)
+        return result, torch.rand(4)  # what the RNG gives after the call
+
+    expected, after_reference = run(reference)
+    got, after_candidate = run(candidate)
     assert_results_close(got, expected, DTYPE)
-    # Both consumed the same amount of randomness.
-    torch.manual_seed(2024)
-    reference(x, hx)
-    after_reference = torch.rand(4)
-    torch.manual_seed(2024)
-    candidate(x, hx)
-    after_candidate = torch.rand(4)
     assert torch.equal(after_candidate, after_reference)
 
 
