@@ -144,3 +144,19 @@ def test_explicit_none_hx_equals_omitted_hx(kind):
     torch.testing.assert_close(h_a, h_b, rtol=0, atol=0)
     torch.testing.assert_close(out_a, out_c, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(h_a, h_c, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_batch_split_over_threads_with_packed_lengths(kind):
+    """Large enough that the engine splits each step's sequences over threads
+    (the suite's other shapes are too small to); unsorted lengths make the
+    active rows shrink (forward) and grow (reverse) from step to step."""
+    assert torch.get_num_threads() >= 2 or pytest.skip("needs 2 intra-op threads")
+    torch_cls, fast_cls, extra = KINDS[kind]
+    reference, fast = make_pair(torch_cls, fast_cls, 6, 48, bidirectional=True,
+                                dtype=torch.float64, **extra)
+    lengths = [30, 4, 17, 1, 30, 9, 22, 2, 12]
+    x = torch.randn(30, len(lengths), 6, dtype=torch.float64)
+    hx = torch.randn(2, len(lengths), 48, dtype=torch.float64)
+    assert_results_close(forward_backward(fast, x, hx, lengths=lengths),
+                         forward_backward(reference, x, hx, lengths=lengths), torch.float64)
