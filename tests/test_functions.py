@@ -98,10 +98,25 @@ SIZES = [
     (9, 5, 7, 13, [3, 9, 1, 7, 5]),
     (11, 3, 2, 8, [11, 11, 4]),
     (5, 6, 9, 4, None),
-    # Large enough per step for the engine to split the batch across threads.
+    # Large enough per step for the engine to split each step across its
+    # (two, see two_threads) threads: by hidden units, in blocks of 16 (the
+    # last one partial at H=50) ...
     (5, 48, 6, 64, [(7 * b) % 5 + 1 for b in range(48)]),
     (4, 48, 6, 64, None),
+    (5, 20, 6, 50, [(3 * b) % 5 + 1 for b in range(20)]),
+    # ... and by sequences, from 32 per thread.
+    (5, 70, 6, 24, [(7 * b) % 5 + 1 for b in range(70)]),
+    (4, 70, 6, 24, None),
 ]
+
+
+@pytest.fixture
+def two_threads():
+    # The engine's split of a step depends on the thread count: fix it.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
 
 
 def size_id(size):
@@ -114,7 +129,7 @@ def size_id(size):
 @reverse_param
 @bias_param
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
-def test_matches_reference_layer(cell, size, reverse, bias, dtype):
+def test_matches_reference_layer(cell, size, reverse, bias, dtype, two_threads):
     _, gates, nonlinearity = cell
     T, B, I, H, lengths = size
     args = make_args(gates, T, B, I, H, bias=bias, lengths=lengths, dtype=dtype, seed=11)

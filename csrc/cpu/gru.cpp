@@ -15,89 +15,80 @@ namespace {
 // Per (step, sequence) the workspace row holds [r | z | n | W_hn h + b_hn].
 constexpr int64_t kSaved = 4;
 
-// One sequence's update at one step. p: input-side pre-activations (3H),
-// q: W_hh h (3H); writes the saved gates, the output and the new state.
+// Units [0, n) of one sequence's update at one step; gate k of unit j sits
+// at k * H + j. p: input-side pre-activations, q: W_hh h; reads the state h,
+// writes the saved gates, the output and the new state.
 template <typename scalar_t>
 FASTRNN_INLINE void forward_row_body(const scalar_t* __restrict p, const scalar_t* __restrict q,
                                      const scalar_t* __restrict bias_hn,
-                                     scalar_t* __restrict saved, scalar_t* __restrict out,
-                                     scalar_t* __restrict h, int64_t H) {
-  for (int64_t j = 0; j < H; ++j) {
+                                     const scalar_t* __restrict h, scalar_t* __restrict saved,
+                                     scalar_t* __restrict out, scalar_t* __restrict next,
+                                     int64_t n, int64_t H) {
+  for (int64_t j = 0; j < n; ++j) {
     const scalar_t r = sigmoid(p[j] + q[j]);
     const scalar_t z = sigmoid(p[H + j] + q[H + j]);
     const scalar_t hn = q[2 * H + j] + bias_hn[j];
-    const scalar_t n = cpu::tanh(p[2 * H + j] + r * hn);
-    const scalar_t v = (h[j] - n) * z + n;
+    const scalar_t c = cpu::tanh(p[2 * H + j] + r * hn);
+    const scalar_t v = (h[j] - c) * z + c;
     saved[j] = r;
     saved[H + j] = z;
-    saved[2 * H + j] = n;
+    saved[2 * H + j] = c;
     saved[3 * H + j] = hn;
     out[j] = v;
-    h[j] = v;
+    next[j] = v;
   }
 }
 
 FASTRNN_MULTIVERSION void forward_row_f32(const float* p, const float* q, const float* bias_hn,
-                                          float* saved, float* out, float* h, int64_t H) {
-  forward_row_body(p, q, bias_hn, saved, out, h, H);
+                                          const float* h, float* saved, float* out, float* next,
+                                          int64_t n, int64_t H) {
+  forward_row_body(p, q, bias_hn, h, saved, out, next, n, H);
 }
 
 template <typename scalar_t>
-void forward_row(const scalar_t* p, const scalar_t* q, const scalar_t* bias_hn, scalar_t* saved,
-                 scalar_t* out, scalar_t* h, int64_t H) {
+void forward_row(const scalar_t* p, const scalar_t* q, const scalar_t* bias_hn, const scalar_t* h,
+                 scalar_t* saved, scalar_t* out, scalar_t* next, int64_t n, int64_t H) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    forward_row_f32(p, q, bias_hn, saved, out, h, H);
+    forward_row_f32(p, q, bias_hn, h, saved, out, next, n, H);
   } else {
-    forward_row_body(p, q, bias_hn, saved, out, h, H);
+    forward_row_body(p, q, bias_hn, h, saved, out, next, n, H);
   }
 }
 
+// Runs the time loop; returns the final state.
 template <typename scalar_t>
-void forward_steps(const at::Tensor& proj, const at::Tensor& weight_hh,
-                   const scalar_t* bias_hn, at::Tensor& output, at::Tensor& state,
-                   at::Tensor& workspace, const StepMap& map) {
-  const int64_t T = proj.size(0), B = proj.size(1), H = state.size(1);
-  auto hh = at::empty({B, 3 * H}, state.options());
-  const scalar_t* w = weight_hh.const_data_ptr<scalar_t>();
+at::Tensor forward_steps(const at::Tensor& proj, const at::Tensor& weight_hh,
+                         const scalar_t* bias_hn, at::Tensor& output, const at::Tensor& hx,
+                         at::Tensor& workspace, const StepMap& map) {
+  const int64_t T = proj.size(0), H = hx.size(1);
   const scalar_t* p = proj.const_data_ptr<scalar_t>();
-  const scalar_t* q = hh.const_data_ptr<scalar_t>();
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
-  scalar_t* h = state.mutable_data_ptr<scalar_t>();
   scalar_t* ws = workspace.mutable_data_ptr<scalar_t>();
-  for (int64_t s = 0; s < T; ++s) {
-    const int64_t rows = map.rows(s);
-    if (rows == 0) {
-      break;  // rows never grows again
-    }
-    parallel_rows(rows, H * 3 * H, [&](int64_t begin, int64_t end) {
-      mm_rows(hh.mutable_data_ptr<scalar_t>(), h, w, 3 * H, H, begin, end);
-      for (int64_t b = begin; b < end; ++b) {
-        if (!map.active(s, b)) {
-          continue;
-        }
-        const int64_t row = map.time(s, b) * B + b;
-        forward_row(p + row * 3 * H, q + b * 3 * H, bias_hn, ws + row * kSaved * H,
-                    out + row * H, h + b * H, H);
-      }
-    });
-  }
+  return sweep_forward<scalar_t>(
+      weight_hh, hx.clone(at::MemoryFormat::Contiguous), map, T,
+      [&](int64_t row, int64_t j0, int64_t j1, const scalar_t* q, const scalar_t* h,
+          scalar_t* next) {
+        forward_row(p + row * 3 * H + j0, q + j0, bias_hn + j0, h + j0,
+                    ws + row * kSaved * H + j0, out + row * H + j0, next + j0, j1 - j0, H);
+      });
 }
 
-// One sequence's gradients at one step: from the gradient g reaching its
-// output (upstream plus from the next step), the input-side and hidden-side
-// gate pre-activation gradients (3H each) and the direct part g z of dh.
+// Units [0, n) of one sequence's gradients at one step: from the gradient g
+// reaching its output (upstream plus from the next step), the input-side
+// and hidden-side gate pre-activation gradients (gate k of unit j at
+// k * H + j) and the direct part g z of dh.
 template <typename scalar_t>
 FASTRNN_INLINE void backward_row_body(const scalar_t* __restrict grad_out,
                                       const scalar_t* __restrict h_prev,
                                       const scalar_t* __restrict saved,
                                       const scalar_t* __restrict dh, scalar_t* __restrict grad_ih,
                                       scalar_t* __restrict grad_hh, scalar_t* __restrict carry,
-                                      int64_t H) {
-  for (int64_t j = 0; j < H; ++j) {
-    const scalar_t r = saved[j], z = saved[H + j], n = saved[2 * H + j], hn = saved[3 * H + j];
+                                      int64_t n, int64_t H) {
+  for (int64_t j = 0; j < n; ++j) {
+    const scalar_t r = saved[j], z = saved[H + j], c = saved[2 * H + j], hn = saved[3 * H + j];
     const scalar_t g = grad_out[j] + dh[j];
-    const scalar_t dn = g * (scalar_t(1) - z) * (scalar_t(1) - n * n);
-    const scalar_t dz = g * (h_prev[j] - n) * z * (scalar_t(1) - z);
+    const scalar_t dn = g * (scalar_t(1) - z) * (scalar_t(1) - c * c);
+    const scalar_t dz = g * (h_prev[j] - c) * z * (scalar_t(1) - z);
     const scalar_t dr = dn * hn * r * (scalar_t(1) - r);
     grad_ih[j] = dr;
     grad_ih[H + j] = dz;
@@ -111,18 +102,18 @@ FASTRNN_INLINE void backward_row_body(const scalar_t* __restrict grad_out,
 
 FASTRNN_MULTIVERSION void backward_row_f32(const float* grad_out, const float* h_prev,
                                            const float* saved, const float* dh, float* grad_ih,
-                                           float* grad_hh, float* carry, int64_t H) {
-  backward_row_body(grad_out, h_prev, saved, dh, grad_ih, grad_hh, carry, H);
+                                           float* grad_hh, float* carry, int64_t n, int64_t H) {
+  backward_row_body(grad_out, h_prev, saved, dh, grad_ih, grad_hh, carry, n, H);
 }
 
 template <typename scalar_t>
 void backward_row(const scalar_t* grad_out, const scalar_t* h_prev, const scalar_t* saved,
                   const scalar_t* dh, scalar_t* grad_ih, scalar_t* grad_hh, scalar_t* carry,
-                  int64_t H) {
+                  int64_t n, int64_t H) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    backward_row_f32(grad_out, h_prev, saved, dh, grad_ih, grad_hh, carry, H);
+    backward_row_f32(grad_out, h_prev, saved, dh, grad_ih, grad_hh, carry, n, H);
   } else {
-    backward_row_body(grad_out, h_prev, saved, dh, grad_ih, grad_hh, carry, H);
+    backward_row_body(grad_out, h_prev, saved, dh, grad_ih, grad_hh, carry, n, H);
   }
 }
 
@@ -142,9 +133,9 @@ at::Tensor backward_sweep(const at::Tensor& grad_output, const at::Tensor& prev_
   scalar_t* gh = grad_hh.mutable_data_ptr<scalar_t>();
   return sweep_backward<scalar_t>(
       grad_hh, weight_hh, std::move(dh), map,
-      [&](int64_t row, const scalar_t* dhb, scalar_t* cb) {
-        backward_row(go + row * H, hp + row * H, ws + row * kSaved * H, dhb, gi + row * 3 * H,
-                     gh + row * 3 * H, cb, H);
+      [&](int64_t row, int64_t j0, int64_t j1, const scalar_t* dhb, scalar_t* cb) {
+        backward_row(go + row * H + j0, hp + row * H + j0, ws + row * kSaved * H + j0, dhb + j0,
+                     gi + row * 3 * H + j0, gh + row * 3 * H + j0, cb + j0, j1 - j0, H);
       });
 }
 
@@ -172,10 +163,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward(
   auto output = map.has_lengths() ? at::zeros({s.T, s.B, s.H}, input.options())
                                   : at::empty({s.T, s.B, s.H}, input.options());
   auto workspace = at::empty({s.T, s.B, kSaved * s.H}, input.options());
-  auto state = hx.clone(at::MemoryFormat::Contiguous);
+  at::Tensor state;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::gru_forward", [&] {
-    forward_steps<scalar_t>(proj, w_hh, bias_hn.const_data_ptr<scalar_t>(), output, state,
-                            workspace, map);
+    state = forward_steps<scalar_t>(proj, w_hh, bias_hn.const_data_ptr<scalar_t>(), output, hx,
+                                    workspace, map);
   });
   return {output, state, workspace};
 }

@@ -75,13 +75,40 @@ at::Tensor project_input(const at::Tensor& input, const at::Tensor& weight_ih,
 at::Tensor previous_states(const at::Tensor& output, const at::Tensor& hx,
                            const StepMap& map, bool reverse);
 
-// Runs fn(begin, end) over rows [0, rows), in parallel once a row range holds
-// enough elementwise work to pay for waking the other threads.
+// The part of a step one thread computes: sequences [b0, b1), units [j0, j1).
+struct Block {
+  int64_t b0, b1, j0, j1;
+};
+
+// Runs fn(Block) over a step's B sequences x H units, in parallel once the
+// step's work (work_per_row for each sequence) pays for waking the other
+// threads. Large batches split by sequences: each thread multiplies its rows
+// by all of W_hh. Smaller ones split by hidden units, in whole SIMD blocks:
+// each thread multiplies the whole batch by its slice of W_hh, which stays
+// in its cache, where a split by rows would leave each thread too few rows
+// for an efficient product.
+constexpr int64_t kUnitBlock = 16;
+constexpr int64_t kMinRowsPerThread = 32;
+
+inline bool split_by_rows(int64_t B) {
+  return B >= kMinRowsPerThread * at::get_num_threads();
+}
+
 template <typename F>
-inline void parallel_rows(int64_t rows, int64_t work_per_row, const F& fn) {
+inline void parallel_blocks(int64_t B, int64_t H, int64_t work_per_row, bool by_rows,
+                            const F& fn) {
   constexpr int64_t kMinWork = 16384;
-  const int64_t grain = std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_row));
-  at::parallel_for(0, rows, grain, fn);
+  if (by_rows) {
+    const int64_t grain = std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_row));
+    at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) { fn(Block{b0, b1, 0, H}); });
+    return;
+  }
+  const int64_t blocks = (H + kUnitBlock - 1) / kUnitBlock;
+  const int64_t block_work = std::max<int64_t>(1, B * work_per_row / std::max<int64_t>(1, blocks));
+  const int64_t grain = std::max<int64_t>(1, kMinWork / block_work);
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    fn(Block{0, B, begin * kUnitBlock, std::min(H, end * kUnitBlock)});
+  });
 }
 
 // The Fortran BLAS that PyTorch's CPU library exports where it links one
@@ -135,37 +162,107 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, co
   c_view.addmm_(view(a, m, k, lda, trans_a), view(b, k, n, ldb, trans_b), beta, 1);
 }
 
-// Rows [begin, end) of out = state W^T (out: (B, G), state: (B, H), W: (G, H),
-// all contiguous): each thread multiplies the rows it then updates, so a step
-// needs one parallel region and no threading inside small GEMMs.
+// Block k of out = state W^T: rows [b0, min(b1, rows)), the columns of
+// units [j0, j1) of every gate (out: (B, G), state: (B, H), W: (G, H), all
+// contiguous; G is a whole number of gates of H rows each).
 template <typename scalar_t>
-inline void mm_rows(scalar_t* out, const scalar_t* state, const scalar_t* weight, int64_t G,
-                    int64_t H, int64_t begin, int64_t end) {
-  if (end > begin) {
-    // Column-major: out^T (G x rows) = W (G x H) state^T (H x rows).
-    gemm<scalar_t>(true, false, G, end - begin, H, weight, H, state + begin * H, H, scalar_t(0),
-                   out + begin * G, G);
+inline void mm_block(scalar_t* out, const scalar_t* state, const scalar_t* weight, int64_t G,
+                     int64_t H, int64_t rows, const Block& k) {
+  const int64_t n = std::min(k.b1, rows) - k.b0;
+  if (n <= 0 || k.j1 <= k.j0) {
+    return;
+  }
+  state += k.b0 * H;
+  out += k.b0 * G;
+  // Column-major: out^T (units x n) = W[units] (units x H) state^T (H x n).
+  if (k.j0 == 0 && k.j1 == H) {  // all units: one product over every gate row
+    gemm<scalar_t>(true, false, G, n, H, weight, H, state, H, scalar_t(0), out, G);
+    return;
+  }
+  for (int64_t g = 0; g < G; g += H) {
+    gemm<scalar_t>(true, false, k.j1 - k.j0, n, H, weight + (g + k.j0) * H, H, state, H,
+                   scalar_t(0), out + g + k.j0, G);
   }
 }
 
-// Rows [begin, end) of carry += step W (carry: (B, H), step: (B, G), W: (G, H)).
+// Block k of carry += step W, rows limited to `rows` (carry: (B, H), step:
+// (B, G), W: (G, H)).
 template <typename scalar_t>
-inline void addmm_rows(scalar_t* carry, const scalar_t* step, const scalar_t* weight, int64_t G,
-                       int64_t H, int64_t begin, int64_t end) {
-  if (end > begin) {
-    // Column-major: carry^T (H x rows) += W^T (H x G) step^T (G x rows).
-    gemm<scalar_t>(false, false, H, end - begin, G, weight, H, step + begin * G, G, scalar_t(1),
-                   carry + begin * H, H);
+inline void addmm_block(scalar_t* carry, const scalar_t* step, const scalar_t* weight, int64_t G,
+                        int64_t H, int64_t rows, const Block& k) {
+  const int64_t n = std::min(k.b1, rows) - k.b0;
+  if (n > 0 && k.j1 > k.j0) {
+    // Column-major: carry^T[units] (units x n) += W^T[units] (units x G) step^T (G x n).
+    gemm<scalar_t>(false, false, k.j1 - k.j0, n, G, weight + k.j0, H, step + k.b0 * G, G,
+                   scalar_t(1), carry + k.b0 * H + k.j0, H);
   }
+}
+
+// Copies (or, from null, zeroes) units [j0, j1) of every gate of one (G)-row.
+template <typename scalar_t>
+inline void copy_units(const scalar_t* from, scalar_t* to, int64_t G, int64_t H, int64_t j0,
+                       int64_t j1) {
+  for (int64_t g = 0; g < G; g += H) {
+    if (from) {
+      std::copy(from + g + j0, from + g + j1, to + g + j0);
+    } else {
+      std::fill(to + g + j0, to + g + j1, scalar_t(0));
+    }
+  }
+}
+
+// The forward time loop every cell shares. Each step, each thread takes a
+// block of sequences x hidden units (parallel_blocks): it multiplies its
+// sequences' states by those units' rows of W_hh (every gate), then
+// row_fn(row, j0, j1, q_b, h_b, next_b) updates units [j0, j1) of sequence
+// b at time-major row `row` = t * B + b from q_b = (W_hh h_b) (G) and the
+// state h_b, writing the new state to next_b and the outputs. The state is
+// double-buffered: other threads may still read this step's state while
+// the next is written. A sequence past its end holds its state. Returns
+// the final state.
+template <typename scalar_t, typename RowFn>
+at::Tensor sweep_forward(const at::Tensor& weight_hh, at::Tensor state, const StepMap& map,
+                         int64_t T, const RowFn& row_fn) {
+  const int64_t B = state.size(0), H = state.size(1), G = weight_hh.size(0);
+  auto hh = at::empty({B, G}, state.options());
+  auto next = at::empty_like(state);
+  const scalar_t* w = weight_hh.const_data_ptr<scalar_t>();
+  scalar_t* q = hh.mutable_data_ptr<scalar_t>();
+  const bool by_rows = split_by_rows(B);
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t rows = map.rows(s);
+    if (rows == 0) {
+      break;  // rows never grows again, and both buffers hold every final state
+    }
+    const scalar_t* h = state.const_data_ptr<scalar_t>();
+    scalar_t* hn = next.mutable_data_ptr<scalar_t>();
+    parallel_blocks(B, H, G * H, by_rows, [&](const Block& k) {
+      mm_block(q, h, w, G, H, rows, k);
+      for (int64_t b = k.b0; b < k.b1; ++b) {
+        if (map.active(s, b)) {
+          row_fn(map.time(s, b) * B + b, k.j0, k.j1, q + b * G, h + b * H, hn + b * H);
+        } else if (s == map.length(b)) {
+          // First step past the end: after this copy both buffers hold it.
+          std::copy(h + b * H + k.j0, h + b * H + k.j1, hn + b * H + k.j0);
+        }
+      }
+    });
+    std::swap(state, next);
+  }
+  return state;
 }
 
 // The reverse sweep every cell shares. Steps run from last to first; a
 // sequence past its end at a step held its state, so its dh passes through.
-// For each active sequence b, row_fn(row, dh_b, carry_b) computes the
-// cell's gradients at time-major row `row` = t * B + b: it writes the G
-// hidden-side pre-activation gradients to grad_hh[row] and to carry_b the
-// part of the previous step's dh that does not pass through W_hh. The rest,
-// grad_hh_t W_hh, is added per thread for its own rows. grad_hh (T, B, G)
+// Each step, each thread takes a block of sequences x hidden units [j0, j1)
+// (parallel_blocks): it first completes its block of dh with the previous
+// (later) step's product grad_hh_{t+1} W_hh, then for each active sequence
+// b row_fn(row, j0, j1, dh_b, carry_b) computes the cell's gradients of
+// those units at time-major row `row` = t * B + b: it writes their
+// hidden-side pre-activation gradients (every gate) to grad_hh[row] and to
+// carry_b the part of the previous step's dh that does not pass through
+// W_hh. A step's product needs every unit's gradients, so it runs at the
+// start of the next step, after the threads have met. grad_hh (T, B, G)
 // must be zero at padded positions. Returns the gradient of the initial
 // state.
 template <typename scalar_t, typename RowFn>
@@ -175,39 +272,53 @@ at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::
   const int64_t H = dh.size(1);
   auto carry = at::empty_like(dh);
   // Running in reverse with lengths, a step's rows sit at different times:
-  // they are gathered here for the product.
-  auto step_buf = map.uniform_time() ? at::Tensor() : at::empty({B, G}, dh.options());
+  // they are gathered for the product, into one of two buffers (the step
+  // before's product still reads the other).
+  auto gathered = map.uniform_time() ? at::Tensor() : at::empty({2, B, G}, dh.options());
   scalar_t* gh = grad_hh.mutable_data_ptr<scalar_t>();
-  scalar_t* sb = step_buf.defined() ? step_buf.mutable_data_ptr<scalar_t>() : nullptr;
   const scalar_t* w = weight_hh.const_data_ptr<scalar_t>();
+  const scalar_t* pending = nullptr;  // the later step's grad_hh rows
+  int64_t pending_rows = 0;
+  const bool by_rows = split_by_rows(B);
   for (int64_t s = T - 1; s >= 0; --s) {
     const int64_t rows = map.rows(s);
     if (rows == 0) {
       continue;  // every sequence is past its end: dh passes through
     }
-    const scalar_t* dhp = dh.const_data_ptr<scalar_t>();
+    scalar_t* dhp = dh.mutable_data_ptr<scalar_t>();
     scalar_t* cp = carry.mutable_data_ptr<scalar_t>();
-    const scalar_t* step = sb ? sb : gh + map.uniform_time_of(s) * B * G;
-    parallel_rows(B, H * G, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const scalar_t* dhb = dhp + b * H;
+    scalar_t* sb = gathered.defined() ? gathered.mutable_data_ptr<scalar_t>() + (s & 1) * B * G
+                                      : nullptr;
+    parallel_blocks(B, H, G * H, by_rows, [&](const Block& k) {
+      if (pending) {
+        addmm_block(dhp, pending, w, G, H, pending_rows, k);
+      }
+      for (int64_t b = k.b0; b < k.b1; ++b) {
+        scalar_t* dhb = dhp + b * H;
         scalar_t* cb = cp + b * H;
         if (!map.active(s, b)) {
-          std::copy(dhb, dhb + H, cb);
+          std::copy(dhb + k.j0, dhb + k.j1, cb + k.j0);
           if (sb && b < rows) {
-            std::fill(sb + b * G, sb + (b + 1) * G, scalar_t(0));
+            copy_units<scalar_t>(nullptr, sb + b * G, G, H, k.j0, k.j1);
           }
           continue;
         }
         const int64_t row = map.time(s, b) * B + b;
-        row_fn(row, dhb, cb);
+        row_fn(row, k.j0, k.j1, dhb, cb);
         if (sb) {
-          std::copy(gh + row * G, gh + (row + 1) * G, sb + b * G);
+          copy_units<scalar_t>(gh + row * G, sb + b * G, G, H, k.j0, k.j1);
         }
       }
-      addmm_rows(cp, step, w, G, H, begin, std::min(end, rows));
     });
     std::swap(dh, carry);
+    pending = sb ? sb : gh + map.uniform_time_of(s) * B * G;
+    pending_rows = rows;
+  }
+  if (pending) {
+    scalar_t* dhp = dh.mutable_data_ptr<scalar_t>();
+    parallel_blocks(B, H, G * H, by_rows, [&](const Block& k) {
+      addmm_block(dhp, pending, w, G, H, pending_rows, k);
+    });
   }
   return dh;
 }

@@ -32,62 +32,49 @@ inline scalar_t activation_grad(scalar_t h) {
   }
 }
 
+// Units [0, n) of one sequence's update at one step: out = next = act(p + q).
 template <typename scalar_t, bool Relu>
 FASTRNN_INLINE void forward_row_body(const scalar_t* __restrict p, const scalar_t* __restrict q,
-                                     scalar_t* __restrict out, scalar_t* __restrict h,
-                                     int64_t H) {
-  for (int64_t j = 0; j < H; ++j) {
+                                     scalar_t* __restrict out, scalar_t* __restrict next,
+                                     int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
     const scalar_t v = activation<scalar_t, Relu>(p[j] + q[j]);
     out[j] = v;
-    h[j] = v;
+    next[j] = v;
   }
 }
 
-FASTRNN_MULTIVERSION void forward_row_f32(const float* p, const float* q, float* out, float* h,
-                                          int64_t H, bool relu) {
+FASTRNN_MULTIVERSION void forward_row_f32(const float* p, const float* q, float* out, float* next,
+                                          int64_t n, bool relu) {
   if (relu) {
-    forward_row_body<float, true>(p, q, out, h, H);
+    forward_row_body<float, true>(p, q, out, next, n);
   } else {
-    forward_row_body<float, false>(p, q, out, h, H);
+    forward_row_body<float, false>(p, q, out, next, n);
   }
 }
 
-// One sequence's update at one step: out = h = act(p + q).
 template <typename scalar_t, bool Relu>
-void forward_row(const scalar_t* p, const scalar_t* q, scalar_t* out, scalar_t* h, int64_t H) {
+void forward_row(const scalar_t* p, const scalar_t* q, scalar_t* out, scalar_t* next, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    forward_row_f32(p, q, out, h, H, Relu);
+    forward_row_f32(p, q, out, next, n, Relu);
   } else {
-    forward_row_body<scalar_t, Relu>(p, q, out, h, H);
+    forward_row_body<scalar_t, Relu>(p, q, out, next, n);
   }
 }
 
+// Runs the time loop; returns the final state.
 template <typename scalar_t, bool Relu>
-void forward_steps(const at::Tensor& proj, const at::Tensor& weight_hh, at::Tensor& output,
-                   at::Tensor& state, const StepMap& map) {
-  const int64_t T = proj.size(0), B = proj.size(1), H = state.size(1);
-  auto hh = at::empty_like(state);
-  const scalar_t* w = weight_hh.const_data_ptr<scalar_t>();
+at::Tensor forward_steps(const at::Tensor& proj, const at::Tensor& weight_hh, at::Tensor& output,
+                         const at::Tensor& hx, const StepMap& map) {
+  const int64_t T = proj.size(0), H = hx.size(1);
   const scalar_t* p = proj.const_data_ptr<scalar_t>();
-  const scalar_t* q = hh.const_data_ptr<scalar_t>();
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
-  scalar_t* h = state.mutable_data_ptr<scalar_t>();
-  for (int64_t s = 0; s < T; ++s) {
-    const int64_t rows = map.rows(s);
-    if (rows == 0) {
-      break;  // rows never grows again
-    }
-    parallel_rows(rows, H * H, [&](int64_t begin, int64_t end) {
-      mm_rows(hh.mutable_data_ptr<scalar_t>(), h, w, H, H, begin, end);
-      for (int64_t b = begin; b < end; ++b) {
-        if (!map.active(s, b)) {
-          continue;
-        }
-        const int64_t row = map.time(s, b) * B + b;
-        forward_row<scalar_t, Relu>(p + row * H, q + b * H, out + row * H, h + b * H, H);
-      }
-    });
-  }
+  return sweep_forward<scalar_t>(
+      weight_hh, hx.clone(at::MemoryFormat::Contiguous), map, T,
+      [&](int64_t row, int64_t j0, int64_t j1, const scalar_t* q, const scalar_t*, scalar_t* next) {
+        forward_row<scalar_t, Relu>(p + row * H + j0, q + j0, out + row * H + j0, next + j0,
+                                    j1 - j0);
+      });
 }
 
 // Fills grad_pre (T, B, H) with the pre-activation gradients and returns the
@@ -102,11 +89,11 @@ at::Tensor backward_sweep(const at::Tensor& grad_output, const at::Tensor& outpu
   scalar_t* dp = grad_pre.mutable_data_ptr<scalar_t>();
   return sweep_backward<scalar_t>(
       grad_pre, weight_hh, std::move(dh), map,
-      [&](int64_t row, const scalar_t* dhb, scalar_t* cb) {
+      [&](int64_t row, int64_t j0, int64_t j1, const scalar_t* dhb, scalar_t* cb) {
         const scalar_t* gb = go + row * H;
         const scalar_t* ob = out + row * H;
         scalar_t* db = dp + row * H;
-        for (int64_t j = 0; j < H; ++j) {
+        for (int64_t j = j0; j < j1; ++j) {
           db[j] = (gb[j] + dhb[j]) * activation_grad<scalar_t, Relu>(ob[j]);
           cb[j] = scalar_t(0);  // all of dh_{t-1} comes through W_hh
         }
@@ -140,13 +127,10 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(
   // Positions past a sequence's end stay zero.
   auto output = map.has_lengths() ? at::zeros({s.T, s.B, s.H}, input.options())
                                   : at::empty({s.T, s.B, s.H}, input.options());
-  auto state = hx.clone(at::MemoryFormat::Contiguous);
+  at::Tensor state;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::rnn_forward", [&] {
-    if (relu) {
-      forward_steps<scalar_t, true>(proj, w_hh, output, state, map);
-    } else {
-      forward_steps<scalar_t, false>(proj, w_hh, output, state, map);
-    }
+    state = relu ? forward_steps<scalar_t, true>(proj, w_hh, output, hx, map)
+                 : forward_steps<scalar_t, false>(proj, w_hh, output, hx, map);
   });
   return {output, state};
 }
