@@ -149,7 +149,7 @@ def forward_backward(module, x, hx=None, lengths=None, batch_first=False, grad_s
         tensors.append(out)
 
     generator = torch.Generator().manual_seed(grad_seed)
-    upstream = [random_like_shape(t.shape, t.dtype, generator) for t in tensors]
+    upstream = [random_like_shape(t.shape, t.dtype, generator).to(t.device) for t in tensors]
 
     params = dict(module.named_parameters())
     inputs = list(leaves.values()) + list(params.values())

@@ -106,10 +106,6 @@ def cases(draw, kinds, max_seq_len, max_batch, max_size, max_layers):
         input_kind = draw(st.sampled_from(["unbatched", "batched", "packed", "packed_sorted"]))
         seq_len = draw(st.integers(1, max_seq_len))
     packed = input_kind.startswith("packed")
-    if packed and dropout > 0:
-        # torch.nn drops out packed data as it is, fastrnn the padded batch:
-        # masks agree for the same seed only without packing.
-        training = False
     if input_kind == "unbatched":
         batch = 1
     else:

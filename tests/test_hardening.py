@@ -719,6 +719,9 @@ def test_half_precision_long_sequence_does_not_drift(kind, dtype):
 LONG = dict(steps=100_000, batch=2, input_size=4, hidden=16)
 FLOAT_BYTES = 4
 MEMORY_ALLOWANCE = 48 << 20  # allocator slack, thread stacks, small tensors
+# Memory must grow in proportion to the length: the peak is also measured at
+# half the length, and the growth between the two bounded per step.
+HALF_STEPS = LONG["steps"] // 2
 
 
 def expected_bytes_per_step(name):
@@ -748,11 +751,11 @@ def peak_rss_bytes():
     return _status_bytes("VmHWM")
 
 
-def _long_sequence_child(name):
+def _long_sequence_child(name, steps):
     # One intra-op thread: memory does not depend on it, and a CPU shared
     # with other jobs makes small multi-threaded steps erratic.
     torch.set_num_threads(1)
-    steps, batch, input_size, hidden = (LONG[k] for k in ("steps", "batch", "input_size", "hidden"))
+    batch, input_size, hidden = (LONG[k] for k in ("batch", "input_size", "hidden"))
     torch_cls, fast_cls = MODULES[name]
     torch.manual_seed(0)
     reference = torch_cls(input_size, hidden)
@@ -802,18 +805,25 @@ def _long_sequence_child(name):
 @pytest.fixture(scope="module")
 def long_sequence_runs():
     # Both children at once: each measures its own process.
-    procs = {name: subprocess.Popen(
-        [sys.executable, "-u", os.path.abspath(__file__), "long-sequence", name], cwd=HERE,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for name in ("RNN", "GRU")}
-    return {name: (proc.communicate(timeout=300)[0], proc.returncode) for name, proc in procs.items()}
+    procs = {(name, steps): subprocess.Popen(
+        [sys.executable, "-u", os.path.abspath(__file__), "long-sequence", name, str(steps)],
+        cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for name in ("RNN", "GRU") for steps in (HALF_STEPS, LONG["steps"])}
+    return {key: (proc.communicate(timeout=300)[0], proc.returncode) for key, proc in procs.items()}
+
+
+def long_sequence_report(runs, name, steps):
+    out, returncode = runs[name, steps]
+    assert returncode == 0, f"child failed ({describe_exit(returncode)}):\n{out[-4000:]}"
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["shapes_ok"] and report["finite"]
+    return report
 
 
 @pytest.mark.parametrize("name", ["RNN", "GRU"])
 def test_100k_steps_forward_backward(long_sequence_runs, name):
-    out, returncode = long_sequence_runs[name]
-    assert returncode == 0, f"child failed ({describe_exit(returncode)}):\n{out[-4000:]}"
-    report = json.loads(out.strip().splitlines()[-1])
-    assert report["shapes_ok"] and report["finite"]
+    report = long_sequence_report(long_sequence_runs, name, LONG["steps"])
+    half = long_sequence_report(long_sequence_runs, name, HALF_STEPS)
     steps, batch = LONG["steps"], LONG["batch"]
     expected = expected_bytes_per_step(name)
     bound = 3 * expected * steps * batch + MEMORY_ALLOWANCE
@@ -824,6 +834,12 @@ def test_100k_steps_forward_backward(long_sequence_runs, name):
         f"peak {report['peak_bytes'] / 2**20:.1f} MiB, {report['per_step']:.0f} bytes per step per "
         f"sequence; bound {bound / 2**20:.1f} MiB (3 x {expected} bytes per step per sequence + "
         f"{MEMORY_ALLOWANCE >> 20} MiB)")
+    # Growth from half the length to the whole, per added step: proportional,
+    # with no allowance.
+    growth = (report["peak_bytes"] - half["peak_bytes"]) / ((steps - HALF_STEPS) * batch)
+    print(f"{name}: {growth:.0f} bytes per added step per sequence")
+    assert 0 < growth <= 3 * expected, (
+        f"{growth:.0f} bytes per added step per sequence; bound 3 x {expected}")
 
 
 # ---------------------------------------------------------------------------
@@ -839,7 +855,7 @@ def forward_backward_views(module, leaves, build, grad_seed=1234):
     outputs = module(*build(*leaves))
     outputs = list(outputs) if isinstance(outputs, tuple) else [outputs]
     gen = torch.Generator().manual_seed(grad_seed)
-    upstream = [random_like_shape(o.shape, o.dtype, gen) for o in outputs]
+    upstream = [random_like_shape(o.shape, o.dtype, gen).to(o.device) for o in outputs]
     params = dict(module.named_parameters())
     grads = torch.autograd.grad(outputs, leaves + list(params.values()), upstream,
                                 allow_unused=True, materialize_grads=True)
@@ -986,7 +1002,7 @@ def test_functional_call(kind, tied):
         outputs = torch.func.functional_call(module, leaves, (x,))
         outputs = list(outputs) if isinstance(outputs, tuple) else [outputs]
         upstream_gen = torch.Generator().manual_seed(9)
-        upstream = [random_like_shape(o.shape, o.dtype, upstream_gen) for o in outputs]
+        upstream = [random_like_shape(o.shape, o.dtype, upstream_gen).to(o.device) for o in outputs]
         grads = torch.autograd.grad(outputs, list(leaves.values()), upstream)
         return {"output": outputs[0].detach(), **{f"grad_{n}": g for n, g in zip(leaves, grads)}}
 
@@ -1063,6 +1079,6 @@ if __name__ == "__main__":
     if sys.argv[1] == "engine-battery":
         _engine_battery_child(int(sys.argv[2]))
     elif sys.argv[1] == "long-sequence":
-        _long_sequence_child(sys.argv[2])
+        _long_sequence_child(sys.argv[2], int(sys.argv[3]))
     else:
         raise SystemExit(f"unknown mode {sys.argv[1]!r}")
