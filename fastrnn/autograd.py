@@ -40,18 +40,23 @@ class RNNFunction(torch.autograd.Function):
     None or an int64 CPU tensor (B,); positions past a sequence's length
     must hold finite values and come out as zeros. Returns (output, h_n), in
     x's dtype, or in float32 for half-precision x on the Triton engine (the
-    state it kept; ``fastrnn.functional`` narrows them).
+    state it kept; ``fastrnn.functional`` narrows them). Forward and
+    ``setup_context`` are separate, so ``torch.func.grad`` and friends can
+    differentiate through it.
     """
 
     @staticmethod
-    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, nonlinearity):
-        """Runs the engine's time loop; saves what the backward sweep reads."""
-        engine = _engine(x.device)
-        relu = nonlinearity == "relu"
-        output, h_n = engine.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, relu)
-        ctx.save_for_backward(x, h0, w_ih, w_hh, output, lengths)
-        ctx.engine, ctx.reverse, ctx.relu = engine, reverse, relu
-        return output, h_n
+    def forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, nonlinearity):
+        """Runs the engine's time loop."""
+        return _engine(x.device).rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+                                             nonlinearity == "relu")
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        """Saves what the backward sweep reads."""
+        x, h0, w_ih, w_hh, _, _, lengths, reverse, nonlinearity = inputs
+        ctx.save_for_backward(x, h0, w_ih, w_hh, output[0], lengths)
+        ctx.engine, ctx.reverse, ctx.relu = _engine(x.device), reverse, nonlinearity == "relu"
 
     @staticmethod
     @once_differentiable
@@ -66,20 +71,29 @@ class RNNFunction(torch.autograd.Function):
 
 
 class GRUFunction(torch.autograd.Function):
-    """GRU layer: ``apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)``; see RNNFunction."""
+    """GRU layer: ``apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)``; see RNNFunction.
+
+    Returns (output, h_n, workspace): the workspace holds the gates backward
+    reads and is not differentiable.
+    """
 
     @staticmethod
-    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
-        """Runs the engine's time loop; saves what the backward sweep reads (and its gates)."""
-        engine = _engine(x.device)
-        output, h_n, workspace = engine.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
-        ctx.save_for_backward(x, h0, w_ih, w_hh, output, workspace, lengths)
-        ctx.engine, ctx.reverse = engine, reverse
-        return output, h_n
+    def forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
+        """Runs the engine's time loop, keeping its gates."""
+        return _engine(x.device).gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        """Saves what the backward sweep reads, the gates included."""
+        x, h0, w_ih, w_hh, _, _, lengths, reverse = inputs
+        out, _, workspace = output
+        ctx.mark_non_differentiable(workspace)
+        ctx.save_for_backward(x, h0, w_ih, w_hh, out, workspace, lengths)
+        ctx.engine, ctx.reverse = _engine(x.device), reverse
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_output, grad_hy):
+    def backward(ctx, grad_output, grad_hy, _grad_workspace):
         """The engine's backward-through-time sweep, then the weight GEMMs."""
         x, h0, w_ih, w_hh, output, workspace, lengths = ctx.saved_tensors
         grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = ctx.engine.gru_backward(

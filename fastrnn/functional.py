@@ -29,7 +29,7 @@ def _apply(function, engine: str, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Ten
                                          for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
     # The Triton engine takes half types as they are but returns the float32
     # state it kept (and saves it for backward); both are narrowed here.
-    output, h_n = function.apply(x, h0, w_ih, w_hh, b_ih, b_hh, *flags)
+    output, h_n = function.apply(x, h0, w_ih, w_hh, b_ih, b_hh, *flags)[:2]  # GRU: + workspace
     return output.to(dtype), h_n.to(dtype)
 
 

@@ -39,7 +39,7 @@ def make_args(gates, T, B, I, H, bias, lengths, dtype, seed, requires_grad=True)
 
 def apply_function(nonlinearity, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
     if nonlinearity is None:
-        return fastrnn.autograd.GRUFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
+        return fastrnn.autograd.GRUFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)[:2]
     return fastrnn.autograd.RNNFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, nonlinearity)
 
 

@@ -978,6 +978,32 @@ def test_replaced_parameters(kind):
                           lambda: setattr(candidate, "weight_hh" + suffix, new_hh.clone()))
 
 
+@pytest.mark.parametrize("kind", list(KINDS) + list(CELL_KINDS))
+def test_torch_func_grad(kind):
+    # torch.func.grad over functional_call: the functorch path, which needs
+    # the Functions' setup_context. Same gradients as torch.nn's.
+    is_cell = kind in CELL_KINDS
+    torch_cls, fast_cls, kwargs = (CELL_KINDS if is_cell else KINDS)[kind]
+    extra = {} if is_cell else {"num_layers": LAYERS, "bidirectional": True}
+    reference, candidate = make_pair(torch_cls, fast_cls, I, H, dtype=torch.float64, **kwargs, **extra)
+    gen = torch.Generator().manual_seed(10)
+    params = {n: p.detach().clone() for n, p in reference.named_parameters()}
+    x = torch.randn((B, I) if is_cell else (T, B, I), dtype=torch.float64, generator=gen)
+    weight = torch.randn((B, H) if is_cell else (T, B, 2 * H), dtype=torch.float64, generator=gen)
+
+    def loss(module):
+        def f(p, x):
+            out = torch.func.functional_call(module, p, (x,))
+            out = out[0] if isinstance(out, tuple) else out
+            return (out * weight).sum()
+        return torch.func.grad(f, argnums=(0, 1))(params, x)
+
+    (expected_params, expected_x), (got_params, got_x) = loss(reference), loss(candidate)
+    assert_close(got_x, expected_x, msg="grad x")
+    for name, value in expected_params.items():
+        assert_close(got_params[name], value, msg=f"grad {name}")
+
+
 # Cells have one set of weights, so nothing to tie.
 @pytest.mark.parametrize("kind, tied", [(k, False) for k in list(KINDS) + list(CELL_KINDS)]
                          + [(k, True) for k in KINDS])
