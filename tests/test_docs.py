@@ -4,7 +4,9 @@ import inspect
 
 import pytest
 
-MODULES = ["fastrnn", "fastrnn.functional", "fastrnn.bench", "fastrnn.triton"]
+MODULES = ["fastrnn", "fastrnn.functional", "fastrnn.autograd", "fastrnn.bench",
+           "fastrnn.bench.measure", "fastrnn.bench.report", "fastrnn.triton",
+           "fastrnn.triton.engine"]
 
 
 def _public(module):
@@ -13,8 +15,11 @@ def _public(module):
         obj = getattr(module, name)
         if (inspect.isclass(obj) or inspect.isfunction(obj)) and obj.__module__.startswith("fastrnn"):
             yield f"{module.__name__}.{name}", obj
-            if inspect.isclass(obj) and hasattr(obj, "forward"):
-                yield f"{module.__name__}.{name}.forward", obj.forward
+            if inspect.isclass(obj):
+                for attr, member in vars(obj).items():
+                    if not attr.startswith("_") and (inspect.isfunction(member)
+                                                     or isinstance(member, (staticmethod, property))):
+                        yield f"{module.__name__}.{name}.{attr}", getattr(obj, attr)
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -43,6 +43,7 @@ class Case:
 
     @property
     def input_size(self) -> int:
+        """The benchmark's layers take inputs as wide as their hidden state."""
         return self.hidden
 
     def flops(self) -> float:
@@ -54,6 +55,7 @@ class Case:
 
 
 def runs_provider(provider: str, case: Case) -> bool:
+    """Whether ``provider`` is timed on ``case`` (the reference loop only on tiny shapes)."""
     if provider == "reference":
         return case.steps * case.batch * case.hidden <= REFERENCE_MAX_WORK
     return True
@@ -115,6 +117,7 @@ def gemm_rate(device: torch.device, dtype: torch.dtype = torch.float32, size: in
 
 
 def device_name(device: torch.device) -> str:
+    """A readable name for the machine that runs ``device``: the GPU, or the CPU model and threads."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
@@ -128,6 +131,7 @@ def device_name(device: torch.device) -> str:
 
 
 def versions() -> dict:
+    """The torch, triton (None if absent) and fastrnn versions, for each record."""
     try:
         import triton
         triton_version = triton.__version__

@@ -59,11 +59,13 @@ def table(records: list[dict]) -> str:
 
 
 def write_json(records: list[dict], meta: dict, path: str) -> None:
+    """Writes ``{"meta": meta, "records": records}`` to ``path``."""
     with open(path, "w") as f:
         json.dump({"meta": meta, "records": records}, f, indent=1)
 
 
 def write_csv(records: list[dict], path: str) -> None:
+    """Writes the records to ``path`` as CSV, one row each."""
     fields = list(records[0]) if records else []
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)

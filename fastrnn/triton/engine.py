@@ -84,9 +84,11 @@ class Plan:
 
     @property
     def grid_sync(self) -> bool:
+        """Whether one persistent launch runs every step, its programs meeting at a grid barrier."""
         return self.strategy == "split" and self.gpu
 
     def grid(self, B: int, H: int) -> tuple[int, int]:
+        """The launch grid: (batch tiles, hidden-unit blocks)."""
         return triton.cdiv(B, self.block_b), triton.cdiv(H, self.block_n)
 
     def launches(self) -> dict:
