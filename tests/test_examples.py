@@ -120,19 +120,28 @@ def test_build_models_copies_weights():
         assert torch.equal(fast[key], reference[key]), key
 
 
-def test_regression_script():
-    """The example runs as a script and prints both loss curves."""
+@pytest.mark.parametrize("script", ["regression", "char_rnn", "sentiment", "truncated_bptt"])
+def test_script_prints_matching_losses(script):
+    """Each example runs as a script and prints both loss curves, which agree."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, str(EXAMPLES / "regression.py"), *SHORT],
+    result = subprocess.run([sys.executable, str(EXAMPLES / f"{script}.py"), *SHORT],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     header = next(line for line in lines if "fastrnn" in line and "torch.nn" in line)
     assert header.split()[1:3] == ["fastrnn", "torch.nn"]
-    # One row per epoch: epoch, fastrnn loss, torch.nn loss, difference.
+    # One row per epoch (or step, or chunk): index, fastrnn loss, torch.nn
+    # loss, difference, printed to 6 decimals.
     rows = [line.split() for line in lines if re.fullmatch(r"\s*\d+(\s+[-+.\de]+){3}", line)]
-    epochs = load("regression").parse_args(SHORT).epochs
-    assert [int(row[0]) for row in rows] == list(range(1, epochs + 1))
+    assert len(rows) >= 2, result.stdout
     fast, reference = [float(row[1]) for row in rows], [float(row[2]) for row in rows]
-    assert fast[-1] < fast[0] and reference[-1] < reference[0]
+    assert all(math.isfinite(value) for value in fast + reference)
+    tolerance = HELLO_TOLERANCE if script == "char_rnn" else TOLERANCE
+    torch.testing.assert_close(torch.tensor(fast, dtype=torch.float64),
+                               torch.tensor(reference, dtype=torch.float64),
+                               rtol=tolerance["rtol"], atol=max(tolerance["atol"], 1e-6))
     assert any(line.startswith("max |fastrnn - torch.nn|") for line in lines)
+    if script == "regression":
+        epochs = load("regression").parse_args(SHORT).epochs
+        assert [int(row[0]) for row in rows] == list(range(1, epochs + 1))
+        assert fast[-1] < fast[0] and reference[-1] < reference[0]
