@@ -103,7 +103,8 @@ def _as_list(outputs):
     return [outputs]
 
 
-def forward_backward(module, x, hx=None, lengths=None, batch_first=False, grad_seed=1234):
+def forward_backward(module, x, hx=None, lengths=None, batch_first=False, grad_seed=1234,
+                     upstream_dtype=None):
     """Run ``module`` forward and backward and collect everything of interest.
 
     ``x`` and ``hx`` are copied into fresh leaves that require grad. When
@@ -149,7 +150,10 @@ def forward_backward(module, x, hx=None, lengths=None, batch_first=False, grad_s
         tensors.append(out)
 
     generator = torch.Generator().manual_seed(grad_seed)
-    upstream = [random_like_shape(t.shape, t.dtype, generator).to(t.device) for t in tensors]
+    # upstream_dtype: draw the upstream gradients as another run in that
+    # dtype draws them (randn's values depend on the dtype).
+    upstream = [random_like_shape(t.shape, upstream_dtype or t.dtype, generator).to(t)
+                for t in tensors]
 
     params = dict(module.named_parameters())
     inputs = list(leaves.values()) + list(params.values())

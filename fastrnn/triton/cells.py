@@ -50,7 +50,9 @@ def rnn_update(pre, CELL: tl.constexpr):
 def rnn_grad(g, h, CELL: tl.constexpr):
     """Pre-activation gradient from the gradient g reaching the output h."""
     if CELL == RELU:
-        d = tl.where(h > 0, g, 0.0)
+        # As torch's threshold_backward: blocked where h <= 0 only, so the
+        # gradient passes where h is NaN.
+        d = tl.where(h <= 0, 0.0, g)
     else:
         d = g * (1.0 - h * h)
     return d

@@ -72,7 +72,9 @@ def tile_fwd_kernel(P, W, B_HN, H0, LENGTHS, OUT, H_N, WS, T, B, H, reverse,
             h_new = rnn_update(pre + matmul(operand, w, USE_DOT, PRECISION).to(STATE_DTYPE),
                                CELL)
         tl.store(OUT + at * H + units[None, :], h_new.to(OUT.dtype.element_ty), mask=mask)
-        h = tl.where(active[:, None], h_new, h)
+        # Padded units stay 0: a product with an infinite state gives 0 * inf
+        # = NaN there, which the next product would spread to every unit.
+        h = tl.where(active[:, None] & unit_ok[None, :], h_new, h)
     tl.store(H_N + own, h.to(H_N.dtype.element_ty), mask=own_ok)
 
 
@@ -121,5 +123,5 @@ def tile_bwd_kernel(GRAD_OUT, GRAD_HN, W, OUT, PREV, WS, LENGTHS, DP_IH, DP_HH, 
             d = rnn_grad(g, h, CELL)
             tl.store(dp, d, mask=mask)
             carry_new = matmul(d.to(DOT_DTYPE), w, USE_DOT, PRECISION).to(STATE_DTYPE)
-        carry = tl.where(active[:, None], carry_new, carry)
+        carry = tl.where(active[:, None] & unit_ok[None, :], carry_new, carry)
     tl.store(GRAD_H0 + own, carry.to(GRAD_H0.dtype.element_ty), mask=own_ok)
