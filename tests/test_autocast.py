@@ -20,22 +20,25 @@ CELLS = {"RNNCell": (nn.RNNCell, fastrnn.RNNCell), "GRUCell": (nn.GRUCell, fastr
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _check(classes, args, x, device_type, dtype, **kwargs):
+def _check(classes, args, x, device_type, dtype, hx=None, **kwargs):
     torch_cls, fast_cls = classes
     torch.manual_seed(0)
     fast = fast_cls(*args, **kwargs).to(x.device)
     exact = torch_cls(*args, **kwargs).to(x.device)
     exact.load_state_dict({k: v.to(dtype).float() for k, v in fast.state_dict().items()})
 
+    # A float32 initial state given under autocast is rounded like the input.
+    hx_fast = None if hx is None else hx.clone().requires_grad_()
     x_fast = x.clone().requires_grad_()
     with torch.autocast(device_type, dtype=dtype):
-        outputs = fast(x_fast)
+        outputs = fast(x_fast, hx_fast)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     assert all(out.dtype == dtype for out in outputs)
     sum(out.float().sum() for out in outputs).backward()
 
     x_exact = x.to(dtype).float().requires_grad_()
-    expected = exact(x_exact)
+    hx_exact = None if hx is None else hx.to(dtype).float().requires_grad_()
+    expected = exact(x_exact, hx_exact)
     expected = expected if isinstance(expected, tuple) else (expected,)
     sum(out.sum() for out in expected).backward()
 
@@ -43,6 +46,9 @@ def _check(classes, args, x, device_type, dtype, **kwargs):
     for got, want in zip(outputs, expected):
         torch.testing.assert_close(got.float(), want, **tol)
     torch.testing.assert_close(x_fast.grad, x_exact.grad, **tol)
+    if hx is not None:
+        assert hx_fast.grad.dtype == torch.float32
+        torch.testing.assert_close(hx_fast.grad, hx_exact.grad, **tol)
     for (name, p), q in zip(fast.named_parameters(), exact.parameters()):
         assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, name
         # Weight gradients sum over every step and sequence.
@@ -51,15 +57,31 @@ def _check(classes, args, x, device_type, dtype, **kwargs):
                                    msg=name)
 
 
+@pytest.mark.parametrize("hx_given", [False, True], ids=["no_hx", "hx"])
 @pytest.mark.parametrize("kind", sorted(MODULES))
-def test_cpu_bfloat16_modules(kind):
-    _check(MODULES[kind], (6, 16), torch.randn(12, 3, 6), "cpu", torch.bfloat16, num_layers=2,
-           bidirectional=True)
+def test_cpu_bfloat16_modules(kind, hx_given):
+    hx = torch.randn(4, 3, 16) if hx_given else None
+    _check(MODULES[kind], (6, 16), torch.randn(12, 3, 6), "cpu", torch.bfloat16, hx=hx,
+           num_layers=2, bidirectional=True)
 
 
+@pytest.mark.parametrize("hx_given", [False, True], ids=["no_hx", "hx"])
 @pytest.mark.parametrize("kind", sorted(CELLS))
-def test_cpu_bfloat16_cells(kind):
-    _check(CELLS[kind], (6, 16), torch.randn(3, 6), "cpu", torch.bfloat16)
+def test_cpu_bfloat16_cells(kind, hx_given):
+    hx = torch.randn(3, 16) if hx_given else None
+    _check(CELLS[kind], (6, 16), torch.randn(3, 6), "cpu", torch.bfloat16, hx=hx)
+
+
+def test_cpu_gru_differs_from_torch_nn_as_documented():
+    # On CPU torch.nn's GRU and GRUCell stay float32 under autocast while its
+    # RNN runs in bfloat16; fastrnn runs all of them in bfloat16 (README,
+    # "Notes and limits"). This pins the difference the README states.
+    x = torch.randn(4, 2, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert nn.GRU(6, 8)(x)[0].dtype == torch.float32
+        assert nn.RNN(6, 8)(x)[0].dtype == torch.bfloat16
+        assert fastrnn.GRU(6, 8)(x)[0].dtype == torch.bfloat16
+        assert fastrnn.RNN(6, 8)(x)[0].dtype == torch.bfloat16
 
 
 def test_autocast_off_inside_keeps_float32():
