@@ -17,7 +17,8 @@ TORCH_LIBRARY(fastrnn, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "gru_forward(Tensor input, Tensor hx, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
-      "Tensor? bias_hh, Tensor? lengths, bool reverse) -> (Tensor, Tensor, Tensor)");
+      "Tensor? bias_hh, Tensor? lengths, bool reverse, bool save_workspace=True) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
       "gru_backward(Tensor grad_output, Tensor grad_hy, Tensor input, Tensor hx, "
       "Tensor weight_ih, Tensor weight_hh, Tensor output, Tensor workspace, Tensor? lengths, "

@@ -50,10 +50,11 @@ if available():
         return fake.layer_backward(input, hx, weight_ih, weight_hh, input_requires_grad)
 
     @torch.library.register_fake("fastrnn::gru_forward")
-    def _(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse):
+    def _(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse,
+          save_workspace=True):
         fake.check_same_device(input, hx, weight_ih, weight_hh, bias_ih, bias_hh,
                                lengths=lengths)
-        return fake.gru_forward(input, hx)
+        return fake.gru_forward(input, hx, save_workspace)
 
     @torch.library.register_fake("fastrnn::gru_backward")
     def _(grad_output, grad_hy, input, hx, weight_ih, weight_hh, output, workspace, lengths,

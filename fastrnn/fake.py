@@ -25,10 +25,12 @@ def layer_forward(input: Tensor, hx: Tensor) -> tuple[Tensor, Tensor]:
             hx.new_empty(hx.shape, dtype=dtype))
 
 
-def gru_forward(input: Tensor, hx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(output, h_n, workspace (T, B, 4H)) in the state dtype."""
+def gru_forward(input: Tensor, hx: Tensor,
+                save_workspace: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """(output, h_n, workspace (T, B, 4H), or empty without save_workspace) in the state dtype."""
     output, h_n = layer_forward(input, hx)
-    return output, h_n, output.new_empty(output.shape[0], output.shape[1], 4 * hx.shape[1])
+    shape = (output.shape[0], output.shape[1], 4 * hx.shape[1]) if save_workspace else (0,)
+    return output, h_n, output.new_empty(shape)
 
 
 def layer_backward(input: Tensor, hx: Tensor, weight_ih: Tensor, weight_hh: Tensor,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from fastrnn import backends, reference
+from fastrnn import backends, cpp, reference
 from fastrnn.autograd import GRUFunction, RNNFunction
 
 # The C++ engine computes in float32 or float64; narrower floats are widened
@@ -22,14 +22,20 @@ _WIDENED = (torch.bfloat16, torch.float16)
 
 
 def _apply(function, engine: str, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh,
-           *flags):
+           *flags, gru: bool = False):
     dtype = x.dtype
     if engine == "cpp" and x.dtype in _WIDENED and h0.dtype == x.dtype and w_ih.dtype == x.dtype:
         x, h0, w_ih, w_hh, b_ih, b_hh = [t if t is None else t.float()
                                          for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
     # The Triton engine takes half types as they are but returns the float32
     # state it kept (and saves it for backward); both are narrowed here.
-    output, h_n = function.apply(x, h0, w_ih, w_hh, b_ih, b_hh, *flags)[:2]  # GRU: + workspace
+    tensors = (x, h0, w_ih, w_hh, b_ih, b_hh)
+    if (gru and engine == "cpp" and not (
+            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))):
+        # Inference: nothing for backward to keep, so the GRU's gates are not saved.
+        output, h_n, _ = cpp.gru_forward(*tensors, *flags, save_workspace=False)
+    else:
+        output, h_n = function.apply(*tensors, *flags)[:2]  # GRU: + workspace
     return output.to(dtype), h_n.to(dtype)
 
 
@@ -41,7 +47,7 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
 
 
 def _run_layer(function, reference_layer, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
-               b_ih, b_hh, *flags):
+               b_ih, b_hh, *flags, gru: bool = False):
     low = _autocast_dtype(x)
     if low is not None:
         # Like cuDNN's RNNs under autocast: the whole layer runs on inputs and
@@ -50,11 +56,11 @@ def _run_layer(function, reference_layer, x: Tensor, h0: Tensor, w_ih: Tensor, w
         # off inside so that the engine's own products are not recast.
         tensors = [t if t is None else t.to(low) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
         with torch.autocast(x.device.type, enabled=False):
-            return _run_layer(function, reference_layer, *tensors, *flags)
+            return _run_layer(function, reference_layer, *tensors, *flags, gru=gru)
     engine = backends.resolve(x.device)
     if engine == "reference":
         return reference_layer(x, h0, w_ih, w_hh, b_ih, b_hh, *flags)
-    return _apply(function, engine, x, h0, w_ih, w_hh, b_ih, b_hh, *flags)
+    return _apply(function, engine, x, h0, w_ih, w_hh, b_ih, b_hh, *flags, gru=gru)
 
 
 def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
@@ -75,7 +81,7 @@ def gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | 
               reverse: bool = False) -> tuple[Tensor, Tensor]:
     """One GRU layer in one direction; same contract as ``rnn_layer``."""
     return _run_layer(GRUFunction, reference.gru_layer, x, h0, w_ih, w_hh, b_ih, b_hh, lengths,
-                      reverse)
+                      reverse, gru=True)
 
 
 def _dropout(x: Tensor, p: float, lengths: Tensor | None) -> Tensor:

@@ -160,3 +160,50 @@ def test_batch_split_over_threads_with_packed_lengths(kind):
     hx = torch.randn(2, len(lengths), 48, dtype=torch.float64)
     assert_results_close(forward_backward(fast, x, hx, lengths=lengths),
                          forward_backward(reference, x, hx, lengths=lengths), torch.float64)
+
+
+INFERENCE_MODES = {
+    "no_grad": torch.no_grad,
+    "inference_mode": torch.inference_mode,
+    "frozen": None,  # grad enabled, but nothing requires it
+}
+
+
+@pytest.mark.parametrize("mode", list(INFERENCE_MODES))
+@pytest.mark.parametrize("input_kind", ["batched", "packed"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_inference_matches_torch_nn(kind, input_kind, mode):
+    # Without autograd the GRU skips saving its gates: same outputs as torch.nn.
+    torch_cls, fast_cls, kwargs = KINDS[kind]
+    reference, candidate = make_pair(torch_cls, fast_cls, INPUT_SIZE, HIDDEN_SIZE, num_layers=2,
+                                     bidirectional=True, dtype=torch.float64, **kwargs)
+    x, hx, lengths = make_inputs(input_kind, False, True, 2, True, torch.float64)
+    if lengths is not None:
+        x = nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+    context = INFERENCE_MODES[mode]
+    if context is None:
+        candidate.requires_grad_(False)
+    with context() if context else torch.enable_grad():
+        got_output, got_h = candidate(x, hx)
+    with torch.no_grad():
+        expected_output, expected_h = reference(x, hx)
+    if lengths is not None:
+        got_output, expected_output = got_output.data, expected_output.data
+    assert not got_output.requires_grad
+    assert_results_close({"output": got_output, "h_n": got_h},
+                         {"output": expected_output, "h_n": expected_h}, torch.float64)
+
+
+@pytest.mark.parametrize("lengths", [None, [3, 5, 1]], ids=["full", "lengths"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_gru_op_without_workspace(lengths, reverse):
+    # The engine op's inference form: the same output and state, no workspace.
+    generator = torch.Generator().manual_seed(2)
+    T, B, I, H = 5, 3, 4, 6
+    args = [torch.randn(shape, generator=generator)
+            for shape in [(T, B, I), (B, H), (3 * H, I), (3 * H, H), (3 * H,), (3 * H,)]]
+    lengths = None if lengths is None else torch.tensor(lengths)
+    output, h_n, workspace = torch.ops.fastrnn.gru_forward(*args, lengths, reverse)
+    bare = torch.ops.fastrnn.gru_forward(*args, lengths, reverse, save_workspace=False)
+    assert workspace.shape == (T, B, 4 * H) and bare[2].numel() == 0
+    assert torch.equal(bare[0], output) and torch.equal(bare[1], h_n)

@@ -17,8 +17,8 @@ constexpr int64_t kSaved = 4;
 
 // Units [0, n) of one sequence's update at one step; gate k of unit j sits
 // at k * H + j. p: input-side pre-activations, q: W_hh h; reads the state h,
-// writes the saved gates, the output and the new state.
-template <typename scalar_t>
+// writes the output, the new state and (when Save, for backward) the gates.
+template <typename scalar_t, bool Save>
 FASTRNN_INLINE void forward_row_body(const scalar_t* __restrict p, const scalar_t* __restrict q,
                                      const scalar_t* __restrict bias_hn,
                                      const scalar_t* __restrict h, scalar_t* __restrict saved,
@@ -30,10 +30,12 @@ FASTRNN_INLINE void forward_row_body(const scalar_t* __restrict p, const scalar_
     const scalar_t hn = q[2 * H + j] + bias_hn[j];
     const scalar_t c = cpu::tanh(p[2 * H + j] + r * hn);
     const scalar_t v = (h[j] - c) * z + c;
-    saved[j] = r;
-    saved[H + j] = z;
-    saved[2 * H + j] = c;
-    saved[3 * H + j] = hn;
+    if constexpr (Save) {
+      saved[j] = r;
+      saved[H + j] = z;
+      saved[2 * H + j] = c;
+      saved[3 * H + j] = hn;
+    }
     out[j] = v;
     next[j] = v;
   }
@@ -42,16 +44,23 @@ FASTRNN_INLINE void forward_row_body(const scalar_t* __restrict p, const scalar_
 FASTRNN_MULTIVERSION void forward_row_f32(const float* p, const float* q, const float* bias_hn,
                                           const float* h, float* saved, float* out, float* next,
                                           int64_t n, int64_t H) {
-  forward_row_body(p, q, bias_hn, h, saved, out, next, n, H);
+  if (saved) {
+    forward_row_body<float, true>(p, q, bias_hn, h, saved, out, next, n, H);
+  } else {
+    forward_row_body<float, false>(p, q, bias_hn, h, saved, out, next, n, H);
+  }
 }
 
+// saved null: the gates are not kept (inference).
 template <typename scalar_t>
 void forward_row(const scalar_t* p, const scalar_t* q, const scalar_t* bias_hn, const scalar_t* h,
                  scalar_t* saved, scalar_t* out, scalar_t* next, int64_t n, int64_t H) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     forward_row_f32(p, q, bias_hn, h, saved, out, next, n, H);
+  } else if (saved) {
+    forward_row_body<scalar_t, true>(p, q, bias_hn, h, saved, out, next, n, H);
   } else {
-    forward_row_body(p, q, bias_hn, h, saved, out, next, n, H);
+    forward_row_body<scalar_t, false>(p, q, bias_hn, h, saved, out, next, n, H);
   }
 }
 
@@ -63,13 +72,14 @@ at::Tensor forward_steps(const at::Tensor& proj, const at::Tensor& weight_hh,
   const int64_t T = proj.size(0), H = hx.size(1);
   const scalar_t* p = proj.const_data_ptr<scalar_t>();
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
-  scalar_t* ws = workspace.mutable_data_ptr<scalar_t>();
+  scalar_t* ws = workspace.numel() ? workspace.mutable_data_ptr<scalar_t>() : nullptr;
   return sweep_forward<scalar_t>(
       weight_hh, hx.clone(at::MemoryFormat::Contiguous), map, T,
       [&](int64_t row, int64_t j0, int64_t j1, const scalar_t* q, const scalar_t* h,
           scalar_t* next) {
         forward_row(p + row * 3 * H + j0, q + j0, bias_hn + j0, h + j0,
-                    ws + row * kSaved * H + j0, out + row * H + j0, next + j0, j1 - j0, H);
+                    ws ? ws + row * kSaved * H + j0 : nullptr, out + row * H + j0, next + j0,
+                    j1 - j0, H);
       });
 }
 
@@ -145,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
     const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& lengths,
-    bool reverse) {
+    bool reverse, bool save_workspace) {
   const auto s = check_layer_args(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, 3);
   const auto w_hh = weight_hh.contiguous();
   // b_hr and b_hz add straight to the pre-activations, so they join the input
@@ -162,7 +172,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward(
   const StepMap map(s.T, s.B, lengths, reverse);
   auto output = map.has_lengths() ? at::zeros({s.T, s.B, s.H}, input.options())
                                   : at::empty({s.T, s.B, s.H}, input.options());
-  auto workspace = at::empty({s.T, s.B, kSaved * s.H}, input.options());
+  auto workspace = save_workspace ? at::empty({s.T, s.B, kSaved * s.H}, input.options())
+                                  : at::empty({0}, input.options());
   at::Tensor state;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::gru_forward", [&] {
     state = forward_steps<scalar_t>(proj, w_hh, bias_hn.const_data_ptr<scalar_t>(), output, hx,
