@@ -90,12 +90,19 @@ class GRUFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(workspace)
         ctx.save_for_backward(x, h0, w_ih, w_hh, out, workspace, lengths)
         ctx.engine, ctx.reverse = _engine(x.device), reverse
+        # Otherwise autograd would hand backward a zero gradient as large as
+        # the workspace; the two it needs are made in backward when unused.
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output, grad_hy, _grad_workspace):
         """The engine's backward-through-time sweep, then the weight GEMMs."""
         x, h0, w_ih, w_hh, output, workspace, lengths = ctx.saved_tensors
+        if grad_output is None:
+            grad_output = torch.zeros_like(output)
+        if grad_hy is None:
+            grad_hy = torch.zeros(h0.shape, dtype=output.dtype, device=output.device)
         grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = ctx.engine.gru_backward(
             grad_output, grad_hy, x, h0, w_ih, w_hh, output, workspace, lengths, ctx.reverse,
             ctx.needs_input_grad[0])

@@ -207,3 +207,22 @@ def test_gru_op_without_workspace(lengths, reverse):
     bare = torch.ops.fastrnn.gru_forward(*args, lengths, reverse, save_workspace=False)
     assert workspace.shape == (T, B, 4 * H) and bare[2].numel() == 0
     assert torch.equal(bare[0], output) and torch.equal(bare[1], h_n)
+
+
+@pytest.mark.parametrize("used", ["output", "h_n"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_gradients_through_one_output(kind, used):
+    # A loss on output alone (or h_n alone): the other output gets no
+    # gradient, which backward must treat as zero.
+    torch_cls, fast_cls, kwargs = KINDS[kind]
+    reference, candidate = make_pair(torch_cls, fast_cls, INPUT_SIZE, HIDDEN_SIZE, num_layers=2,
+                                     bidirectional=True, dtype=torch.float64, **kwargs)
+    x, _, _ = make_inputs("batched", False, False, 2, True, torch.float64)
+    grads = []
+    for module in (reference, candidate):
+        leaf = x.clone().requires_grad_(True)
+        output, h_n = module(leaf)
+        loss = (output if used == "output" else h_n).sin().sum()
+        grads.append(torch.autograd.grad(loss, [leaf, *module.parameters()]))
+    for expected, got in zip(*grads):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)

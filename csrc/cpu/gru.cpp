@@ -16,19 +16,22 @@ namespace {
 constexpr int64_t kSaved = 4;
 
 // Units [0, n) of one sequence's update at one step; gate k of unit j sits
-// at k * H + j. p: input-side pre-activations, q: W_hh h; reads the state h,
-// writes the output, the new state and (when Save, for backward) the gates.
+// at k * H + j. Reads the input-side pre-activations (from p, or when Save
+// from the workspace row, where the projection was written) and q = W_hh h
+// and the state h; writes the output, the new state and, when Save, the
+// gates backward needs over the pre-activations it read.
 template <typename scalar_t, bool Save>
 FASTRNN_INLINE void forward_row_body(const scalar_t* __restrict p, const scalar_t* __restrict q,
                                      const scalar_t* __restrict bias_hn,
                                      const scalar_t* __restrict h, scalar_t* __restrict saved,
                                      scalar_t* __restrict out, scalar_t* __restrict next,
                                      int64_t n, int64_t H) {
+  const scalar_t* __restrict pre = Save ? saved : p;
   for (int64_t j = 0; j < n; ++j) {
-    const scalar_t r = sigmoid(p[j] + q[j]);
-    const scalar_t z = sigmoid(p[H + j] + q[H + j]);
+    const scalar_t r = sigmoid(pre[j] + q[j]);
+    const scalar_t z = sigmoid(pre[H + j] + q[H + j]);
     const scalar_t hn = q[2 * H + j] + bias_hn[j];
-    const scalar_t c = cpu::tanh(p[2 * H + j] + r * hn);
+    const scalar_t c = cpu::tanh(pre[2 * H + j] + r * hn);
     const scalar_t v = (h[j] - c) * z + c;
     if constexpr (Save) {
       saved[j] = r;
@@ -51,7 +54,7 @@ FASTRNN_MULTIVERSION void forward_row_f32(const float* p, const float* q, const 
   }
 }
 
-// saved null: the gates are not kept (inference).
+// saved null: inference, the pre-activations come from p and no gates are kept.
 template <typename scalar_t>
 void forward_row(const scalar_t* p, const scalar_t* q, const scalar_t* bias_hn, const scalar_t* h,
                  scalar_t* saved, scalar_t* out, scalar_t* next, int64_t n, int64_t H) {
@@ -64,20 +67,22 @@ void forward_row(const scalar_t* p, const scalar_t* q, const scalar_t* bias_hn, 
   }
 }
 
-// Runs the time loop; returns the final state.
+// Runs the time loop; returns the final state. With a workspace, the input
+// projection sits in each of its rows (first 3H) and is overwritten by the
+// step's gates; without one, it comes from proj.
 template <typename scalar_t>
 at::Tensor forward_steps(const at::Tensor& proj, const at::Tensor& weight_hh,
                          const scalar_t* bias_hn, at::Tensor& output, const at::Tensor& hx,
                          at::Tensor& workspace, const StepMap& map) {
-  const int64_t T = proj.size(0), H = hx.size(1);
-  const scalar_t* p = proj.const_data_ptr<scalar_t>();
+  const int64_t T = output.size(0), H = hx.size(1);
+  const scalar_t* p = proj.defined() ? proj.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
   scalar_t* ws = workspace.numel() ? workspace.mutable_data_ptr<scalar_t>() : nullptr;
   return sweep_forward<scalar_t>(
       weight_hh, hx.clone(at::MemoryFormat::Contiguous), map, T,
       [&](int64_t row, int64_t j0, int64_t j1, const scalar_t* q, const scalar_t* h,
           scalar_t* next) {
-        forward_row(p + row * 3 * H + j0, q + j0, bias_hn + j0, h + j0,
+        forward_row(p ? p + row * 3 * H + j0 : nullptr, q + j0, bias_hn + j0, h + j0,
                     ws ? ws + row * kSaved * H + j0 : nullptr, out + row * H + j0, next + j0,
                     j1 - j0, H);
       });
@@ -168,12 +173,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward(
     bias = bias.has_value() && bias->defined() ? *bias + folded : folded;
     bias_hn = bias_hh->narrow(0, 2 * s.H, s.H).contiguous();
   }
-  const auto proj = project_input(input.contiguous(), weight_ih, bias);
+  auto workspace = save_workspace ? at::empty({s.T, s.B, kSaved * s.H}, input.options())
+                                  : at::empty({0}, input.options());
+  // Training writes the projection straight into the workspace rows, where
+  // each step overwrites it with its gates: no separate (T, B, 3H) buffer.
+  at::Tensor proj;
+  if (save_workspace) {
+    project_input(input.contiguous(), weight_ih, bias,
+                  workspace.view({s.T * s.B, kSaved * s.H}).narrow(1, 0, 3 * s.H));
+  } else {
+    proj = project_input(input.contiguous(), weight_ih, bias);
+  }
   const StepMap map(s.T, s.B, lengths, reverse);
   auto output = map.has_lengths() ? at::zeros({s.T, s.B, s.H}, input.options())
                                   : at::empty({s.T, s.B, s.H}, input.options());
-  auto workspace = save_workspace ? at::empty({s.T, s.B, kSaved * s.H}, input.options())
-                                  : at::empty({0}, input.options());
   at::Tensor state;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::gru_forward", [&] {
     state = forward_steps<scalar_t>(proj, w_hh, bias_hn.const_data_ptr<scalar_t>(), output, hx,

@@ -110,11 +110,26 @@ StepMap::StepMap(int64_t T, int64_t B, const std::optional<at::Tensor>& lengths,
 }
 
 at::Tensor project_input(const at::Tensor& input, const at::Tensor& weight_ih,
-                         const std::optional<at::Tensor>& bias) {
-  const auto x2d = input.reshape({input.size(0) * input.size(1), input.size(2)});
-  const auto proj = bias.has_value() && bias->defined() ? at::addmm(*bias, x2d, weight_ih.t())
-                                                        : at::mm(x2d, weight_ih.t());
-  return proj.view({input.size(0), input.size(1), weight_ih.size(0)});
+                         const std::optional<at::Tensor>& bias, at::Tensor out) {
+  const auto x2d = input.reshape({input.size(0) * input.size(1), input.size(2)}).contiguous();
+  const auto w = weight_ih.contiguous();
+  const int64_t rows = x2d.size(0), I = x2d.size(1), G = w.size(0);
+  if (!out.defined()) {
+    out = at::empty({rows, G}, input.options());
+  }
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    out.copy_(bias->expand({rows, G}));
+  }
+  // The BLAS writes into strided rows in place, where at::addmm_out would
+  // compute into a contiguous temporary and copy.
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::project_input", [&] {
+    // Column-major: out^T (G x rows) = W_ih (G x I) x^T (I x rows) [+ out^T].
+    gemm<scalar_t>(true, false, G, rows, I, w.const_data_ptr<scalar_t>(), I,
+                   x2d.const_data_ptr<scalar_t>(), I, scalar_t(has_bias ? 1 : 0),
+                   out.mutable_data_ptr<scalar_t>(), out.stride(0));
+  });
+  return out;
 }
 
 at::Tensor previous_states(const at::Tensor& output, const at::Tensor& hx, const StepMap& map,

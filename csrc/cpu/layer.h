@@ -66,9 +66,10 @@ class StepMap {
 };
 
 // x (T, B, I) times W_ih^T plus an optional bias: the input projection of
-// every step as one GEMM. Returns (T, B, G).
+// every step as one GEMM, (T, B, G). Written into `out` ((T * B, G), its
+// rows may be strided) when given, else into a new tensor, which is returned.
 at::Tensor project_input(const at::Tensor& input, const at::Tensor& weight_ih,
-                         const std::optional<at::Tensor>& bias);
+                         const std::optional<at::Tensor>& bias, at::Tensor out = {});
 
 // The state each step started from, in time order: (T, B, H). Entries at
 // padded positions are zero.

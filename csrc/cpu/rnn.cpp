@@ -32,48 +32,47 @@ inline scalar_t activation_grad(scalar_t h) {
   }
 }
 
-// Units [0, n) of one sequence's update at one step: out = next = act(p + q).
+// Units [0, n) of one sequence's update at one step: out holds the input
+// projection p and becomes out = next = act(p + q).
 template <typename scalar_t, bool Relu>
-FASTRNN_INLINE void forward_row_body(const scalar_t* __restrict p, const scalar_t* __restrict q,
-                                     scalar_t* __restrict out, scalar_t* __restrict next,
-                                     int64_t n) {
+FASTRNN_INLINE void forward_row_body(const scalar_t* __restrict q, scalar_t* __restrict out,
+                                     scalar_t* __restrict next, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
-    const scalar_t v = activation<scalar_t, Relu>(p[j] + q[j]);
+    const scalar_t v = activation<scalar_t, Relu>(out[j] + q[j]);
     out[j] = v;
     next[j] = v;
   }
 }
 
-FASTRNN_MULTIVERSION void forward_row_f32(const float* p, const float* q, float* out, float* next,
-                                          int64_t n, bool relu) {
+FASTRNN_MULTIVERSION void forward_row_f32(const float* q, float* out, float* next, int64_t n,
+                                          bool relu) {
   if (relu) {
-    forward_row_body<float, true>(p, q, out, next, n);
+    forward_row_body<float, true>(q, out, next, n);
   } else {
-    forward_row_body<float, false>(p, q, out, next, n);
+    forward_row_body<float, false>(q, out, next, n);
   }
 }
 
 template <typename scalar_t, bool Relu>
-void forward_row(const scalar_t* p, const scalar_t* q, scalar_t* out, scalar_t* next, int64_t n) {
+void forward_row(const scalar_t* q, scalar_t* out, scalar_t* next, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    forward_row_f32(p, q, out, next, n, Relu);
+    forward_row_f32(q, out, next, n, Relu);
   } else {
-    forward_row_body<scalar_t, Relu>(p, q, out, next, n);
+    forward_row_body<scalar_t, Relu>(q, out, next, n);
   }
 }
 
-// Runs the time loop; returns the final state.
+// Runs the time loop over output, which holds the input projection and is
+// overwritten step by step with the states; returns the final state.
 template <typename scalar_t, bool Relu>
-at::Tensor forward_steps(const at::Tensor& proj, const at::Tensor& weight_hh, at::Tensor& output,
-                         const at::Tensor& hx, const StepMap& map) {
-  const int64_t T = proj.size(0), H = hx.size(1);
-  const scalar_t* p = proj.const_data_ptr<scalar_t>();
+at::Tensor forward_steps(const at::Tensor& weight_hh, at::Tensor& output, const at::Tensor& hx,
+                         const StepMap& map) {
+  const int64_t T = output.size(0), H = hx.size(1);
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
   return sweep_forward<scalar_t>(
       weight_hh, hx.clone(at::MemoryFormat::Contiguous), map, T,
       [&](int64_t row, int64_t j0, int64_t j1, const scalar_t* q, const scalar_t*, scalar_t* next) {
-        forward_row<scalar_t, Relu>(p + row * H + j0, q + j0, out + row * H + j0, next + j0,
-                                    j1 - j0);
+        forward_row<scalar_t, Relu>(q + j0, out + row * H + j0, next + j0, j1 - j0);
       });
 }
 
@@ -122,16 +121,20 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(
     bool reverse, bool relu) {
   const auto s = check_layer_args(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, 1);
   const auto w_hh = weight_hh.contiguous();
-  const auto proj = project_input(input.contiguous(), weight_ih, combined_bias(bias_ih, bias_hh));
+  // The projection is computed into the output, which each step then
+  // overwrites with its state: no separate (T, B, H) buffer.
+  auto output = project_input(input.contiguous(), weight_ih, combined_bias(bias_ih, bias_hh))
+                    .view({s.T, s.B, s.H});
   const StepMap map(s.T, s.B, lengths, reverse);
-  // Positions past a sequence's end stay zero.
-  auto output = map.has_lengths() ? at::zeros({s.T, s.B, s.H}, input.options())
-                                  : at::empty({s.T, s.B, s.H}, input.options());
   at::Tensor state;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::rnn_forward", [&] {
-    state = relu ? forward_steps<scalar_t, true>(proj, w_hh, output, hx, map)
-                 : forward_steps<scalar_t, false>(proj, w_hh, output, hx, map);
+    state = relu ? forward_steps<scalar_t, true>(w_hh, output, hx, map)
+                 : forward_steps<scalar_t, false>(w_hh, output, hx, map);
   });
+  // Positions past a sequence's end still hold their projection: they are zero.
+  for (int64_t b = 0; map.has_lengths() && b < s.B; ++b) {
+    output.narrow(0, map.length(b), s.T - map.length(b)).select(1, b).zero_();
+  }
   return {output, state};
 }
 
