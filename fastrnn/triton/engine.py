@@ -162,7 +162,7 @@ def plan(cell: int, B: int, H: int, dtype: torch.dtype, device: torch.device) ->
     # backward apart (tests/triton_aot.py checks each one).
     wide = 16 if gates == 3 or block_h >= 128 else 8
     tile = make("tile", 1 if gemv else 16, block_h, block_h, not gemv,
-                4 if gemv else (16 if form == "fp32" else wide),
+                2 if gemv else (16 if form == "fp32" else wide),
                 backward_warps=4 if gemv or form == "fp32" else wide)
     stepwise = make("stepwise", 16, 32, 32, False, 4)
     # Persistent split: every program must be resident for the grid barrier.

@@ -56,7 +56,9 @@ def tile_fwd_kernel(P, W, B_HN, H0, LENGTHS, OUT, H_N, WS, T, B, H, reverse,
         at = (t * B + rows)[:, None]
         mask = active[:, None] & unit_ok[None, :]
         p = P + at * G + units[None, :]
-        operand = h.to(DOT_DTYPE)
+        # Padded units enter the product as 0: with an infinite state they
+        # hold 0 * inf = NaN (zero weights times it), which would spread.
+        operand = tl.where(unit_ok[None, :], h, 0.0).to(DOT_DTYPE)
         if CELL == GRU:
             h_new, r, z, n, hn = gru_update(
                 tl.load(p, mask=mask, other=0.0).to(STATE_DTYPE),
@@ -72,9 +74,7 @@ def tile_fwd_kernel(P, W, B_HN, H0, LENGTHS, OUT, H_N, WS, T, B, H, reverse,
             h_new = rnn_update(pre + matmul(operand, w, USE_DOT, PRECISION).to(STATE_DTYPE),
                                CELL)
         tl.store(OUT + at * H + units[None, :], h_new.to(OUT.dtype.element_ty), mask=mask)
-        # Padded units stay 0: a product with an infinite state gives 0 * inf
-        # = NaN there, which the next product would spread to every unit.
-        h = tl.where(active[:, None] & unit_ok[None, :], h_new, h)
+        h = tl.where(active[:, None], h_new, h)
     tl.store(H_N + own, h.to(H_N.dtype.element_ty), mask=own_ok)
 
 
