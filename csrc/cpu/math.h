@@ -10,9 +10,13 @@
 #include <cstdint>
 #include <cstring>
 
-// The float row kernels are also compiled for AVX2 and the best version
-// is picked when the library loads.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// The float row kernels are also compiled for x86-64-v3 (AVX2 + FMA) and
+// x86-64-v4 (AVX-512), and the best version the CPU runs is picked when
+// the library loads (GCC before 11 knows no such levels: AVX2 there).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define FASTRNN_MULTIVERSION \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FASTRNN_MULTIVERSION __attribute__((target_clones("avx2", "default")))
 #else
 #define FASTRNN_MULTIVERSION
