@@ -79,7 +79,7 @@ at::Tensor forward_steps(const at::Tensor& proj, const at::Tensor& weight_hh,
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
   scalar_t* ws = workspace.numel() ? workspace.mutable_data_ptr<scalar_t>() : nullptr;
   return sweep_forward<scalar_t>(
-      weight_hh, hx.clone(at::MemoryFormat::Contiguous), map, T,
+      weight_hh, hx, map, T,
       [&](int64_t row, int64_t j0, int64_t j1, const scalar_t* q, const scalar_t* h,
           scalar_t* next) {
         forward_row(p ? p + row * 3 * H + j0 : nullptr, q + j0, bias_hn + j0, h + j0,

@@ -66,8 +66,8 @@ class StepMap {
 };
 
 // x (T, B, I) times W_ih^T plus an optional bias: the input projection of
-// every step as one GEMM, (T, B, G). Written into `out` ((T * B, G), its
-// rows may be strided) when given, else into a new tensor, which is returned.
+// every step as one GEMM, as (T * B, G) rows. Written into `out` (its rows
+// may be strided) when given, else into a new tensor; returns it.
 at::Tensor project_input(const at::Tensor& input, const at::Tensor& weight_ih,
                          const std::optional<at::Tensor>& bias, at::Tensor out = {});
 
@@ -88,18 +88,12 @@ struct Block {
 // each thread multiplies the whole batch by its slice of W_hh, which stays
 // in its cache, where a split by rows would leave each thread too few rows
 // for an efficient product.
-constexpr int64_t kUnitBlock = 16;
-constexpr int64_t kMinRowsPerThread = 32;
-
-inline bool split_by_rows(int64_t B) {
-  return B >= kMinRowsPerThread * at::get_num_threads();
-}
-
 template <typename F>
-inline void parallel_blocks(int64_t B, int64_t H, int64_t work_per_row, bool by_rows,
-                            const F& fn) {
+inline void parallel_blocks(int64_t B, int64_t H, int64_t work_per_row, const F& fn) {
   constexpr int64_t kMinWork = 16384;
-  if (by_rows) {
+  constexpr int64_t kUnitBlock = 16;
+  constexpr int64_t kMinRowsPerThread = 32;
+  if (B >= kMinRowsPerThread * at::get_num_threads()) {
     const int64_t grain = std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_row));
     at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) { fn(Block{b0, b1, 0, H}); });
     return;
@@ -222,14 +216,14 @@ inline void copy_units(const scalar_t* from, scalar_t* to, int64_t G, int64_t H,
 // the next is written. A sequence past its end holds its state. Returns
 // the final state.
 template <typename scalar_t, typename RowFn>
-at::Tensor sweep_forward(const at::Tensor& weight_hh, at::Tensor state, const StepMap& map,
+at::Tensor sweep_forward(const at::Tensor& weight_hh, const at::Tensor& hx, const StepMap& map,
                          int64_t T, const RowFn& row_fn) {
-  const int64_t B = state.size(0), H = state.size(1), G = weight_hh.size(0);
+  const int64_t B = hx.size(0), H = hx.size(1), G = weight_hh.size(0);
+  auto state = hx.clone(at::MemoryFormat::Contiguous);
   auto hh = at::empty({B, G}, state.options());
   auto next = at::empty_like(state);
   const scalar_t* w = weight_hh.const_data_ptr<scalar_t>();
   scalar_t* q = hh.mutable_data_ptr<scalar_t>();
-  const bool by_rows = split_by_rows(B);
   for (int64_t s = 0; s < T; ++s) {
     const int64_t rows = map.rows(s);
     if (rows == 0) {
@@ -237,7 +231,7 @@ at::Tensor sweep_forward(const at::Tensor& weight_hh, at::Tensor state, const St
     }
     const scalar_t* h = state.const_data_ptr<scalar_t>();
     scalar_t* hn = next.mutable_data_ptr<scalar_t>();
-    parallel_blocks(B, H, G * H, by_rows, [&](const Block& k) {
+    parallel_blocks(B, H, G * H, [&](const Block& k) {
       mm_block(q, h, w, G, H, rows, k);
       for (int64_t b = k.b0; b < k.b1; ++b) {
         if (map.active(s, b)) {
@@ -280,7 +274,6 @@ at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::
   const scalar_t* w = weight_hh.const_data_ptr<scalar_t>();
   const scalar_t* pending = nullptr;  // the later step's grad_hh rows
   int64_t pending_rows = 0;
-  const bool by_rows = split_by_rows(B);
   for (int64_t s = T - 1; s >= 0; --s) {
     const int64_t rows = map.rows(s);
     if (rows == 0) {
@@ -290,7 +283,7 @@ at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::
     scalar_t* cp = carry.mutable_data_ptr<scalar_t>();
     scalar_t* sb = gathered.defined() ? gathered.mutable_data_ptr<scalar_t>() + (s & 1) * B * G
                                       : nullptr;
-    parallel_blocks(B, H, G * H, by_rows, [&](const Block& k) {
+    parallel_blocks(B, H, G * H, [&](const Block& k) {
       if (pending) {
         addmm_block(dhp, pending, w, G, H, pending_rows, k);
       }
@@ -317,7 +310,7 @@ at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::
   }
   if (pending) {
     scalar_t* dhp = dh.mutable_data_ptr<scalar_t>();
-    parallel_blocks(B, H, G * H, by_rows, [&](const Block& k) {
+    parallel_blocks(B, H, G * H, [&](const Block& k) {
       addmm_block(dhp, pending, w, G, H, pending_rows, k);
     });
   }

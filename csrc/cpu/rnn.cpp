@@ -70,7 +70,7 @@ at::Tensor forward_steps(const at::Tensor& weight_hh, at::Tensor& output, const 
   const int64_t T = output.size(0), H = hx.size(1);
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
   return sweep_forward<scalar_t>(
-      weight_hh, hx.clone(at::MemoryFormat::Contiguous), map, T,
+      weight_hh, hx, map, T,
       [&](int64_t row, int64_t j0, int64_t j1, const scalar_t* q, const scalar_t*, scalar_t* next) {
         forward_row<scalar_t, Relu>(q + j0, out + row * H + j0, next + j0, j1 - j0);
       });
