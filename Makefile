@@ -3,6 +3,11 @@
 #   make bench   compare fastrnn with torch.nn on this machine (python -m fastrnn.bench;
 #                options through BENCH_ARGS, e.g. make bench BENCH_ARGS=--quick)
 #   make test    run the test suite
+# and one for a CUDA machine:
+#   make gpu-check   the device check (bench/gpu_check.py) with the machine's own python3:
+#                    build, the CUDA tests, the benchmark against cuDNN; files under $OUT.
+#                    DEVICE=cpu runs the same command on CPU in .venv (Triton interpreter,
+#                    tiny grid); GPU_CHECK_ARGS=--quick is the short form.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,13 +15,23 @@ ENV_STAMP := $(VENV)/.requirements-installed
 EXT_STAMP := build/.extension-built
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h')
 
-.PHONY: test bench build clean
+DEVICE ?= cuda
+
+.PHONY: test bench build clean gpu-check
 
 test: build
 	$(PY) -m pytest tests
 
 bench: build
 	$(PY) -m fastrnn.bench $(BENCH_ARGS)
+
+ifeq ($(DEVICE),cpu)
+gpu-check: build
+	$(PY) bench/gpu_check.py --device cpu $(GPU_CHECK_ARGS)
+else
+gpu-check:
+	$(PYTHON) bench/gpu_check.py --device $(DEVICE) $(GPU_CHECK_ARGS)
+endif
 
 build: $(EXT_STAMP)
 

@@ -44,6 +44,20 @@ TOLERANCES = {
 # Where the Triton engine's tests run: the GPU when there is one, else CPU
 # tensors under the Triton interpreter.
 TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if torch.cuda.is_available():
+    # cuDNN's float32 RNNs would otherwise run their products in TF32, ten
+    # bits of mantissa: no reference at float32 tolerances.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+# Tests marked `cuda` run on a CUDA device when one is present (the device
+# check, `make gpu-check`, selects them with `-m cuda`): those taking the
+# `device` parameter run once per device, the CUDA case skipped without one;
+# the Triton engine's (on TRITON_DEVICE) run on the GPU or the interpreter.
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+on_cuda = [pytest.mark.cuda, needs_cuda]
+device_param = pytest.mark.parametrize(
+    "device", [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=on_cuda)])
 
 # Module kinds under test: (torch.nn class, fastrnn class, extra constructor kwargs).
 KINDS = {
@@ -107,7 +121,8 @@ def forward_backward(module, x, hx=None, lengths=None, batch_first=False, grad_s
                      upstream_dtype=None):
     """Run ``module`` forward and backward and collect everything of interest.
 
-    ``x`` and ``hx`` are copied into fresh leaves that require grad. When
+    ``x`` and ``hx`` are copied into fresh leaves on the module's device
+    that require grad. When
     ``lengths`` is given, ``x`` is packed with
     ``pack_padded_sequence(..., enforce_sorted=False)`` before the call and
     the input gradient is taken with respect to the padded tensor.
@@ -120,7 +135,8 @@ def forward_backward(module, x, hx=None, lengths=None, batch_first=False, grad_s
     metadata when relevant, ``grad_input``, ``grad_hx`` (when hx is given)
     and ``grad_<name>`` for every named parameter.
     """
-    x = x.detach().clone().requires_grad_(True)
+    device = next(module.parameters()).device
+    x = x.detach().to(device).clone().requires_grad_(True)
     leaves = {"input": x}
     args = []
     if lengths is not None:
@@ -129,7 +145,7 @@ def forward_backward(module, x, hx=None, lengths=None, batch_first=False, grad_s
     else:
         args.append(x)
     if hx is not None:
-        hx = hx.detach().clone().requires_grad_(True)
+        hx = hx.detach().to(device).clone().requires_grad_(True)
         leaves["hx"] = hx
         args.append(hx)
 
@@ -164,13 +180,14 @@ def forward_backward(module, x, hx=None, lengths=None, batch_first=False, grad_s
 
 
 def assert_results_close(actual, expected, dtype):
-    """Compare two dicts produced by :func:`forward_backward`."""
+    """Compare two dicts produced by :func:`forward_backward`, on any devices."""
     assert sorted(actual) == sorted(expected)
     for key, value in expected.items():
         got = actual[key]
         if value is None:
             assert got is None, key
             continue
+        got, value = got.cpu(), value.cpu()
         if key in ("batch_sizes", "sorted_indices", "unsorted_indices"):
             assert torch.equal(got, value), f"{key}: {got} != {value}"
             continue

@@ -13,11 +13,10 @@ import torch
 import torch.nn as nn
 
 import fastrnn
-from conftest import TOLERANCES, TRITON_DEVICE, requires_triton
+from conftest import TOLERANCES, TRITON_DEVICE, needs_cuda, requires_triton
 
 MODULES = {"RNN": (nn.RNN, fastrnn.RNN), "GRU": (nn.GRU, fastrnn.GRU)}
 CELLS = {"RNNCell": (nn.RNNCell, fastrnn.RNNCell), "GRUCell": (nn.GRUCell, fastrnn.GRUCell)}
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _check(classes, args, x, device_type, dtype, hx=None, **kwargs):
@@ -94,6 +93,7 @@ def test_autocast_off_inside_keeps_float32():
 
 
 @requires_triton
+@pytest.mark.cuda
 def test_triton_engine_bfloat16():
     """The Triton engine under autocast (on CPU: the interpreter)."""
     x = torch.randn(7, 3, 6, device=TRITON_DEVICE)
@@ -101,9 +101,10 @@ def test_triton_engine_bfloat16():
         _check(MODULES["GRU"], (6, 16), x, TRITON_DEVICE.type, torch.bfloat16)
 
 
-@CUDA
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("kind", sorted(MODULES))
+@pytest.mark.cuda
+@needs_cuda
 def test_cuda_modules(kind, dtype):
     _check(MODULES[kind], (6, 64), torch.randn(50, 8, 6, device="cuda"), "cuda", dtype,
            num_layers=2, bidirectional=True)

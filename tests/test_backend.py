@@ -131,6 +131,7 @@ def test_backend_restored_after_exception():
         module(x)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_forcing_cpp_on_cuda_raises():
     module = small_gru().cuda()

@@ -103,6 +103,7 @@ def test_whole_model_with_inductor():
 
 
 @requires_triton
+@pytest.mark.cuda
 @pytest.mark.parametrize("kind", ["RNN_tanh", "GRU"])
 def test_triton_engine_compiles_to_one_graph(kind):
     """The Triton layer ops are custom operators too (on CPU: the interpreter)."""

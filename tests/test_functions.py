@@ -13,7 +13,7 @@ import torch.nn as nn
 import fastrnn
 import fastrnn.autograd
 import fastrnn.reference
-from conftest import assert_close, dtype_id
+from conftest import assert_close, device_param, dtype_id
 
 # (name, number of gate blocks, nonlinearity or None for GRU)
 CELLS = [("RNN_tanh", 1, "tanh"), ("RNN_relu", 1, "relu"), ("GRU", 3, None)]
@@ -61,11 +61,14 @@ bias_param = pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bia
 @lengths_param
 @reverse_param
 @bias_param
-def test_gradcheck(cell, lengths, reverse, bias):
+@device_param
+def test_gradcheck(cell, lengths, reverse, bias, device):
     _, gates, nonlinearity = cell
     x, h0, w_ih, w_hh, b_ih, b_hh, lengths_t = make_args(
         gates, T=4, B=3, I=3, H=4, bias=bias, lengths=lengths, dtype=torch.float64, seed=7
     )
+    x, h0, w_ih, w_hh, b_ih, b_hh = [None if t is None else t.detach().to(device).requires_grad_()
+                                     for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
 
     def fn(x, h0, w_ih, w_hh, b_ih, b_hh):
         return apply_function(nonlinearity, x, h0, w_ih, w_hh, b_ih, b_hh, lengths_t, reverse)

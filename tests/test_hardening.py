@@ -31,6 +31,7 @@ from conftest import (
     assert_results_close,
     assert_same_exception,
     copy_weights,
+    device_param,
     forward_backward,
     make_pair,
     random_like_shape,
@@ -672,7 +673,7 @@ PACKED_LENGTHS = [6, 4, 5]
 LAYOUTS = {"stacked": {}, "bidirectional_packed": {"bidirectional": True}}
 
 
-def run_extreme_case(kind, dtype, case, layout):
+def run_extreme_case(kind, dtype, case, layout, device="cpu"):
     torch_cls, fast_cls, kwargs = KINDS[kind]
     extra = LAYOUTS[layout]
     directions = 2 if extra.get("bidirectional") else 1
@@ -684,7 +685,7 @@ def run_extreme_case(kind, dtype, case, layout):
     x, hx = EXTREME_CASES[case]([reference, candidate], x, hx)
     lengths = PACKED_LENGTHS if layout == "bidirectional_packed" else None
     expected = forward_backward(reference, x, hx, lengths=lengths)
-    got = forward_backward(candidate, x, hx, lengths=lengths)
+    got = on_cpu(forward_backward(candidate.to(device), x, hx, lengths=lengths))
     exact = None
     if dtype == torch.float32 and case in ILL_CONDITIONED:
         exact = forward_backward(copy.deepcopy(reference).double(), x.double(), hx.double(),
@@ -696,10 +697,17 @@ def run_extreme_case(kind, dtype, case, layout):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("case", list(EXTREME_CASES))
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_extreme_values(kind, dtype, case, layout):
-    run_extreme_case(kind, dtype, case, layout)
+@device_param
+def test_extreme_values(kind, dtype, case, layout, device):
+    run_extreme_case(kind, dtype, case, layout, device)
 
 
+def on_cpu(result):
+    """A forward_backward result with every tensor moved to the CPU."""
+    return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in result.items()}
+
+
+@pytest.mark.cuda
 @pytest.mark.skipif(fastrnn.backends.triton_unavailable_reason(TRITON_DEVICE) is not None,
                     reason="the Triton engine cannot run here")
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -727,19 +735,21 @@ CELL_EXTREME_CASES = {
 @pytest.mark.parametrize("kind", list(CELL_KINDS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("case", list(CELL_EXTREME_CASES))
-def test_cell_extreme_values(kind, dtype, case):
+@device_param
+def test_cell_extreme_values(kind, dtype, case, device):
     torch_cls, fast_cls, kwargs = CELL_KINDS[kind]
     reference, candidate = make_pair(torch_cls, fast_cls, I, H, dtype=dtype, **kwargs)
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(B, I, dtype=dtype, generator=gen)
     hx = torch.randn(B, H, dtype=dtype, generator=gen)
     x, hx = CELL_EXTREME_CASES[case]([reference, candidate], x, hx)
-    assert_matches_torch(forward_backward(candidate, x, hx), forward_backward(reference, x, hx),
-                         dtype)
+    assert_matches_torch(on_cpu(forward_backward(candidate.to(device), x, hx)),
+                         forward_backward(reference, x, hx), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-def test_overflow_at_end_of_packed_sequence(dtype):
+@device_param
+def test_overflow_at_end_of_packed_sequence(dtype, device):
     # A ReLU state that overflows to inf at the last step of a shorter packed
     # sequence: torch.nn's gradients stay finite, so must fastrnn's (the
     # padded steps after it must not contribute 0 * inf).
@@ -755,7 +765,7 @@ def test_overflow_at_end_of_packed_sequence(dtype):
     x[0, 1, 0], x[1, 1, 0] = 1.0, 1e-9  # state 1e9, then 1e9 * big = inf
     expected = forward_backward(reference, x, lengths=[3, 2])
     assert torch.isinf(expected["output"]).any() and torch.isfinite(expected["grad_weight_hh_l0"]).all()
-    got = forward_backward(candidate, x, lengths=[3, 2])
+    got = on_cpu(forward_backward(candidate.to(device), x, lengths=[3, 2]))
     assert_matches_torch(got, expected, dtype)
 
 

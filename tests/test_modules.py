@@ -14,6 +14,7 @@ from conftest import (
     SEQ_LEN,
     assert_results_close,
     count_graph_nodes,
+    device_param,
     dtype_id,
     forward_backward,
     make_pair,
@@ -39,7 +40,10 @@ def make_inputs(input_kind, batch_first, hx_given, num_layers, bidirectional, dt
     return x, hx, lengths
 
 
-def check_parity(kind, num_layers, bidirectional, batch_first, bias, input_kind, hx_given, dtype):
+def check_parity(kind, num_layers, bidirectional, batch_first, bias, input_kind, hx_given, dtype,
+                 device="cpu"):
+    """fastrnn on ``device`` against torch.nn on the CPU and, on a GPU, against
+    torch.nn (cuDNN) on the same device."""
     torch_cls, fast_cls, extra = KINDS[kind]
     reference, candidate = make_pair(
         torch_cls,
@@ -56,8 +60,11 @@ def check_parity(kind, num_layers, bidirectional, batch_first, bias, input_kind,
     )
     x, hx, lengths = make_inputs(input_kind, batch_first, hx_given, num_layers, bidirectional, dtype)
     expected = forward_backward(reference, x, hx, lengths=lengths, batch_first=batch_first)
-    got = forward_backward(candidate, x, hx, lengths=lengths, batch_first=batch_first)
+    got = forward_backward(candidate.to(device), x, hx, lengths=lengths, batch_first=batch_first)
     assert_results_close(got, expected, dtype)
+    if device != "cpu":
+        on_device = forward_backward(reference.to(device), x, hx, lengths=lengths, batch_first=batch_first)
+        assert_results_close(got, on_device, dtype)
 
 
 kind_param = pytest.mark.parametrize("kind", list(KINDS))
@@ -76,8 +83,10 @@ hx_param = pytest.mark.parametrize("hx_given", [False, True], ids=["hx_none", "h
 @bias_param
 @input_param
 @hx_param
-def test_parity_float64(kind, num_layers, bidirectional, batch_first, bias, input_kind, hx_given):
-    check_parity(kind, num_layers, bidirectional, batch_first, bias, input_kind, hx_given, torch.float64)
+@device_param
+def test_parity_float64(kind, num_layers, bidirectional, batch_first, bias, input_kind, hx_given, device):
+    check_parity(kind, num_layers, bidirectional, batch_first, bias, input_kind, hx_given, torch.float64,
+                 device)
 
 
 @kind_param
@@ -86,17 +95,19 @@ def test_parity_float64(kind, num_layers, bidirectional, batch_first, bias, inpu
 @bias_param
 @input_param
 @hx_param
-def test_parity_float32(kind, bidirectional, batch_first, bias, input_kind, hx_given):
-    check_parity(kind, 2, bidirectional, batch_first, bias, input_kind, hx_given, torch.float32)
+@device_param
+def test_parity_float32(kind, bidirectional, batch_first, bias, input_kind, hx_given, device):
+    check_parity(kind, 2, bidirectional, batch_first, bias, input_kind, hx_given, torch.float32, device)
 
 
 @kind_param
 @bidir_param
 @input_param
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
-def test_parity_auto_backend(kind, bidirectional, input_kind, dtype):
+@device_param
+def test_parity_auto_backend(kind, bidirectional, input_kind, dtype, device):
     with fastrnn.use_backend("auto"):
-        check_parity(kind, 2, bidirectional, False, True, input_kind, True, dtype)
+        check_parity(kind, 2, bidirectional, False, True, input_kind, True, dtype, device)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
@@ -172,11 +183,13 @@ INFERENCE_MODES = {
 @pytest.mark.parametrize("mode", list(INFERENCE_MODES))
 @pytest.mark.parametrize("input_kind", ["batched", "packed"])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_inference_matches_torch_nn(kind, input_kind, mode):
+@device_param
+def test_inference_matches_torch_nn(kind, input_kind, mode, device):
     # Without autograd the GRU skips saving its gates: same outputs as torch.nn.
     torch_cls, fast_cls, kwargs = KINDS[kind]
     reference, candidate = make_pair(torch_cls, fast_cls, INPUT_SIZE, HIDDEN_SIZE, num_layers=2,
                                      bidirectional=True, dtype=torch.float64, **kwargs)
+    candidate.to(device)
     x, hx, lengths = make_inputs(input_kind, False, True, 2, True, torch.float64)
     if lengths is not None:
         x = nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
@@ -184,7 +197,7 @@ def test_inference_matches_torch_nn(kind, input_kind, mode):
     if context is None:
         candidate.requires_grad_(False)
     with context() if context else torch.enable_grad():
-        got_output, got_h = candidate(x, hx)
+        got_output, got_h = candidate(x.to(device), hx.to(device))
     with torch.no_grad():
         expected_output, expected_h = reference(x, hx)
     if lengths is not None:
@@ -211,18 +224,20 @@ def test_gru_op_without_workspace(lengths, reverse):
 
 @pytest.mark.parametrize("used", ["output", "h_n"])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_gradients_through_one_output(kind, used):
+@device_param
+def test_gradients_through_one_output(kind, used, device):
     # A loss on output alone (or h_n alone): the other output gets no
     # gradient, which backward must treat as zero.
     torch_cls, fast_cls, kwargs = KINDS[kind]
     reference, candidate = make_pair(torch_cls, fast_cls, INPUT_SIZE, HIDDEN_SIZE, num_layers=2,
                                      bidirectional=True, dtype=torch.float64, **kwargs)
+    candidate.to(device)
     x, _, _ = make_inputs("batched", False, False, 2, True, torch.float64)
     grads = []
     for module in (reference, candidate):
-        leaf = x.clone().requires_grad_(True)
+        leaf = x.clone().to(next(module.parameters()).device).requires_grad_(True)
         output, h_n = module(leaf)
         loss = (output if used == "output" else h_n).sin().sum()
         grads.append(torch.autograd.grad(loss, [leaf, *module.parameters()]))
     for expected, got in zip(*grads):
-        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-10, atol=1e-12)

@@ -8,12 +8,14 @@ whatever the planner would choose for these small shapes.
 
 import pytest
 import torch
+import torch.nn as nn
 
 import fastrnn
 import fastrnn.autograd
 import fastrnn.functional
 import fastrnn.reference
-from conftest import KINDS, TRITON_DEVICE, assert_close, forward_backward, make_pair, assert_results_close
+from conftest import (KINDS, TRITON_DEVICE, assert_close, assert_results_close, forward_backward, make_pair,
+                      needs_cuda)
 from test_functions import CELLS, apply_function, apply_reference, make_args
 
 triton_engine = pytest.importorskip("fastrnn.triton")
@@ -29,7 +31,8 @@ STRATEGIES = ["tile", "split", "stepwise"]
 # more than one batch tile, and hidden sizes that are not powers of two.
 SHAPES = [(1, 1, 13), (2, 3, 40), (37, 17, 13), (37, 1, 40), (2, 17, 100), (37, 3, 100)]
 SHAPE_IDS = [f"T{t}-B{b}-H{h}" for t, b, h in SHAPES]
-needs_cuda = pytest.mark.skipif(TRITON_DEVICE.type != "cuda", reason="needs a CUDA GPU")
+# Every test here runs the Triton engine on TRITON_DEVICE: the GPU where there is one.
+pytestmark = pytest.mark.cuda
 
 
 def lengths_for(T, B, packed):
@@ -209,6 +212,42 @@ def test_split_grid_barrier_on_gpu(cell):
     plan = engine.plan(engine.GRU if cell[2] is None else engine.TANH, 8, 512, torch.float32, TRITON_DEVICE)
     assert plan.grid_sync
     check_layer("split", cell, 64, 8, 512, True, True, torch.float32)
+
+
+@needs_cuda
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("kind", ["RNN_tanh", "GRU"])
+def test_split_grid_barrier_stress_on_two_streams(kind):
+    """Two persistent split launches at once, on two streams, over long
+    sequences: each meets its grid barrier at every one of 4096 steps. Both
+    must finish (the timeout turns a hang into a failure) and match cuDNN,
+    forward and backward."""
+    T, B, H, I = 4096, 64, 256, 32
+    torch_cls, fast_cls, extra = KINDS[kind]
+    cell = engine.GRU if kind == "GRU" else engine.TANH
+    assert engine.plan(cell, B, H, torch.float32, TRITON_DEVICE).grid_sync
+    reference, fast = make_pair(torch_cls, fast_cls, I, H, **extra)
+    reference.to(TRITON_DEVICE)
+    fast.to(TRITON_DEVICE)
+    generator = torch.Generator().manual_seed(5)
+    xs = [torch.randn(T, B, I, generator=generator).to(TRITON_DEVICE).requires_grad_() for _ in range(2)]
+    streams = [torch.cuda.Stream() for _ in xs]
+    torch.cuda.synchronize()
+    results = []
+    with fastrnn.use_backend("triton"), triton_engine.use_strategy("split"):
+        for stream, x in zip(streams, xs):
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                results.append(fast(x))
+        torch.cuda.synchronize()
+        grads = [torch.autograd.grad(output.sum() + h_n.sum(), [x, fast.weight_hh_l0])
+                 for x, (output, h_n) in zip(xs, results)]
+    for x, (output, h_n), got in zip(xs, results, grads):
+        expected_output, expected_h = reference(x)
+        expected = torch.autograd.grad(expected_output.sum() + expected_h.sum(), [x, reference.weight_hh_l0])
+        # 4096 steps of float32 rounding in two reduction orders: 1e-4.
+        for a, b in zip([output, h_n, *got], [expected_output, expected_h, *expected]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @needs_cuda

@@ -15,8 +15,8 @@ import itertools
 import sys
 
 import torch
-from tqdm import tqdm
 
+import fastrnn
 from fastrnn.bench import measure, report
 
 # (batch, hidden, steps) grids per device; dtypes per device.
@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", nargs="+", type=int, help="batch sizes (overrides the grid)")
     parser.add_argument("--hidden", nargs="+", type=int, help="hidden sizes (overrides the grid)")
     parser.add_argument("--steps", nargs="+", type=int, help="sequence lengths (overrides the grid)")
+    parser.add_argument("--backend", choices=fastrnn.BACKENDS, default="auto",
+                        help="the engine fastrnn's layers run on (default: auto)")
     parser.add_argument("--min-run-time", type=float, default=0.3, help="seconds of timed calls per case")
     parser.add_argument("--out", default="bench/results", help="folder for the JSON, CSV and PNG")
     return parser.parse_args(argv)
@@ -74,16 +76,30 @@ def main(argv=None) -> int:
     print(f"{machine['device']}: float32 GEMM {rate / 1e9:.1f} GFLOP/s; {versions}")
     jobs = [(case, provider) for case in cases(args, device) for provider in args.providers
             if measure.runs_provider(provider, case)]
-    records = []
-    for case, provider in tqdm(jobs, desc="benchmark", unit="case", file=sys.stderr):
-        timing = measure.time_call(measure.make_call(provider, case, device), device, args.min_run_time)
+    meta = {**machine, "gemm_flops": rate, "backend": args.backend, "command": sys.argv}
+    records, paths = [], {}
+    for case, provider in _progress(jobs):
+        call = measure.make_call(provider, case, device, args.backend)
+        timing = measure.time_call(call, device, args.min_run_time)
         records.append(measure.record(case, provider, timing, machine, rate))
+        # Written after every case, so a run stopped early keeps what it measured.
+        paths = report.write_records(records, meta, args.out)
     print(report.table(records))
     print(report.summary(records))
-    meta = {**machine, "gemm_flops": rate, "command": sys.argv}
-    paths = report.write_all(records, meta, args.out)
+    if report.can_plot():
+        paths["png"] = report.write_plot(records, meta, args.out)
     print("wrote " + ", ".join(paths.values()))
     return 0
+
+
+def _progress(jobs: list) -> list:
+    """``jobs`` behind a tqdm progress bar, or as they are without tqdm."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        print(f"fastrnn.bench: {report.EXTRA_HINT}", file=sys.stderr)
+        return jobs
+    return tqdm(jobs, desc="benchmark", unit="case", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ builds a callable running it: ``"fastrnn"``, ``"torch"`` (torch.nn: cuDNN
 on CUDA, PyTorch's own kernels on CPU) or ``"reference"`` (fastrnn's plain
 PyTorch loop, on tiny shapes only). ``time_call`` times a callable after
 warm-up and returns the median with the 20th and 80th percentiles; on CUDA
-each call is synchronised, so the time is the GPU's.
+each call is timed between CUDA events and synchronised, so the time is the
+GPU's.
 """
 
 from __future__ import annotations
@@ -61,8 +62,10 @@ def runs_provider(provider: str, case: Case) -> bool:
     return True
 
 
-def make_call(provider: str, case: Case, device: torch.device) -> Callable[[], None]:
-    """A callable running ``case`` once with ``provider``'s implementation."""
+def make_call(provider: str, case: Case, device: torch.device,
+              backend: str = "auto") -> Callable[[], None]:
+    """A callable running ``case`` once with ``provider``'s implementation;
+    fastrnn's under ``fastrnn.use_backend(backend)``."""
     torch_cls, fast_cls = CELLS[case.cell]
     dtype = DTYPES[case.dtype]
     generator = torch.manual_seed(0)
@@ -70,7 +73,7 @@ def make_call(provider: str, case: Case, device: torch.device) -> Callable[[], N
         fast_cls(case.input_size, case.hidden)
     module.to(device=device, dtype=dtype)
     x = torch.randn(case.steps, case.batch, case.input_size, generator=generator).to(device, dtype)
-    backend = "reference" if provider == "reference" else "auto"
+    backend = "reference" if provider == "reference" else backend
     training = case.mode == "forward_backward"
     x.requires_grad_(training)
 
@@ -88,6 +91,21 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed(call: Callable[[], None], device: torch.device) -> float:
+    """Seconds one call takes: between CUDA events on the current stream on
+    a GPU (the launches from Python included), by the wall clock elsewhere."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    begin = time.perf_counter()
+    call()
+    return time.perf_counter() - begin
+
+
 def time_call(call: Callable[[], None], device: torch.device, min_run_time: float = 0.3,
               min_runs: int = 5) -> dict:
     """Median, 20th and 80th percentile seconds of ``call``, after one warm-up call."""
@@ -96,10 +114,7 @@ def time_call(call: Callable[[], None], device: torch.device, min_run_time: floa
     times = []
     start = time.perf_counter()
     while len(times) < min_runs or time.perf_counter() - start < min_run_time:
-        begin = time.perf_counter()
-        call()
-        _synchronize(device)
-        times.append(time.perf_counter() - begin)
+        times.append(_timed(call, device))
     deciles = statistics.quantiles(times, n=10, method="inclusive")
     return {"median_s": statistics.median(times), "p20_s": deciles[1], "p80_s": deciles[7],
             "runs": len(times)}

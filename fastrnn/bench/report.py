@@ -4,12 +4,14 @@ the JSON, CSV and PNG files."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import statistics
 from collections import defaultdict
 
 SHAPE_KEYS = ("cell", "dtype", "batch", "hidden", "steps")
+EXTRA_HINT = ('no progress bar and no plot without tqdm and matplotlib: pip install "fastrnn[bench]"')
 
 
 def speedups(records: list[dict]) -> dict:
@@ -114,12 +116,27 @@ def file_stem(device_name: str) -> str:
     return "-".join(part for part in safe.split("-") if part)
 
 
-def write_all(records: list[dict], meta: dict, out_dir: str) -> dict:
-    """Writes <stem>.json, .csv and .png under out_dir; returns their paths."""
+def can_plot() -> bool:
+    """Whether matplotlib is installed (the ``bench`` extra)."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def _stem(meta: dict, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, file_stem(meta["device"]))
-    paths = {"json": stem + ".json", "csv": stem + ".csv", "png": stem + ".png"}
+    return os.path.join(out_dir, file_stem(meta["device"]))
+
+
+def write_records(records: list[dict], meta: dict, out_dir: str) -> dict:
+    """Writes <stem>.json and .csv under out_dir; returns their paths."""
+    stem = _stem(meta, out_dir)
+    paths = {"json": stem + ".json", "csv": stem + ".csv"}
     write_json(records, meta, paths["json"])
     write_csv(records, paths["csv"])
-    plot(records, paths["png"], f"fastrnn vs torch.nn on {meta['device']}")
     return paths
+
+
+def write_plot(records: list[dict], meta: dict, out_dir: str) -> str:
+    """Writes <stem>.png under out_dir; returns its path."""
+    path = _stem(meta, out_dir) + ".png"
+    plot(records, path, f"fastrnn vs torch.nn on {meta['device']}")
+    return path
