@@ -3,17 +3,22 @@
 Forward runs the engine's fused time loop; backward runs its hand-written
 backward-through-time, so autograd records one node per layer and direction
 however long the sequence. Both engines (C++ and Triton) share these
-Functions. Their backward is not itself differentiable (double backward
-raises): it is a fused kernel, not a graph of differentiable ops.
+Functions; the engine and its settings (the Triton strategy) are chosen in
+forward and kept for backward.
+
+Backward is twice differentiable: under ``create_graph=True`` (grad mode on
+in backward) the gradients come from the reference loop's autograd graph
+over the same inputs instead, so that they are themselves differentiable
+(gradient penalties, Hessian-vector products, meta-learning). First-order
+backward keeps the engine's fused sweep and the flat graph.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from fastrnn import backends, cpp
+from fastrnn import backends, cpp, reference
 
 
 def _engine(device: torch.device):
@@ -28,9 +33,30 @@ def _engine(device: torch.device):
     )
 
 
-def _bias_grads(ctx, grad_b_ih: Tensor, grad_b_hh: Tensor):
-    return (grad_b_ih if ctx.needs_input_grad[4] else None,
-            grad_b_hh if ctx.needs_input_grad[5] else None)
+def _keep_engine(ctx, device: torch.device) -> None:
+    """Stores the engine forward ran on, and its settings, for backward."""
+    ctx.engine = _engine(device)
+    ctx.settings = ctx.engine.settings()
+
+
+def _only_needed(ctx, grads) -> tuple:
+    return tuple(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad))
+
+
+def _differentiable_gradients(ctx, layer, inputs, grad_output: Tensor | None,
+                              grad_hy: Tensor | None) -> tuple:
+    """The layer's gradients through the reference loop's graph (``layer``
+    over ``inputs``), built so that they can be differentiated again."""
+    wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
+    output, h_n = layer(*inputs)
+    upstream = [torch.zeros_like(t) if g is None else g.to(t.dtype)
+                for g, t in ((grad_output, output), (grad_hy, h_n))]
+    grads = torch.autograd.grad((output, h_n), [inputs[i] for i in wanted], upstream,
+                                create_graph=True, allow_unused=True, materialize_grads=True)
+    result = [None] * len(inputs)
+    for i, grad in zip(wanted, grads):
+        result[i] = grad
+    return tuple(result)
 
 
 class RNNFunction(torch.autograd.Function):
@@ -48,26 +74,34 @@ class RNNFunction(torch.autograd.Function):
     @staticmethod
     def forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, nonlinearity):
         """Runs the engine's time loop."""
-        return _engine(x.device).rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
-                                             nonlinearity == "relu")
+        engine = _engine(x.device)
+        return engine.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+                                  nonlinearity == "relu", *engine.settings())
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         """Saves what the backward sweep reads."""
-        x, h0, w_ih, w_hh, _, _, lengths, reverse, nonlinearity = inputs
-        ctx.save_for_backward(x, h0, w_ih, w_hh, output[0], lengths)
-        ctx.engine, ctx.reverse, ctx.relu = _engine(x.device), reverse, nonlinearity == "relu"
+        x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, nonlinearity = inputs
+        ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, output[0], lengths)
+        ctx.reverse, ctx.nonlinearity = reverse, nonlinearity
+        _keep_engine(ctx, x.device)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output, grad_hy):
-        """The engine's backward-through-time sweep, then the weight GEMMs."""
-        x, h0, w_ih, w_hh, output, lengths = ctx.saved_tensors
-        grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = ctx.engine.rnn_backward(
-            grad_output, grad_hy, x, h0, w_ih, w_hh, output, lengths, ctx.reverse, ctx.relu,
-            ctx.needs_input_grad[0])
-        return (grad_x if ctx.needs_input_grad[0] else None, grad_h0, grad_w_ih, grad_w_hh,
-                *_bias_grads(ctx, grad_b_ih, grad_b_hh), None, None, None)
+        """The engine's backward-through-time sweep, then the weight GEMMs
+        (under create_graph: the reference loop's differentiable graph)."""
+        x, h0, w_ih, w_hh, b_ih, b_hh, output, lengths = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            def layer(*tensors):
+                return reference.rnn_layer(*tensors, lengths, ctx.reverse, ctx.nonlinearity)
+
+            grads = _differentiable_gradients(ctx, layer, (x, h0, w_ih, w_hh, b_ih, b_hh),
+                                              grad_output, grad_hy)
+            return (*grads, None, None, None)
+        grads = ctx.engine.rnn_backward(
+            grad_output, grad_hy, x, h0, w_ih, w_hh, output, lengths, ctx.reverse,
+            ctx.nonlinearity == "relu", ctx.needs_input_grad[0], *ctx.settings)
+        return (*_only_needed(ctx, grads), None, None, None)
 
 
 class GRUFunction(torch.autograd.Function):
@@ -80,31 +114,39 @@ class GRUFunction(torch.autograd.Function):
     @staticmethod
     def forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
         """Runs the engine's time loop, keeping its gates."""
-        return _engine(x.device).gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
+        engine = _engine(x.device)
+        return engine.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, *engine.settings())
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         """Saves what the backward sweep reads, the gates included."""
-        x, h0, w_ih, w_hh, _, _, lengths, reverse = inputs
+        x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse = inputs
         out, _, workspace = output
         ctx.mark_non_differentiable(workspace)
-        ctx.save_for_backward(x, h0, w_ih, w_hh, out, workspace, lengths)
-        ctx.engine, ctx.reverse = _engine(x.device), reverse
+        ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, out, workspace, lengths)
+        ctx.reverse = reverse
+        _keep_engine(ctx, x.device)
         # Otherwise autograd would hand backward a zero gradient as large as
         # the workspace; the two it needs are made in backward when unused.
         ctx.set_materialize_grads(False)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output, grad_hy, _grad_workspace):
-        """The engine's backward-through-time sweep, then the weight GEMMs."""
-        x, h0, w_ih, w_hh, output, workspace, lengths = ctx.saved_tensors
+        """The engine's backward-through-time sweep, then the weight GEMMs
+        (under create_graph: the reference loop's differentiable graph)."""
+        x, h0, w_ih, w_hh, b_ih, b_hh, output, workspace, lengths = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            def layer(*tensors):
+                return reference.gru_layer(*tensors, lengths, ctx.reverse)
+
+            grads = _differentiable_gradients(ctx, layer, (x, h0, w_ih, w_hh, b_ih, b_hh),
+                                              grad_output, grad_hy)
+            return (*grads, None, None)
         if grad_output is None:
             grad_output = torch.zeros_like(output)
         if grad_hy is None:
             grad_hy = torch.zeros(h0.shape, dtype=output.dtype, device=output.device)
-        grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = ctx.engine.gru_backward(
+        grads = ctx.engine.gru_backward(
             grad_output, grad_hy, x, h0, w_ih, w_hh, output, workspace, lengths, ctx.reverse,
-            ctx.needs_input_grad[0])
-        return (grad_x if ctx.needs_input_grad[0] else None, grad_h0, grad_w_ih, grad_w_hh,
-                *_bias_grads(ctx, grad_b_ih, grad_b_hh), None, None)
+            ctx.needs_input_grad[0], *ctx.settings)
+        return (*_only_needed(ctx, grads), None, None)

@@ -2,16 +2,16 @@
 
 ``"auto"`` (the default) runs CPU tensors on the C++ engine and CUDA tensors
 on the Triton engine. ``use_backend`` forces one engine for the code inside
-it; the setting is per thread (and per asyncio task).
+it; the setting is per thread.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import importlib
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 
@@ -21,12 +21,26 @@ from fastrnn import cpp
 
 BACKENDS = ("auto", "cpp", "triton", "reference")
 
-_backend: contextvars.ContextVar[str] = contextvars.ContextVar("fastrnn_backend", default="auto")
+class _Settings(threading.local):
+    """The settings in force on this thread: the backend and the Triton strategy.
+
+    A thread-local object rather than a ContextVar: torch.compile guards on
+    the attributes it reads, so a compiled function runs (recompiled if need
+    be) under the settings in force when it is called. Autograd's device
+    threads see the defaults: what forward decided is kept for backward.
+    """
+
+    def __init__(self) -> None:
+        self.backend = "auto"
+        self.triton_strategy = "auto"
+
+
+settings = _Settings()
 
 
 def current_backend() -> str:
     """The backend name in force: one of ``BACKENDS``."""
-    return _backend.get()
+    return settings.backend
 
 
 @contextlib.contextmanager
@@ -40,43 +54,58 @@ def use_backend(name: str) -> Iterator[None]:
     """
     if name not in BACKENDS:
         raise ValueError(f"Unknown fastrnn backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    with setting(_backend, name):
+    with setting("backend", name):
         yield
 
 
 @contextlib.contextmanager
-def setting(variable: contextvars.ContextVar, value) -> Iterator[None]:
-    """Sets ``variable`` to ``value`` inside the ``with`` block (per thread and task)."""
-    token = variable.set(value)
+def setting(name: str, value: str) -> Iterator[None]:
+    """Sets ``settings.<name>`` to ``value`` on this thread inside the ``with`` block."""
+    previous = getattr(settings, name)
+    setattr(settings, name, value)
     try:
         yield
     finally:
-        variable.reset(token)
+        setattr(settings, name, previous)
+
+
+def resolve(device: torch.device) -> str:
+    """The engine that runs tensors on ``device`` now: "cpp", "triton" or "reference"."""
+    name = settings.backend
+    if name == "auto":
+        return _auto_engine(device.type)
+    problem = _forced_engine_problem(name, str(device))
+    if problem is not None:
+        raise RuntimeError(problem)
+    return name
+
+
+# What is installed does not change while a process runs: torch.compile takes
+# these two as constants (the setting itself is read, and guarded, above).
+@torch.compiler.assume_constant_result
+def _auto_engine(device_type: str) -> str:
+    if device_type in ("cpu", "meta") and cpp.available():
+        return "cpp"
+    if device_type == "cuda":
+        reason = triton_unavailable_reason(torch.device(device_type))
+        if reason is None:
+            return "triton"
+        _warn_reference_fallback(device_type, reason)
+    return "reference"
 
 
 @torch.compiler.assume_constant_result
-def resolve(device: torch.device) -> str:
-    """The engine that runs tensors on ``device`` now: "cpp", "triton" or "reference"."""
-    name = _backend.get()
-    if name == "auto":
-        if device.type in ("cpu", "meta") and cpp.available():
-            return "cpp"
-        if device.type == "cuda":
-            reason = triton_unavailable_reason(device)
-            if reason is None:
-                return "triton"
-            _warn_reference_fallback(device.type, reason)
-        return "reference"
+def _forced_engine_problem(name: str, device: str) -> str | None:
     if name == "cpp":
-        if device.type != "cpu":
-            raise RuntimeError(f"fastrnn backend 'cpp' runs CPU tensors only, got tensors on {device}")
+        if torch.device(device).type != "cpu":
+            return f"fastrnn backend 'cpp' runs CPU tensors only, got tensors on {device}"
         if not cpp.available():
-            raise RuntimeError(f"fastrnn backend 'cpp' is not available: {cpp.load_error()}")
+            return f"fastrnn backend 'cpp' is not available: {cpp.load_error()}"
     if name == "triton":
-        reason = triton_unavailable_reason(device)
+        reason = triton_unavailable_reason(torch.device(device))
         if reason is not None:
-            raise RuntimeError(f"fastrnn backend 'triton' cannot run tensors on {device}: {reason}")
-    return name
+            return f"fastrnn backend 'triton' cannot run tensors on {device}: {reason}"
+    return None
 
 
 @functools.cache

@@ -35,6 +35,11 @@ def load_error() -> str | None:
     return _LOAD_ERROR
 
 
+def settings() -> tuple:
+    """The engine's settings, as trailing op arguments: the C++ engine has none."""
+    return ()
+
+
 if available():
     @torch.library.register_fake("fastrnn::rnn_forward")
     def _(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse, relu):

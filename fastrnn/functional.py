@@ -39,9 +39,15 @@ def _apply(function, engine: str, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Ten
     return output.to(dtype), h_n.to(dtype)
 
 
+# Constant per device type; torch.compile (before torch 2.13) cannot trace the query itself.
+@torch.compiler.assume_constant_result
+def _autocast_available(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type)
+
+
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype layers on x's device run in under ``torch.autocast``, or None."""
-    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
+    if _autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return None
 

@@ -38,7 +38,8 @@ def recur(step, x: Tensor, h0: Tensor, lengths: Tensor | None = None,
     Sequence b covers times 0..lengths[b]-1 (all T when lengths is None);
     in reverse it starts from its own last element. Outputs past a
     sequence's end are zero and its state is held there, so the returned
-    state of b is the one after its last step.
+    state of b is the one after its last step. Steps past the end run on a
+    zero state, so that no gradient meets the held one (0 * inf = NaN).
     """
     T, B = x.shape[0], x.shape[1]
     if lengths is None:
@@ -50,7 +51,7 @@ def recur(step, x: Tensor, h0: Tensor, lengths: Tensor | None = None,
     for s in range(T):
         active = lengths > s
         time = (lengths - 1 - s).clamp(min=0) if reverse else torch.full_like(lengths, s)
-        h_new = step(x[time, batch], h)
+        h_new = step(x[time, batch], torch.where(active[:, None], h, 0))
         h = torch.where(active[:, None], h_new, h)
         out = out.index_put((time[active], batch[active]), h_new[active])
     return out, h

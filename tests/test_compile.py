@@ -123,3 +123,51 @@ def test_packed_input_runs_compiled_with_graph_breaks():
     x = torch.randn(SEQ_LEN, BATCH, INPUT_SIZE)
     assert_results_close(forward_backward(fast, x, lengths=LENGTHS),
                          forward_backward(reference, x, lengths=LENGTHS), torch.float32)
+
+
+def engine_ops_called(fn):
+    """The fastrnn engine ops (C++ or Triton custom ops) that ``fn()`` calls."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        fn()
+    return {event.name for event in profile.events() if event.name.startswith("fastrnn::")}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_compiled_module_follows_a_backend_change(kind):
+    """The engine is the one in force at each call, not the one at tracing:
+    the compiled function guards on the backend setting."""
+    _, fast_cls, extra = KINDS[kind]
+    module = compiled(fast_cls(INPUT_SIZE, HIDDEN_SIZE, **extra))
+    x = torch.randn(SEQ_LEN, BATCH, INPUT_SIZE)
+    with fastrnn.use_backend("reference"):
+        assert engine_ops_called(lambda: module(x)) == set()
+    forward = "fastrnn::gru_forward" if kind == "GRU" else "fastrnn::rnn_forward"
+    assert forward in engine_ops_called(lambda: module(x))
+    with fastrnn.use_backend("reference"):
+        assert engine_ops_called(lambda: module(x)) == set()
+
+
+@requires_triton
+@pytest.mark.cuda
+def test_compiled_module_follows_a_strategy_change(monkeypatch):
+    import fastrnn.triton.engine as engine
+
+    planned = []
+    plan = engine.plan
+
+    def spy(*args):
+        chosen = plan(*args)
+        planned.append(chosen.strategy)
+        return chosen
+
+    monkeypatch.setattr(engine, "plan", spy)
+    reference, fast = make_pair(nn.RNN, fastrnn.RNN, INPUT_SIZE, HIDDEN_SIZE, device=TRITON_DEVICE)
+    module = compiled(fast)
+    x = torch.randn(SEQ_LEN, 3, INPUT_SIZE, device=TRITON_DEVICE)
+    expected = reference(x)[0]
+    with fastrnn.use_backend("triton"):
+        for strategy in ("tile", "stepwise", "tile"):
+            planned.clear()
+            with fastrnn.triton.use_strategy(strategy):
+                torch.testing.assert_close(module(x)[0], expected, rtol=1e-5, atol=1e-5)
+            assert planned == [strategy]

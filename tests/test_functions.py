@@ -78,22 +78,6 @@ def test_gradcheck(cell, lengths, reverse, bias, device):
     assert torch.autograd.gradcheck(fn, (x, h0, w_ih, w_hh, b_ih, b_hh), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
-@cell_param
-def test_double_backward_raises(cell):
-    # The backward pass is implemented by the engine itself and is marked
-    # once_differentiable: it is not differentiable again. This is why
-    # gradgradcheck is not run; instead we assert that attempting a second
-    # differentiation fails loudly rather than returning wrong values.
-    _, gates, nonlinearity = cell
-    x, h0, w_ih, w_hh, b_ih, b_hh, lengths_t = make_args(
-        gates, T=4, B=3, I=3, H=4, bias=True, lengths=[2, 4, 1], dtype=torch.float64, seed=3
-    )
-    output, h_n = apply_function(nonlinearity, x, h0, w_ih, w_hh, b_ih, b_hh, lengths_t, False)
-    grads = torch.autograd.grad(output.sum() + h_n.sum(), (x, w_hh), create_graph=True)
-    with pytest.raises(RuntimeError):
-        torch.autograd.grad(grads[0].sum() + grads[1].sum(), (x, w_hh))
-
-
 SIZES = [
     # (T, B, I, H, lengths)
     (1, 1, 1, 1, None),

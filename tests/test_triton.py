@@ -287,3 +287,70 @@ def test_tanh_accuracy(dtype, rtol):
     expected = torch.tanh(x.double())
     assert torch.isnan(y[-1])
     torch.testing.assert_close(y[:-1].double(), expected[:-1], rtol=rtol, atol=0)
+
+
+class CountingKernel:
+    """Stands in for a Triton kernel, counting its launches."""
+
+    def __init__(self, kernel, name, counts):
+        self.kernel, self.name, self.counts = kernel, name, counts
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def counted(*args, **kwargs):
+            self.counts[self.name] = self.counts.get(self.name, 0) + 1
+            return launch(*args, **kwargs)
+
+        return counted
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_forced_strategy_reaches_backward(strategy, monkeypatch):
+    """Backward runs the strategy forward was called under, even where it
+    runs outside the ``with`` block (as autograd's CUDA threads do)."""
+    counts = {}
+    for name in ("tile_fwd_kernel", "tile_bwd_kernel", "split_fwd_kernel", "split_bwd_kernel"):
+        monkeypatch.setattr(engine, name, CountingKernel(getattr(engine, name), name, counts))
+    _, gates, nonlinearity = CELLS[2]
+    x, h0, w_ih, w_hh, b_ih, b_hh, _ = make_args(gates, 3, 2, 4, 8, bias=True, lengths=None,
+                                                 dtype=torch.float32, seed=1)
+    args = [t.detach().to(TRITON_DEVICE).requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    with fastrnn.use_backend("triton"), triton_engine.use_strategy(strategy):
+        output, h_n = apply_function(nonlinearity, *args, None, False)
+    forward = dict(counts)
+    torch.autograd.grad(output.sum() + h_n.sum(), args)
+    backward = {k: v - forward.get(k, 0) for k, v in counts.items() if v - forward.get(k, 0)}
+    kind = "tile" if strategy == "tile" else "split"
+    assert set(forward) == {f"{kind}_fwd_kernel"}
+    assert set(backward) == {f"{kind}_bwd_kernel"}
+
+
+def test_split_runs_unsynced_without_a_cooperative_launch(monkeypatch):
+    """The grid barrier is only safe under a cooperative launch: without
+    one, auto takes stepwise and a forced split launches step by step."""
+    monkeypatch.setattr(engine, "_COOPERATIVE_LAUNCH", False)
+    cuda = torch.device("cuda")
+    assert engine.plan(engine.GRU, 8, 256, torch.float32, cuda).strategy == "stepwise"
+    forced = engine.plan(engine.GRU, 8, 256, torch.float32, cuda, "split")
+    assert forced.strategy == "split" and not forced.grid_sync
+    assert "launch_cooperative_grid" not in forced.launches()["forward"][1]
+    assert "backward_recurrent" in forced.launches()
+
+
+def test_split_grid_fits_the_mps_share_of_the_sms(monkeypatch):
+    cuda = torch.device("cuda")
+    full = engine._sm_count(cuda)
+    monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "25")
+    assert engine._sm_count(cuda) == full // 4
+    # 2 batch tiles x 64 blocks = 128 programs: beyond a quarter of the SMs
+    assert engine.plan(engine.TANH, 32, 1024, torch.float32, cuda).strategy == "stepwise"
+    with pytest.raises(RuntimeError, match="split"):
+        engine.plan(engine.TANH, 32, 1024, torch.float32, cuda, "split")
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", ["RNN_tanh", "GRU"])
+def test_split_without_cooperative_launch_on_gpu(kind, monkeypatch):
+    monkeypatch.setattr(engine, "_COOPERATIVE_LAUNCH", False)
+    check_layer("split", next(c for c in CELLS if c[0] == kind), 33, 8, 512, True, True, torch.float32)

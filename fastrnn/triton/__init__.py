@@ -16,8 +16,9 @@ from fastrnn.triton.engine import (
     plan,
     rnn_backward,
     rnn_forward,
+    settings,
     use_strategy,
 )
 
-__all__ = ["STRATEGIES", "use_strategy", "plan", "rnn_forward", "rnn_backward", "gru_forward",
-           "gru_backward"]
+__all__ = ["STRATEGIES", "use_strategy", "plan", "settings", "rnn_forward", "rnn_backward",
+           "gru_forward", "gru_backward"]
