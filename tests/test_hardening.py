@@ -820,7 +820,8 @@ def test_overflow_at_end_of_packed_sequence_triton_engine(dtype, bidirectional, 
 def test_zero_length_sequence_in_a_layer(backend, reverse):
     """A length-0 entry (the layer functions accept one; packing does not):
     zero outputs, h_n = h0, the gradient into h0 passed straight through,
-    the other sequences untouched."""
+    the other sequences untouched. Its h0 is infinite: nothing may multiply
+    it into the weight gradient (0 * inf = NaN)."""
     if backend == "triton" and fastrnn.backends.triton_unavailable_reason(TRITON_DEVICE) is not None:
         pytest.skip("the Triton engine cannot run here")
     device = TRITON_DEVICE if backend == "triton" else torch.device("cpu")
@@ -829,6 +830,7 @@ def test_zero_length_sequence_in_a_layer(backend, reverse):
                                                                                    dtype=torch.float64)
     w_ih, w_hh = torch.randn(H, I, generator=gen, dtype=torch.float64), torch.randn(H, H, generator=gen,
                                                                                     dtype=torch.float64)
+    h0[1] = float("inf")
     leaves = [t.to(device).requires_grad_() for t in (x, h0, w_ih, w_hh)]
     lengths = torch.tensor([T, 0, 2])
     with fastrnn.use_backend(backend):
@@ -845,6 +847,9 @@ def test_zero_length_sequence_in_a_layer(backend, reverse):
                                                                reverse=reverse)
     assert_close(output[:, keep].cpu(), expected_output)
     assert_close(h_n[keep].cpu(), expected_h)
+    expected_grads = torch.autograd.grad(expected_output.sum() + expected_h.sum(), alone)
+    for got, expected in zip(grads[2:], expected_grads[2:]):
+        assert_close(got.cpu(), expected)
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -1273,3 +1278,18 @@ if __name__ == "__main__":
         _long_sequence_child(sys.argv[2], int(sys.argv[3]))
     else:
         raise SystemExit(f"unknown mode {sys.argv[1]!r}")
+
+
+@pytest.mark.skipif(not fastrnn.cpp.available(), reason="needs the C++ engine")
+def test_blas_sizes_past_32_bits_do_not_wrap():
+    """The Fortran BLAS takes 32-bit sizes: more than 2^31 - 1 rows must not
+    be narrowed (MKL then reports 'Parameter 4 was incorrect on entry to
+    SGEMM' and skips the product). Rows of width 0 cost no memory."""
+    code = ("import torch, fastrnn\n"
+            "T, B = 65536, 32769\n"
+            "x, h0, w = torch.empty(T, B, 0), torch.empty(B, 0), torch.empty(0, 0)\n"
+            "out, h = torch.ops.fastrnn.rnn_forward(x, h0, w, w, None, None, None, False, False)\n"
+            "assert out.shape == (T, B, 0) and h.shape == (B, 0)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "ERROR" not in result.stdout + result.stderr, result.stdout + result.stderr

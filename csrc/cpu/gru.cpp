@@ -16,28 +16,31 @@ namespace {
 constexpr int64_t kSaved = 4;
 
 // Units [0, n) of one sequence's update at one step; gate k of unit j sits
-// at k * H + j. Reads the input-side pre-activations (from p, or when Save
-// from the workspace row, where the projection was written) and q = W_hh h
-// and the state h; writes the output, the new state and, when Save, the
-// gates backward needs over the pre-activations it read.
+// at k * H + j. Reads the input-side pre-activations, q = W_hh h and the
+// state h; writes the output and the new state. Inference (Save false)
+// reads the pre-activations from p. Training (Save true) finds them in the
+// workspace row's first 3H entries, where the projection was written, and
+// overwrites them in place with the gates r | z | n, W_hn h + b_hn going to
+// hn_saved (the row's last H): one pointer reads and writes the gates, so
+// no two restrict pointers alias.
 template <typename scalar_t, bool Save>
 FASTRNN_INLINE void forward_row_body(const scalar_t* __restrict p, const scalar_t* __restrict q,
                                      const scalar_t* __restrict bias_hn,
-                                     const scalar_t* __restrict h, scalar_t* __restrict saved,
-                                     scalar_t* __restrict out, scalar_t* __restrict next,
-                                     int64_t n, int64_t H) {
-  const scalar_t* __restrict pre = Save ? saved : p;
+                                     const scalar_t* __restrict h, scalar_t* __restrict gates,
+                                     scalar_t* __restrict hn_saved, scalar_t* __restrict out,
+                                     scalar_t* __restrict next, int64_t n, int64_t H) {
   for (int64_t j = 0; j < n; ++j) {
+    const scalar_t* pre = Save ? gates : p;  // based on one of them: no alias between the two
     const scalar_t r = sigmoid(pre[j] + q[j]);
     const scalar_t z = sigmoid(pre[H + j] + q[H + j]);
     const scalar_t hn = q[2 * H + j] + bias_hn[j];
     const scalar_t c = cpu::tanh(pre[2 * H + j] + r * hn);
     const scalar_t v = (h[j] - c) * z + c;
     if constexpr (Save) {
-      saved[j] = r;
-      saved[H + j] = z;
-      saved[2 * H + j] = c;
-      saved[3 * H + j] = hn;
+      gates[j] = r;
+      gates[H + j] = z;
+      gates[2 * H + j] = c;
+      hn_saved[j] = hn;
     }
     out[j] = v;
     next[j] = v;
@@ -48,22 +51,23 @@ FASTRNN_MULTIVERSION void forward_row_f32(const float* p, const float* q, const 
                                           const float* h, float* saved, float* out, float* next,
                                           int64_t n, int64_t H) {
   if (saved) {
-    forward_row_body<float, true>(p, q, bias_hn, h, saved, out, next, n, H);
+    forward_row_body<float, true>(p, q, bias_hn, h, saved, saved + 3 * H, out, next, n, H);
   } else {
-    forward_row_body<float, false>(p, q, bias_hn, h, saved, out, next, n, H);
+    forward_row_body<float, false>(p, q, bias_hn, h, nullptr, nullptr, out, next, n, H);
   }
 }
 
-// saved null: inference, the pre-activations come from p and no gates are kept.
+// saved null: inference, the pre-activations come from p and no gates are kept;
+// else saved is the step's workspace row (see forward_row_body).
 template <typename scalar_t>
 void forward_row(const scalar_t* p, const scalar_t* q, const scalar_t* bias_hn, const scalar_t* h,
                  scalar_t* saved, scalar_t* out, scalar_t* next, int64_t n, int64_t H) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     forward_row_f32(p, q, bias_hn, h, saved, out, next, n, H);
   } else if (saved) {
-    forward_row_body<scalar_t, true>(p, q, bias_hn, h, saved, out, next, n, H);
+    forward_row_body<scalar_t, true>(p, q, bias_hn, h, saved, saved + 3 * H, out, next, n, H);
   } else {
-    forward_row_body<scalar_t, false>(p, q, bias_hn, h, saved, out, next, n, H);
+    forward_row_body<scalar_t, false>(p, q, bias_hn, h, nullptr, nullptr, out, next, n, H);
   }
 }
 

@@ -7,6 +7,8 @@
 #include <c10/core/GradMode.h>
 
 #include <algorithm>
+#include <initializer_list>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -118,29 +120,39 @@ void dgemm_(const char*, const char*, const int*, const int*, const int*, const 
             const int*) __attribute__((weak));
 }
 
+// Whether every size fits the Fortran BLAS's 32-bit integers.
+inline bool fits_blas_int(std::initializer_list<int64_t> sizes) {
+  for (const int64_t size : sizes) {
+    if (size > std::numeric_limits<int>::max()) return false;
+  }
+  return true;
+}
+
 // Column-major C (m x n) = A' B' + beta C, A' = A^T if trans_a (A stored k x m)
 // else A (m x k), likewise B'. A direct BLAS call on raw rows: at small
 // sizes the dispatcher and tensor views that at::mm_out needs cost as much
-// as the product itself.
+// as the product itself. Sizes past the BLAS's 32-bit integers go through
+// ATen, which takes 64-bit sizes, rather than wrap.
 template <typename scalar_t>
 inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const scalar_t* a,
                  int64_t lda, const scalar_t* b, int64_t ldb, scalar_t beta, scalar_t* c,
                  int64_t ldc) {
   const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
   // BLAS requires leading dimensions >= 1 even for empty matrices (H = 0).
-  const int mi = m, ni = n, ki = k;
-  const int la = std::max<int64_t>(1, lda), lb = std::max<int64_t>(1, ldb),
-            lc = std::max<int64_t>(1, ldc);
-  const scalar_t one = 1;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (sgemm_ != nullptr) {
-      sgemm_(&ta, &tb, &mi, &ni, &ki, &one, a, &la, b, &lb, &beta, c, &lc);
-      return;
-    }
-  } else if constexpr (std::is_same_v<scalar_t, double>) {
-    if (dgemm_ != nullptr) {
-      dgemm_(&ta, &tb, &mi, &ni, &ki, &one, a, &la, b, &lb, &beta, c, &lc);
-      return;
+  lda = std::max<int64_t>(1, lda), ldb = std::max<int64_t>(1, ldb), ldc = std::max<int64_t>(1, ldc);
+  if (fits_blas_int({m, n, k, lda, ldb, ldc})) {
+    const int mi = m, ni = n, ki = k, la = lda, lb = ldb, lc = ldc;
+    const scalar_t one = 1;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (sgemm_ != nullptr) {
+        sgemm_(&ta, &tb, &mi, &ni, &ki, &one, a, &la, b, &lb, &beta, c, &lc);
+        return;
+      }
+    } else if constexpr (std::is_same_v<scalar_t, double>) {
+      if (dgemm_ != nullptr) {
+        dgemm_(&ta, &tb, &mi, &ni, &ki, &one, a, &la, b, &lb, &beta, c, &lc);
+        return;
+      }
     }
   }
   // A column-major (r x s) matrix with leading dimension ld is the row-major
