@@ -86,6 +86,8 @@ def resolve(device: torch.device) -> str:
 def _auto_engine(device_type: str) -> str:
     if device_type in ("cpu", "meta") and cpp.available():
         return "cpp"
+    if device_type == "cpu" and cpp.MISMATCH is not None:
+        raise RuntimeError(f"fastrnn: {cpp.MISMATCH}")
     if device_type == "cuda":
         reason = triton_unavailable_reason(torch.device(device_type))
         if reason is None:

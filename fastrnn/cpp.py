@@ -13,16 +13,50 @@ import torch
 
 from fastrnn import fake
 
-try:
-    from fastrnn import _C  # noqa: F401  (loading it registers torch.ops.fastrnn)
 
-    _LOAD_ERROR: str | None = None
-except ImportError as error:  # a source checkout whose extension is not built
-    _LOAD_ERROR = f"the compiled extension fastrnn._C could not be loaded ({error})"
-    warnings.warn(
-        f"fastrnn: {_LOAD_ERROR}. CPU tensors will run the slow reference loop; build the "
-        "extension with `pip install --no-build-isolation .` (or `make build` in a checkout).",
-        RuntimeWarning, stacklevel=2)
+def built_for() -> str | None:
+    """The torch release the extension was built against (None: not recorded)."""
+    try:
+        from fastrnn import _build_info
+    except ImportError:
+        return None
+    return _build_info.TORCH_VERSION
+
+
+def _release(version: str) -> str:
+    return version.split("+")[0]
+
+
+def _mismatch() -> str | None:
+    """Why the extension cannot load into this torch, or None."""
+    built = built_for()
+    if built is None or _release(built) == _release(torch.__version__):
+        return None
+    return (f"fastrnn's C++ extension was built for torch {built}, but torch {torch.__version__} "
+            "is installed, and an extension loads only into the torch it was built for. "
+            "Reinstall fastrnn for this torch: `pip install --force-reinstall --no-deps "
+            "--no-build-isolation fastrnn` (from source), or a fastrnn wheel built for torch "
+            f"{_release(torch.__version__)}; `fastrnn.use_backend('reference')` runs the slow "
+            "reference loop meanwhile")
+
+
+# Set when the extension was built for another torch: CPU layers then raise
+# this instead of falling back to the reference loop (tens of times slower).
+MISMATCH: str | None = _mismatch()
+if MISMATCH is not None:
+    _LOAD_ERROR: str | None = MISMATCH
+    warnings.warn(f"fastrnn: {MISMATCH}.", RuntimeWarning, stacklevel=2)
+else:
+    try:
+        from fastrnn import _C  # noqa: F401  (loading it registers torch.ops.fastrnn)
+
+        _LOAD_ERROR = None
+    except ImportError as error:  # a source checkout whose extension is not built
+        _LOAD_ERROR = f"the compiled extension fastrnn._C could not be loaded ({error})"
+        warnings.warn(
+            f"fastrnn: {_LOAD_ERROR}. CPU tensors will run the slow reference loop; build the "
+            "extension with `pip install --no-build-isolation .` (or `make build` in a checkout).",
+            RuntimeWarning, stacklevel=2)
 
 
 def available() -> bool:
