@@ -11,31 +11,15 @@ import contextlib
 import functools
 import importlib
 import os
-import threading
 import warnings
 from collections.abc import Iterator
 
 import torch
 
 from fastrnn import cpp
+from fastrnn.settings import setting, settings
 
 BACKENDS = ("auto", "cpp", "triton", "reference")
-
-class _Settings(threading.local):
-    """The settings in force on this thread: the backend and the Triton strategy.
-
-    A thread-local object rather than a ContextVar: torch.compile guards on
-    the attributes it reads, so a compiled function runs (recompiled if need
-    be) under the settings in force when it is called. Autograd's device
-    threads see the defaults: what forward decided is kept for backward.
-    """
-
-    def __init__(self) -> None:
-        self.backend = "auto"
-        self.triton_strategy = "auto"
-
-
-settings = _Settings()
 
 
 def current_backend() -> str:
@@ -56,17 +40,6 @@ def use_backend(name: str) -> Iterator[None]:
         raise ValueError(f"Unknown fastrnn backend {name!r}; choose one of {', '.join(BACKENDS)}")
     with setting("backend", name):
         yield
-
-
-@contextlib.contextmanager
-def setting(name: str, value: str) -> Iterator[None]:
-    """Sets ``settings.<name>`` to ``value`` on this thread inside the ``with`` block."""
-    previous = getattr(settings, name)
-    setattr(settings, name, value)
-    try:
-        yield
-    finally:
-        setattr(settings, name, previous)
 
 
 def resolve(device: torch.device) -> str:

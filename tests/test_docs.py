@@ -6,7 +6,7 @@ import pytest
 
 MODULES = ["fastrnn", "fastrnn.functional", "fastrnn.autograd", "fastrnn.bench",
            "fastrnn.bench.measure", "fastrnn.bench.report", "fastrnn.triton",
-           "fastrnn.triton.engine"]
+           "fastrnn.triton.engine", "fastrnn.settings"]
 
 
 def _public(module):

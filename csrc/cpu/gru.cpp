@@ -179,6 +179,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward(
   }
   auto workspace = save_workspace ? at::empty({s.T, s.B, kSaved * s.H}, input.options())
                                   : at::empty({0}, input.options());
+  if (save_workspace && lengths.has_value() && lengths->defined()) {
+    // No step writes the W_hn h + b_hn slot of rows past a sequence's end
+    // (the gate slots hold the projection there): zero it, so that the
+    // workspace is a function of the inputs, not of uninitialised memory.
+    workspace.narrow(2, 3 * s.H, s.H).zero_();
+  }
   // Training writes the projection straight into the workspace rows, where
   // each step overwrites it with its gates: no separate (T, B, 3H) buffer.
   at::Tensor proj;

@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastrnn import backends, fake
+from fastrnn import fake
+from fastrnn.settings import setting, settings as thread_settings
 from fastrnn.triton.split import split_bwd_kernel, split_fwd_kernel
 from fastrnn.triton.tile import tile_bwd_kernel, tile_fwd_kernel
 
@@ -54,7 +55,7 @@ def use_strategy(name: str) -> Iterator[None]:
     forward was called under."""
     if name not in STRATEGIES:
         raise ValueError(f"Unknown fastrnn Triton strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
-    with backends.setting("triton_strategy", name):
+    with setting("triton_strategy", name):
         yield
 
 
@@ -62,7 +63,7 @@ def settings() -> tuple:
     """The engine's settings in force, as the trailing arguments of its ops:
     read where forward runs and kept for backward (autograd runs a CUDA
     backward on a thread of its own, where the settings have their defaults)."""
-    return (backends.settings.triton_strategy,)
+    return (thread_settings.triton_strategy,)
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ def plan(cell: int, B: int, H: int, dtype: torch.dtype, device: torch.device,
     split_warps = 8 if gemv or (gates == 3 and form == "fp32") else 4
     split = make("split", split_b, SPLIT_BLOCK_N, split_k, not gemv, split_warps)
 
-    forced = backends.settings.triton_strategy if strategy is None else strategy
+    forced = thread_settings.triton_strategy if strategy is None else strategy
     if forced == "tile" and block_h > tile_max:
         raise RuntimeError(f"fastrnn Triton strategy 'tile' holds W_hh in registers only up to "
                            f"hidden size {tile_max} here, got {H}")
@@ -287,9 +288,10 @@ def _forward_on_device(cell: int, proj: Tensor, h0: Tensor, w_hh: Tensor, b_hn: 
     # backward differentiates through them, and rounding them first would
     # cost the gradients their accuracy. The layer function narrows them.
     state_dtype = fake.state_dtype(dtype)
-    output = (torch.zeros if lengths is not None else torch.empty)(T, B, H, dtype=state_dtype,
-                                                                   device=device)
-    workspace = torch.empty(T, B, 4 * H, dtype=state_dtype, device=device) if cell == GRU else None
+    # Zeros past each sequence's end: no step writes there.
+    make = torch.zeros if lengths is not None else torch.empty
+    output = make(T, B, H, dtype=state_dtype, device=device)
+    workspace = make(T, B, 4 * H, dtype=state_dtype, device=device) if cell == GRU else None
     h_n = torch.empty(B, H, dtype=state_dtype, device=device)
     if B == 0:
         return output, h_n, workspace
