@@ -20,6 +20,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fastrnn  # noqa: E402
+import fastrnn.autograd  # noqa: E402
+import fastrnn.reference  # noqa: E402
 
 # Small default sizes keep the whole suite fast on a couple of CPU cores.
 INPUT_SIZE = 7
@@ -64,6 +66,13 @@ KINDS = {
     "RNN_tanh": (nn.RNN, fastrnn.RNN, {"nonlinearity": "tanh"}),
     "RNN_relu": (nn.RNN, fastrnn.RNN, {"nonlinearity": "relu"}),
     "GRU": (nn.GRU, fastrnn.GRU, {}),
+}
+
+# Cells with their constructor kwargs, like KINDS for the layered modules.
+CELL_KINDS = {
+    "RNNCell_tanh": (nn.RNNCell, fastrnn.RNNCell, {"nonlinearity": "tanh"}),
+    "RNNCell_relu": (nn.RNNCell, fastrnn.RNNCell, {"nonlinearity": "relu"}),
+    "GRUCell": (nn.GRUCell, fastrnn.GRUCell, {}),
 }
 
 DTYPE_IDS = {torch.float64: "float64", torch.float32: "float32"}
@@ -249,3 +258,46 @@ def _deterministic_seed():
 # where triton is not installed, as in a wheel installed with torch alone.
 requires_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                      reason="triton is not installed")
+
+
+# ---------------------------------------------------------------------------
+# One layer in one direction: the autograd Functions and the reference loop
+# ---------------------------------------------------------------------------
+
+# (name, number of gate blocks, nonlinearity or None for GRU)
+CELLS = [("RNN_tanh", 1, "tanh"), ("RNN_relu", 1, "relu"), ("GRU", 3, None)]
+CELL_IDS = [c[0] for c in CELLS]
+
+
+def make_args(gates, T, B, I, H, bias, lengths, dtype, seed, requires_grad=True):
+    """Random (x, h0, w_ih, w_hh, b_ih, b_hh, lengths) for one layer of ``gates`` gate blocks."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        t = torch.randn(*shape, dtype=dtype, generator=generator) * 0.5
+        return t.requires_grad_(requires_grad)
+
+    x = rand(T, B, I)
+    h0 = rand(B, H)
+    w_ih = rand(gates * H, I)
+    w_hh = rand(gates * H, H)
+    b_ih = rand(gates * H) if bias else None
+    b_hh = rand(gates * H) if bias else None
+    lengths_t = None if lengths is None else torch.tensor(lengths, dtype=torch.int64)
+    return x, h0, w_ih, w_hh, b_ih, b_hh, lengths_t
+
+
+def apply_function(nonlinearity, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
+    """(output, h_n) of the layer's autograd Function (GRU for nonlinearity None)."""
+    if nonlinearity is None:
+        return fastrnn.autograd.GRUFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)[:2]
+    return fastrnn.autograd.RNNFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, nonlinearity)
+
+
+def apply_reference(nonlinearity, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
+    """(output, h_n) of the same layer by the reference loop."""
+    if nonlinearity is None:
+        return fastrnn.reference.gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=lengths, reverse=reverse)
+    return fastrnn.reference.rnn_layer(
+        x, h0, w_ih, w_hh, b_ih, b_hh, lengths=lengths, reverse=reverse, nonlinearity=nonlinearity
+    )

@@ -5,13 +5,8 @@ import torch
 import torch.nn as nn
 
 import fastrnn
-from conftest import BATCH, HIDDEN_SIZE, INPUT_SIZE, assert_results_close, dtype_id, forward_backward, make_pair
-
-CELL_KINDS = {
-    "RNNCell_tanh": (nn.RNNCell, fastrnn.RNNCell, {"nonlinearity": "tanh"}),
-    "RNNCell_relu": (nn.RNNCell, fastrnn.RNNCell, {"nonlinearity": "relu"}),
-    "GRUCell": (nn.GRUCell, fastrnn.GRUCell, {}),
-}
+from conftest import (BATCH, CELL_KINDS, HIDDEN_SIZE, INPUT_SIZE, assert_results_close, dtype_id, forward_backward,
+                      make_pair)
 
 
 @pytest.mark.parametrize("kind", list(CELL_KINDS))

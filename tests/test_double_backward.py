@@ -13,16 +13,12 @@ import torch.nn as nn
 
 import fastrnn
 import fastrnn.autograd
-from conftest import (BATCH, HIDDEN_SIZE, INPUT_SIZE, KINDS, LENGTHS, SEQ_LEN, TRITON_DEVICE, device_param,
-                      make_pair, requires_triton)
-from test_functions import CELLS, CELL_IDS, apply_function, make_args
+from conftest import (BATCH, CELL_IDS, CELL_KINDS, CELLS, HIDDEN_SIZE, INPUT_SIZE, KINDS, LENGTHS, SEQ_LEN,
+                      TRITON_DEVICE, apply_function, device_param, make_args, make_pair, requires_triton)
 
 # Engines the Functions and modules run on here: (backend, device).
 ENGINES = [pytest.param("cpp", "cpu", id="cpp"),
            pytest.param("triton", TRITON_DEVICE.type, id="triton", marks=[requires_triton, pytest.mark.cuda])]
-CELL_MODULES = {"RNNCell_tanh": (nn.RNNCell, fastrnn.RNNCell, {"nonlinearity": "tanh"}),
-                "RNNCell_relu": (nn.RNNCell, fastrnn.RNNCell, {"nonlinearity": "relu"}),
-                "GRUCell": (nn.GRUCell, fastrnn.GRUCell, {})}
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
@@ -94,10 +90,10 @@ def test_module_second_derivatives_match_torch_nn(kind, num_layers, bidirectiona
     assert_same_derivatives(got, expected)
 
 
-@pytest.mark.parametrize("kind", list(CELL_MODULES))
+@pytest.mark.parametrize("kind", list(CELL_KINDS))
 @pytest.mark.parametrize("backend,device", ENGINES)
 def test_cell_second_derivatives_match_torch_nn(kind, backend, device):
-    torch_cls, fast_cls, extra = CELL_MODULES[kind]
+    torch_cls, fast_cls, extra = CELL_KINDS[kind]
     reference, candidate = make_pair(torch_cls, fast_cls, INPUT_SIZE, HIDDEN_SIZE, dtype=torch.float64, **extra)
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(BATCH, INPUT_SIZE, dtype=torch.float64, generator=generator)

@@ -13,43 +13,7 @@ import torch.nn as nn
 import fastrnn
 import fastrnn.autograd
 import fastrnn.reference
-from conftest import assert_close, device_param, dtype_id
-
-# (name, number of gate blocks, nonlinearity or None for GRU)
-CELLS = [("RNN_tanh", 1, "tanh"), ("RNN_relu", 1, "relu"), ("GRU", 3, None)]
-CELL_IDS = [c[0] for c in CELLS]
-
-
-def make_args(gates, T, B, I, H, bias, lengths, dtype, seed, requires_grad=True):
-    generator = torch.Generator().manual_seed(seed)
-
-    def rand(*shape):
-        t = torch.randn(*shape, dtype=dtype, generator=generator) * 0.5
-        return t.requires_grad_(requires_grad)
-
-    x = rand(T, B, I)
-    h0 = rand(B, H)
-    w_ih = rand(gates * H, I)
-    w_hh = rand(gates * H, H)
-    b_ih = rand(gates * H) if bias else None
-    b_hh = rand(gates * H) if bias else None
-    lengths_t = None if lengths is None else torch.tensor(lengths, dtype=torch.int64)
-    return x, h0, w_ih, w_hh, b_ih, b_hh, lengths_t
-
-
-def apply_function(nonlinearity, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
-    if nonlinearity is None:
-        return fastrnn.autograd.GRUFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)[:2]
-    return fastrnn.autograd.RNNFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, nonlinearity)
-
-
-def apply_reference(nonlinearity, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
-    if nonlinearity is None:
-        return fastrnn.reference.gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=lengths, reverse=reverse)
-    return fastrnn.reference.rnn_layer(
-        x, h0, w_ih, w_hh, b_ih, b_hh, lengths=lengths, reverse=reverse, nonlinearity=nonlinearity
-    )
-
+from conftest import CELL_IDS, CELLS, apply_function, apply_reference, assert_close, device_param, dtype_id, make_args
 
 cell_param = pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
 lengths_param = pytest.mark.parametrize("lengths", [None, [2, 4, 1]], ids=["full", "lengths"])

@@ -27,8 +27,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastrnn
 import fastrnn.backends
-from conftest import KINDS, TRITON_DEVICE, assert_results_close, forward_backward, make_pair
-from test_cells import CELL_KINDS
+from conftest import CELL_KINDS, KINDS, TRITON_DEVICE, assert_results_close, forward_backward, make_pair
 
 pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402

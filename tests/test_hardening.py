@@ -25,6 +25,7 @@ import torch.nn as nn
 
 import fastrnn
 from conftest import (
+    CELL_KINDS,
     KINDS,
     TOLERANCES,
     TRITON_DEVICE,
@@ -51,12 +52,6 @@ MODULES = {
 }
 CELLS = ("RNNCell", "GRUCell")
 
-# Cells with their constructor kwargs, like conftest.KINDS for the layered modules.
-CELL_KINDS = {
-    "RNNCell_tanh": (nn.RNNCell, fastrnn.RNNCell, {"nonlinearity": "tanh"}),
-    "RNNCell_relu": (nn.RNNCell, fastrnn.RNNCell, {"nonlinearity": "relu"}),
-    "GRUCell": (nn.GRUCell, fastrnn.GRUCell, {}),
-}
 
 
 @pytest.fixture(autouse=True)

@@ -14,9 +14,8 @@ import fastrnn
 import fastrnn.autograd
 import fastrnn.functional
 import fastrnn.reference
-from conftest import (KINDS, TRITON_DEVICE, assert_close, assert_results_close, forward_backward, make_pair,
-                      needs_cuda)
-from test_functions import CELLS, apply_function, apply_reference, make_args
+from conftest import (CELLS, KINDS, TRITON_DEVICE, apply_function, apply_reference, assert_close,
+                      assert_results_close, forward_backward, make_args, make_pair, needs_cuda)
 
 triton_engine = pytest.importorskip("fastrnn.triton")
 engine = triton_engine.engine
