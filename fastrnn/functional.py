@@ -90,6 +90,22 @@ def gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | 
                       reverse, gru=True)
 
 
+# Packing and unpacking depend on the lengths' values, which torch.compile
+# cannot trace (before torch 2.13 it fails rather than breaking the graph):
+# they run eagerly, between compiled graphs, as torch.nn's RNNs do whole.
+@torch.compiler.disable
+def padded(data: Tensor, batch_sizes: Tensor, total_length: int | None = None) -> tuple[Tensor, Tensor]:
+    """A packed sequence's data as a time-major padded tensor, and its lengths."""
+    return pad_packed_sequence(PackedSequence(data, batch_sizes), total_length=total_length)
+
+
+@torch.compiler.disable
+def packed(x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """A time-major padded tensor packed by (sorted) lengths: (data, batch_sizes)."""
+    sequence = pack_padded_sequence(x, lengths)
+    return sequence.data, sequence.batch_sizes
+
+
 def _dropout(x: Tensor, p: float, lengths: Tensor | None) -> Tensor:
     """Dropout between layers, drawn as torch.nn draws it.
 
@@ -98,9 +114,8 @@ def _dropout(x: Tensor, p: float, lengths: Tensor | None) -> Tensor:
     """
     if lengths is None:
         return F.dropout(x, p, training=True)
-    packed = pack_padded_sequence(x, lengths)
-    data = F.dropout(packed.data, p, training=True)
-    return pad_packed_sequence(PackedSequence(data, packed.batch_sizes), total_length=x.shape[0])[0]
+    data, batch_sizes = packed(x, lengths)
+    return padded(F.dropout(data, p, training=True), batch_sizes, x.shape[0])[0]
 
 
 def recurrent_layers(mode: str, x: Tensor, hx: Tensor, weights: Sequence[Tensor], num_layers: int,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from fastrnn import functional
 
@@ -67,7 +67,7 @@ class _RecurrentModule(nn.RNNBase):
 
         if packed:
             # Sorted, time-major padding; the engines stop each sequence at its length.
-            x, lengths = pad_packed_sequence(PackedSequence(input, batch_sizes))
+            x, lengths = functional.padded(input, batch_sizes)
         else:
             x, lengths = (input.transpose(0, 1) if self.batch_first else input), None
         if x.size(0) == 0:
@@ -77,7 +77,7 @@ class _RecurrentModule(nn.RNNBase):
             self.dropout, self.training, lengths)
 
         if packed:
-            data = pack_padded_sequence(output, lengths).data
+            data = functional.packed(output, lengths)[0]
             return (PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices),
                     self.permute_hidden(h_n, unsorted_indices))
         if self.batch_first:
