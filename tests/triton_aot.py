@@ -13,6 +13,7 @@ under which the kernels are interpreted functions that cannot be compiled.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -62,7 +63,11 @@ def shipped_configs() -> list[tuple]:
                                 plan = engine.plan(cell, B, H, dtype, device)
                             except RuntimeError:  # the strategy cannot run this shape
                                 continue
-                        for kernel, constexprs in plan.launches().values():
+                        # A split also runs step by step where the device cannot
+                        # launch it cooperatively.
+                        plans = [plan] + ([dataclasses.replace(plan, cooperative=False)]
+                                          if plan.grid_sync else [])
+                        for kernel, constexprs in (k for p in plans for k in p.launches().values()):
                             key = (kernel.__name__, _type_name(dtype), tuple(sorted(
                                 (k, str(v)) for k, v in constexprs.items())))
                             seen.setdefault(key, (kernel, constexprs, dtype))
