@@ -62,7 +62,7 @@ def _worker(rank, port, path):
         dist.destroy_process_group()
     # Leave without tearing the interpreter down: freeing DDP's reducer can
     # deadlock in torch (its gloo worker thread waits for the GIL, held by
-    # the thread joining it in ~ProcessGroupGloo; seen once in four runs here).
+    # the thread joining it in ~ProcessGroupGloo; seen once in four runs).
     os._exit(0)
 
 
