@@ -1,10 +1,11 @@
-"""The autograd Functions: one layer, one direction, per cell type.
+"""The autograd Function of a layer: one layer, one direction, any cell type.
 
-Forward runs the engine's fused time loop; backward runs its hand-written
-backward-through-time, so autograd records one node per layer and direction
-however long the sequence. Both engines (C++ and Triton) share these
-Functions; the engine and its settings (the Triton strategy) are chosen in
-forward and kept for backward.
+Forward runs the engine's fused time loop (the ``fastrnn.ops`` layer op);
+backward runs its hand-written backward-through-time, so autograd records
+one node per layer and direction however long the sequence. The inputs are
+unpacked by the cell's description (``fastrnn.cells``): one Function serves
+every cell and both engines. The engine's op family and its settings (the
+Triton strategy) are chosen once, before forward, and kept for backward.
 
 Backward is twice differentiable: under ``create_graph=True`` (grad mode on
 in backward) the gradients come from the reference loop's autograd graph
@@ -15,138 +16,199 @@ backward keeps the engine's fused sweep and the flat graph.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
-from fastrnn import backends, cpp, reference
+from fastrnn import backends, ops, reference
+from fastrnn.cells import CELLS
+from fastrnn.settings import settings
+
+# Where each of the Function's inputs sits: the cell's states come last, as
+# many as its description names.
+CELL, FAMILY, STRATEGY, X, W_IH, W_HH, B_IH, B_HH, LENGTHS, REVERSE, STATES = range(11)
 
 
-def _engine(device: torch.device):
-    name = backends.resolve(device)
-    if name == "cpp":
-        return cpp
-    if name == "triton":
-        return backends.triton_engine  # imported by resolve()
+def family(engine: str, device: torch.device) -> tuple[str, str]:
+    """The (forward, backward) op names that run ``engine`` on ``device``:
+    the device-dispatched ops, or for Triton on CPU tensors the interpreter's."""
+    if engine == "triton" and device.type == "cpu":
+        return ops.INTERPRETED
+    if engine in ("cpp", "triton"):
+        return ops.DISPATCHED
     raise RuntimeError(
         f"fastrnn has no compiled engine for tensors on {device} under backend "
-        f"{backends.current_backend()!r}; use fastrnn.use_backend('reference')"
-    )
+        f"{backends.current_backend()!r}; use fastrnn.use_backend('reference')")
 
 
-def _keep_engine(ctx, device: torch.device) -> None:
-    """Stores the engine forward ran on, and its settings, for backward."""
-    ctx.engine = _engine(device)
-    ctx.settings = ctx.engine.settings()
+def _below_autograd():
+    """Calls the ops straight to their device kernel, past their own autograd
+    registration (``register`` below), which this Function stands in for:
+    in eager mode that spares a Python round trip per call."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch._C._AutoDispatchBelowAutograd()
 
 
-def _only_needed(ctx, grads) -> tuple:
-    return tuple(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad))
+def _op(name: str):
+    return getattr(torch.ops.fastrnn, name).default
 
 
-def _differentiable_gradients(ctx, layer, inputs, grad_output: Tensor | None,
-                              grad_hy: Tensor | None) -> tuple:
-    """The layer's gradients through the reference loop's graph (``layer``
-    over ``inputs``), built so that they can be differentiated again."""
-    wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
-    output, h_n = layer(*inputs)
+def _split(grads: list, states: int) -> tuple:
+    """(x, states..., weights...) gradients as (grad_x, [grad per state], *weights)."""
+    return grads[0], grads[1:1 + states], *grads[1 + states:]
+
+
+def _differentiable_gradients(ctx, grad_output: Tensor | None, grad_hy: list) -> tuple:
+    """The layer's gradients through the reference loop's graph over the saved
+    inputs, built so that they can be differentiated again."""
+    x, w_ih, w_hh, b_ih, b_hh, lengths, _, _, *hx = ctx.saved_tensors
+    inputs = (x, *hx, w_ih, w_hh, b_ih, b_hh)
+    wanted = [i for i, (t, need) in enumerate(zip(inputs, ctx.needs)) if t is not None and need]
+    output, h_n = reference.layer(ctx.cell, x, tuple(hx), w_ih, w_hh, b_ih, b_hh, lengths,
+                                  ctx.reverse)
+    results = (output, *h_n)
     upstream = [torch.zeros_like(t) if g is None else g.to(t.dtype)
-                for g, t in ((grad_output, output), (grad_hy, h_n))]
-    grads = torch.autograd.grad((output, h_n), [inputs[i] for i in wanted], upstream,
+                for g, t in zip((grad_output, *grad_hy), results)]
+    found = torch.autograd.grad(results, [inputs[i] for i in wanted], upstream,
                                 create_graph=True, allow_unused=True, materialize_grads=True)
-    result = [None] * len(inputs)
-    for i, grad in zip(wanted, grads):
-        result[i] = grad
-    return tuple(result)
+    grads = [None] * len(inputs)
+    for i, grad in zip(wanted, found):
+        grads[i] = grad
+    return _split(grads, len(hx))
 
 
-class RNNFunction(torch.autograd.Function):
-    """tanh/ReLU RNN layer: ``apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, nonlinearity)``.
+def _gradients(ctx, grad_output: Tensor | None, grad_hy: list) -> tuple:
+    """(grad_x, [grad per state], grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh) of the
+    layer ``ctx`` saved: the engine's sweep, or under create_graph the
+    reference loop's differentiable graph."""
+    if torch.is_grad_enabled():
+        return _differentiable_gradients(ctx, grad_output, grad_hy)
+    x, w_ih, w_hh, _, _, lengths, output, workspace, *hx = ctx.saved_tensors
+    if grad_output is None:
+        grad_output = torch.zeros_like(output)
+    grad_hy = [torch.zeros(h.shape, dtype=output.dtype, device=output.device) if g is None else g
+               for g, h in zip(grad_hy, hx)]
+    with _below_autograd():
+        grad_x, grad_hx, *weights = _op(ctx.family[1])(
+            ctx.cell, grad_output, grad_hy, x, hx, w_ih, w_hh, output, workspace, lengths,
+            ctx.reverse, ctx.needs[0], ctx.strategy)
+    grads = [g if need else None for g, need in zip((grad_x, *grad_hx, *weights), ctx.needs)]
+    return _split(grads, len(hx))
 
-    x is (T, B, I) time-major, h0 (B, H); b_ih/b_hh may be None; lengths is
-    None or an int64 CPU tensor (B,); positions past a sequence's length
-    must hold finite values and come out as zeros. Returns (output, h_n), in
-    x's dtype, or in float32 for half-precision x on the Triton engine (the
-    state it kept; ``fastrnn.functional`` narrows them). Forward and
-    ``setup_context`` are separate, so ``torch.func.grad`` and friends can
-    differentiate through it.
+
+def _save(ctx, cell, family, strategy, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+          output, workspace, needs) -> None:
+    """Keeps what backward reads, for the Function and the ops' own registration alike."""
+    ctx.mark_non_differentiable(workspace)
+    ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, lengths, output, workspace, *hx)
+    ctx.cell, ctx.family, ctx.strategy, ctx.reverse = cell, family, strategy, reverse
+    ctx.needs, ctx.states = needs, len(hx)
+    # Otherwise autograd would hand backward a zero gradient as large as the
+    # workspace; the ones it needs are made in backward when unused.
+    ctx.set_materialize_grads(False)
+
+
+class LayerFunction(torch.autograd.Function):
+    """One layer of any cell: ``apply(cell, family, strategy, x, w_ih, w_hh, b_ih, b_hh,
+    lengths, reverse, *hx)`` with ``family`` from ``family()``.
+
+    x is (T, B, I) time-major, each state (B, H), as many as the cell has;
+    b_ih/b_hh may be None; lengths is None or an int64 CPU tensor (B,);
+    positions past a sequence's length must hold finite values and come out
+    as zeros. Returns (output, workspace, *h_n), in x's dtype, or in float32
+    for half-precision x on the Triton engine (the state it kept;
+    ``fastrnn.functional`` narrows them); the workspace holds what backward
+    reads and is not differentiable. Forward and ``setup_context`` are
+    separate, so ``torch.func.grad`` and friends can differentiate through it.
     """
 
     @staticmethod
-    def forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, nonlinearity):
-        """Runs the engine's time loop."""
-        engine = _engine(x.device)
-        return engine.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
-                                  nonlinearity == "relu", *engine.settings())
+    def forward(cell, family, strategy, x, w_ih, w_hh, b_ih, b_hh, lengths, reverse, *hx):
+        """Runs the engine's time loop, keeping what backward reads."""
+        with _below_autograd():
+            output, h_n, workspace = _op(family[0])(cell, x, list(hx), w_ih, w_hh, b_ih, b_hh,
+                                                    lengths, reverse, True, strategy)
+        return (output, workspace, *h_n)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         """Saves what the backward sweep reads."""
-        x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, nonlinearity = inputs
-        ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, output[0], lengths)
-        ctx.reverse, ctx.nonlinearity = reverse, nonlinearity
-        _keep_engine(ctx, x.device)
+        cell, family, strategy, x, w_ih, w_hh, b_ih, b_hh, lengths, reverse, *hx = inputs
+        needs = ctx.needs_input_grad
+        needs = (needs[X], *needs[STATES:], needs[W_IH], needs[W_HH], needs[B_IH], needs[B_HH])
+        _save(ctx, cell, family, strategy, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+              output[0], output[1], needs)
 
     @staticmethod
-    def backward(ctx, grad_output, grad_hy):
+    def backward(ctx, grad_output, _grad_workspace, *grad_hy):
         """The engine's backward-through-time sweep, then the weight GEMMs
         (under create_graph: the reference loop's differentiable graph)."""
-        x, h0, w_ih, w_hh, b_ih, b_hh, output, lengths = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            def layer(*tensors):
-                return reference.rnn_layer(*tensors, lengths, ctx.reverse, ctx.nonlinearity)
-
-            grads = _differentiable_gradients(ctx, layer, (x, h0, w_ih, w_hh, b_ih, b_hh),
-                                              grad_output, grad_hy)
-            return (*grads, None, None, None)
-        grads = ctx.engine.rnn_backward(
-            grad_output, grad_hy, x, h0, w_ih, w_hh, output, lengths, ctx.reverse,
-            ctx.nonlinearity == "relu", ctx.needs_input_grad[0], *ctx.settings)
-        return (*_only_needed(ctx, grads), None, None, None)
+        grad_x, grad_hx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = _gradients(
+            ctx, grad_output, grad_hy)
+        return (None, None, None, grad_x, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, None, None,
+                *grad_hx)
 
 
-class GRUFunction(torch.autograd.Function):
-    """GRU layer: ``apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)``; see RNNFunction.
+def layer(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,
+          b_ih: Tensor | None, b_hh: Tensor | None, lengths: Tensor | None, reverse: bool,
+          engine: str | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """(output, h_n) of one layer through ``LayerFunction`` on ``engine``
+    (default: the one the backend setting picks for x's device)."""
+    engine = backends.resolve(x.device) if engine is None else engine
+    output, _, *h_n = LayerFunction.apply(cell, family(engine, x.device), settings.triton_strategy,
+                                          x, w_ih, w_hh, b_ih, b_hh, lengths, reverse, *hx)
+    return output, tuple(h_n)
 
-    Returns (output, h_n, workspace): the workspace holds the gates backward
-    reads and is not differentiable.
-    """
 
-    @staticmethod
-    def forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
-        """Runs the engine's time loop, keeping its gates."""
-        engine = _engine(x.device)
-        return engine.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, *engine.settings())
+def inference(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,
+              b_ih: Tensor | None, b_hh: Tensor | None, lengths: Tensor | None, reverse: bool,
+              engine: str) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """(output, h_n) of one layer that nothing will differentiate: the forward
+    op alone, saving no workspace."""
+    with _below_autograd():
+        output, h_n, _ = _op(family(engine, x.device)[0])(
+            cell, x, list(hx), w_ih, w_hh, b_ih, b_hh, lengths, reverse, False,
+            settings.triton_strategy)
+    return output, tuple(h_n)
 
-    @staticmethod
+
+def _op_setup_context(ctx, inputs, output):
+    cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse, save_workspace, strategy = inputs
+    torch._check(save_workspace, lambda: "fastrnn: differentiating a layer op needs "
+                 "save_workspace=True (the workspace is what its backward reads)")
+    needs = ctx.needs_input_grad
+    hx_needs = needs[2] if isinstance(needs[2], (list, tuple)) else [needs[2]] * len(hx)
+    needs = (needs[1], *hx_needs, *needs[3:7])
+    _save(ctx, cell, ctx.family_for_op, strategy, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+          output[0], output[2], needs)
+
+
+def _register(names: tuple[str, str]) -> None:
+    """Gives the layer ops themselves the Function's gradients, for callers of
+    ``torch.ops.fastrnn.*`` (the modules go through ``LayerFunction``)."""
+
     def setup_context(ctx, inputs, output):
-        """Saves what the backward sweep reads, the gates included."""
-        x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse = inputs
-        out, _, workspace = output
-        ctx.mark_non_differentiable(workspace)
-        ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, out, workspace, lengths)
-        ctx.reverse = reverse
-        _keep_engine(ctx, x.device)
-        # Otherwise autograd would hand backward a zero gradient as large as
-        # the workspace; the two it needs are made in backward when unused.
-        ctx.set_materialize_grads(False)
+        ctx.family_for_op = names
+        _op_setup_context(ctx, inputs, output)
 
-    @staticmethod
-    def backward(ctx, grad_output, grad_hy, _grad_workspace):
-        """The engine's backward-through-time sweep, then the weight GEMMs
-        (under create_graph: the reference loop's differentiable graph)."""
-        x, h0, w_ih, w_hh, b_ih, b_hh, output, workspace, lengths = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            def layer(*tensors):
-                return reference.gru_layer(*tensors, lengths, ctx.reverse)
-
-            grads = _differentiable_gradients(ctx, layer, (x, h0, w_ih, w_hh, b_ih, b_hh),
-                                              grad_output, grad_hy)
-            return (*grads, None, None)
-        if grad_output is None:
-            grad_output = torch.zeros_like(output)
+    def forward_backward(ctx, grad_output, grad_hy, _grad_workspace):
         if grad_hy is None:
-            grad_hy = torch.zeros(h0.shape, dtype=output.dtype, device=output.device)
-        grads = ctx.engine.gru_backward(
-            grad_output, grad_hy, x, h0, w_ih, w_hh, output, workspace, lengths, ctx.reverse,
-            ctx.needs_input_grad[0], *ctx.settings)
-        return (*_only_needed(ctx, grads), None, None)
+            grad_hy = [None] * ctx.states
+        grad_x, grad_hx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = _gradients(
+            ctx, grad_output, list(grad_hy))
+        return (None, grad_x, list(grad_hx), grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, None,
+                None, None, None)
+
+    def backward_backward(ctx, *grads):
+        raise RuntimeError(f"fastrnn::{names[1]} is not differentiable: differentiate the "
+                           "layer's outputs with create_graph=True instead")
+
+    torch.library.register_autograd("fastrnn::" + names[0], forward_backward,
+                                    setup_context=setup_context)
+    torch.library.register_autograd("fastrnn::" + names[1], backward_backward)
+
+
+for _names in (ops.DISPATCHED, ops.INTERPRETED):
+    _register(_names)

@@ -1,8 +1,5 @@
-"""The C++ CPU engine: loads ``fastrnn._C`` and exposes its layer ops.
-
-The ops are registered with the dispatcher as ``torch.ops.fastrnn.*``; their
-fake (meta) implementations come from ``fastrnn.fake``, so that tracing
-(torch.compile, the meta device) needs no real data.
+"""The C++ CPU engine: loads ``fastrnn._C``, which registers the CPU kernels
+of the layer ops (``fastrnn.ops``) with the dispatcher.
 """
 
 from __future__ import annotations
@@ -11,7 +8,7 @@ import warnings
 
 import torch
 
-from fastrnn import fake
+from fastrnn import ops  # noqa: F401  (the op schemas the extension implements)
 
 
 def built_for() -> str | None:
@@ -48,7 +45,7 @@ if MISMATCH is not None:
     warnings.warn(f"fastrnn: {MISMATCH}.", RuntimeWarning, stacklevel=2)
 else:
     try:
-        from fastrnn import _C  # noqa: F401  (loading it registers torch.ops.fastrnn)
+        from fastrnn import _C  # noqa: F401  (loading it registers the CPU kernels)
 
         _LOAD_ERROR = None
     except ImportError as error:  # a source checkout whose extension is not built
@@ -67,42 +64,3 @@ def available() -> bool:
 def load_error() -> str | None:
     """Why the extension is not loaded, or None."""
     return _LOAD_ERROR
-
-
-def settings() -> tuple:
-    """The engine's settings, as trailing op arguments: the C++ engine has none."""
-    return ()
-
-
-if available():
-    @torch.library.register_fake("fastrnn::rnn_forward")
-    def _(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse, relu):
-        fake.check_same_device(input, hx, weight_ih, weight_hh, bias_ih, bias_hh,
-                               lengths=lengths)
-        return fake.layer_forward(input, hx)
-
-    @torch.library.register_fake("fastrnn::rnn_backward")
-    def _(grad_output, grad_hy, input, hx, weight_ih, weight_hh, output, lengths, reverse, relu,
-          input_requires_grad):
-        fake.check_same_device(grad_output, grad_hy, input, hx, weight_ih, weight_hh, output,
-                               lengths=lengths)
-        return fake.layer_backward(input, hx, weight_ih, weight_hh, input_requires_grad)
-
-    @torch.library.register_fake("fastrnn::gru_forward")
-    def _(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse,
-          save_workspace=True):
-        fake.check_same_device(input, hx, weight_ih, weight_hh, bias_ih, bias_hh,
-                               lengths=lengths)
-        return fake.gru_forward(input, hx, save_workspace)
-
-    @torch.library.register_fake("fastrnn::gru_backward")
-    def _(grad_output, grad_hy, input, hx, weight_ih, weight_hh, output, workspace, lengths,
-          reverse, input_requires_grad):
-        fake.check_same_device(grad_output, grad_hy, input, hx, weight_ih, weight_hh, output,
-                               workspace, lengths=lengths)
-        return fake.layer_backward(input, hx, weight_ih, weight_hh, input_requires_grad)
-
-    rnn_forward = torch.ops.fastrnn.rnn_forward
-    rnn_backward = torch.ops.fastrnn.rnn_backward
-    gru_forward = torch.ops.fastrnn.gru_forward
-    gru_backward = torch.ops.fastrnn.gru_backward

@@ -1,7 +1,8 @@
 """Layer functions: run one layer on the engine the backend picks, or stack them.
 
-Data flows one way: modules -> ``recurrent_layers`` -> ``rnn_layer`` /
-``gru_layer`` -> an autograd Function -> an engine (or the reference loop).
+Data flows one way: modules -> ``recurrent_layers`` -> ``layer`` -> the
+autograd Function (``fastrnn.autograd``) -> a layer op (``fastrnn.ops``),
+whose kernel the tensors' device picks -> an engine; or the reference loop.
 """
 
 from __future__ import annotations
@@ -13,30 +14,31 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from fastrnn import backends, cpp, reference
-from fastrnn.autograd import GRUFunction, RNNFunction
+from fastrnn import autograd, backends, reference
+from fastrnn.cells import for_mode
 
 # The C++ engine computes in float32 or float64; narrower floats are widened
 # for it and the results narrowed back.
 _WIDENED = (torch.bfloat16, torch.float16)
 
 
-def _apply(function, engine: str, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh,
-           *flags, gru: bool = False):
+def _engine_layer(engine: str, cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor,
+                  w_hh: Tensor, b_ih, b_hh, lengths, reverse: bool):
     dtype = x.dtype
-    if engine == "cpp" and x.dtype in _WIDENED and h0.dtype == x.dtype and w_ih.dtype == x.dtype:
-        x, h0, w_ih, w_hh, b_ih, b_hh = [t if t is None else t.float()
-                                         for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    tensors = (x, *hx, w_ih, w_hh, b_ih, b_hh)
+    if (engine == "cpp" and x.dtype in _WIDENED
+            and all(t.dtype == x.dtype for t in (*hx, w_ih))):
+        tensors = [t if t is None else t.float() for t in tensors]
+    x, *hx, w_ih, w_hh, b_ih, b_hh = tensors
     # The Triton engine takes half types as they are but returns the float32
     # state it kept (and saves it for backward); both are narrowed here.
-    tensors = (x, h0, w_ih, w_hh, b_ih, b_hh)
-    if (gru and engine == "cpp" and not (
-            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))):
-        # Inference: nothing for backward to keep, so the GRU's gates are not saved.
-        output, h_n, _ = cpp.gru_forward(*tensors, *flags, save_workspace=False)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        output, h_n = autograd.layer(cell, x, tuple(hx), w_ih, w_hh, b_ih, b_hh, lengths,
+                                     reverse, engine)
     else:
-        output, h_n = function.apply(*tensors, *flags)[:2]  # GRU: + workspace
-    return output.to(dtype), h_n.to(dtype)
+        output, h_n = autograd.inference(cell, x, tuple(hx), w_ih, w_hh, b_ih, b_hh, lengths,
+                                         reverse, engine)
+    return output.to(dtype), tuple(h.to(dtype) for h in h_n)
 
 
 # Constant per device type; torch.compile (before torch 2.13) cannot trace the query itself.
@@ -52,42 +54,47 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     return None
 
 
-def _run_layer(function, reference_layer, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
-               b_ih, b_hh, *flags, gru: bool = False):
+def layer(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,
+          b_ih: Tensor | None = None, b_hh: Tensor | None = None, lengths: Tensor | None = None,
+          reverse: bool = False) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """One layer of ``cell`` (a ``fastrnn.cells`` name) in one direction over a (T, B, I) input.
+
+    ``hx`` holds the cell's initial states, each (B, H). Returns (output
+    (T, B, H), final states). ``lengths`` (int64 CPU, (B,)) limits each
+    sequence; ``reverse`` runs each from its own last element. Under
+    ``torch.autocast`` the layer runs in the autocast dtype.
+    """
     low = _autocast_dtype(x)
     if low is not None:
         # Like cuDNN's RNNs under autocast: the whole layer runs on inputs and
         # weights rounded to the low-precision dtype, with float32 state and
         # accumulation inside, and returns that dtype. Autocast is switched
         # off inside so that the engine's own products are not recast.
-        tensors = [t if t is None else t.to(low) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+        x, *hx, w_ih, w_hh, b_ih, b_hh = [t if t is None else t.to(low)
+                                          for t in (x, *hx, w_ih, w_hh, b_ih, b_hh)]
         with torch.autocast(x.device.type, enabled=False):
-            return _run_layer(function, reference_layer, *tensors, *flags, gru=gru)
+            return layer(cell, x, tuple(hx), w_ih, w_hh, b_ih, b_hh, lengths, reverse)
     engine = backends.resolve(x.device)
     if engine == "reference":
-        return reference_layer(x, h0, w_ih, w_hh, b_ih, b_hh, *flags)
-    return _apply(function, engine, x, h0, w_ih, w_hh, b_ih, b_hh, *flags, gru=gru)
+        return reference.layer(cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
+    return _engine_layer(engine, cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
 
 
 def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
               b_hh: Tensor | None = None, lengths: Tensor | None = None, reverse: bool = False,
               nonlinearity: str = "tanh") -> tuple[Tensor, Tensor]:
-    """One tanh/ReLU RNN layer in one direction over a (T, B, I) input.
-
-    Returns (output (T, B, H), h_n (B, H)). ``lengths`` (int64 CPU, (B,))
-    limits each sequence; ``reverse`` runs each from its own last element.
-    Under ``torch.autocast`` the layer runs in the autocast dtype.
-    """
-    return _run_layer(RNNFunction, reference.rnn_layer, x, h0, w_ih, w_hh, b_ih, b_hh, lengths,
-                      reverse, nonlinearity)
+    """One tanh/ReLU RNN layer: (output (T, B, H), h_n (B, H)); see ``layer``."""
+    output, (h_n,) = layer(f"rnn_{nonlinearity}", x, (h0,), w_ih, w_hh, b_ih, b_hh, lengths,
+                           reverse)
+    return output, h_n
 
 
 def gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
               b_hh: Tensor | None = None, lengths: Tensor | None = None,
               reverse: bool = False) -> tuple[Tensor, Tensor]:
-    """One GRU layer in one direction; same contract as ``rnn_layer``."""
-    return _run_layer(GRUFunction, reference.gru_layer, x, h0, w_ih, w_hh, b_ih, b_hh, lengths,
-                      reverse, gru=True)
+    """One GRU layer: (output (T, B, H), h_n (B, H)); see ``layer``."""
+    output, (h_n,) = layer("gru", x, (h0,), w_ih, w_hh, b_ih, b_hh, lengths, reverse)
+    return output, h_n
 
 
 # Packing and unpacking depend on the lengths' values, which torch.compile
@@ -123,30 +130,28 @@ def recurrent_layers(mode: str, x: Tensor, hx: Tensor, weights: Sequence[Tensor]
                      lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """A stack of layers, as ``torch.nn.RNN``/``GRU`` run them.
 
-    ``mode`` is "RNN_TANH", "RNN_RELU" or "GRU"; x is (T, B, I) time-major;
-    hx is (num_layers * directions, B, H); ``weights`` lists w_ih, w_hh and,
-    with biases, b_ih, b_hh per layer and direction (``RNNBase._flat_weights``
-    order). Dropout applies to every layer's output but the last, in
-    training only. Returns (output (T, B, directions * H), h_n).
+    ``mode`` is torch.nn's ("RNN_TANH", "RNN_RELU" or "GRU"); x is (T, B, I)
+    time-major; hx is (num_layers * directions, B, H); ``weights`` lists
+    w_ih, w_hh and, with biases, b_ih, b_hh per layer and direction
+    (``RNNBase._flat_weights`` order). Dropout applies to every layer's
+    output but the last, in training only. Returns (output (T, B,
+    directions * H), h_n).
     """
+    cell = for_mode(mode).name
     directions = 2 if bidirectional else 1
     per_layer = len(weights) // (num_layers * directions)
     h_n = []
-    for layer in range(num_layers):
+    for index_layer in range(num_layers):
         outputs = []
         for direction in range(directions):
-            index = layer * directions + direction
+            index = index_layer * directions + direction
             w_ih, w_hh, *biases = weights[index * per_layer:(index + 1) * per_layer]
             b_ih, b_hh = biases if biases else (None, None)
-            reverse = direction == 1
-            if mode == "GRU":
-                output, h = gru_layer(x, hx[index], w_ih, w_hh, b_ih, b_hh, lengths, reverse)
-            else:
-                output, h = rnn_layer(x, hx[index], w_ih, w_hh, b_ih, b_hh, lengths, reverse,
-                                      "relu" if mode == "RNN_RELU" else "tanh")
+            output, (h,) = layer(cell, x, (hx[index],), w_ih, w_hh, b_ih, b_hh, lengths,
+                                 direction == 1)
             outputs.append(output)
             h_n.append(h)
         x = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
-        if dropout > 0 and training and layer < num_layers - 1:
+        if dropout > 0 and training and index_layer < num_layers - 1:
             x = _dropout(x, dropout, lengths)
     return x, torch.stack(h_n)

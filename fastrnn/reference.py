@@ -1,72 +1,70 @@
-"""The plain PyTorch reference: one readable time loop per cell type.
+"""The plain PyTorch reference: one readable time loop for every cell type.
 
-These functions have the same contract as the engines' layer functions (one
-layer, one direction, time-major input, optional per-sequence lengths) and
-are differentiated by autograd. Tests and benchmarks compare against them;
+``layer`` has the same contract as the engines' layer ops (one layer, one
+direction, time-major input, optional per-sequence lengths) and is
+differentiated by autograd; each cell's step is its description's
+(``fastrnn.cells``). Tests and benchmarks compare against them;
 the ``"reference"`` backend runs them.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-
-def rnn_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
-             b_hh: Tensor | None, nonlinearity: str = "tanh") -> Tensor:
-    """One step of an Elman RNN: act(x W_ih^T + b_ih + h W_hh^T + b_hh)."""
-    pre = F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh)
-    return torch.tanh(pre) if nonlinearity == "tanh" else torch.relu(pre)
+from fastrnn.cells import CELLS
 
 
-def gru_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
-             b_hh: Tensor | None) -> Tensor:
-    """One GRU step, gate rows stacked r | z | n (b_hn inside the reset product)."""
-    x_r, x_z, x_n = F.linear(x, w_ih, b_ih).chunk(3, dim=-1)
-    h_r, h_z, h_n = F.linear(h, w_hh, b_hh).chunk(3, dim=-1)
-    r = torch.sigmoid(x_r + h_r)
-    z = torch.sigmoid(x_z + h_z)
-    n = torch.tanh(x_n + r * h_n)
-    return (1 - z) * n + z * h
-
-
-def recur(step, x: Tensor, h0: Tensor, lengths: Tensor | None = None,
-          reverse: bool = False) -> tuple[Tensor, Tensor]:
-    """Runs ``step(x_t, h) -> h`` over a (T, B, I) input.
+def recur(step, x: Tensor, hx: tuple[Tensor, ...], lengths: Tensor | None = None,
+          reverse: bool = False) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Runs ``step(x_t, states) -> states`` over a (T, B, I) input; the
+    output of each step is its first state.
 
     Sequence b covers times 0..lengths[b]-1 (all T when lengths is None);
     in reverse it starts from its own last element. Outputs past a
-    sequence's end are zero and its state is held there, so the returned
-    state of b is the one after its last step. Steps past the end run on a
-    zero state, so that no gradient meets the held one (0 * inf = NaN).
+    sequence's end are zero and its states are held there, so the returned
+    states of b are the ones after its last step. Steps past the end run on
+    zero states, so that no gradient meets the held ones (0 * inf = NaN).
     """
     T, B = x.shape[0], x.shape[1]
     if lengths is None:
         lengths = torch.full((B,), T, dtype=torch.long)
     lengths = lengths.to(x.device)
     batch = torch.arange(B, device=x.device)
-    h = h0
-    out = x.new_zeros(T, B, h0.shape[-1])
+    state = tuple(hx)
+    out = x.new_zeros(T, B, hx[0].shape[-1])
     for s in range(T):
         active = lengths > s
+        keep = active[:, None]
         time = (lengths - 1 - s).clamp(min=0) if reverse else torch.full_like(lengths, s)
-        h_new = step(x[time, batch], torch.where(active[:, None], h, 0))
-        h = torch.where(active[:, None], h_new, h)
-        out = out.index_put((time[active], batch[active]), h_new[active])
-    return out, h
+        new = step(x[time, batch], tuple(torch.where(keep, h, 0) for h in state))
+        state = tuple(torch.where(keep, n, h) for n, h in zip(new, state))
+        out = out.index_put((time[active], batch[active]), new[0][active])
+    return out, state
+
+
+def layer(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,
+          b_ih: Tensor | None = None, b_hh: Tensor | None = None, lengths: Tensor | None = None,
+          reverse: bool = False) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """One layer of ``cell`` (a ``fastrnn.cells`` name) in one direction:
+    returns (output (T, B, H), final states)."""
+    step = CELLS[cell].step
+    return recur(lambda x_t, state: step(x_t, state, w_ih, w_hh, b_ih, b_hh), x, hx, lengths,
+                 reverse)
 
 
 def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
               b_hh: Tensor | None = None, lengths: Tensor | None = None, reverse: bool = False,
               nonlinearity: str = "tanh") -> tuple[Tensor, Tensor]:
     """One tanh/ReLU RNN layer in one direction: returns (output (T, B, H), h_n (B, H))."""
-    return recur(lambda x_t, h: rnn_cell(x_t, h, w_ih, w_hh, b_ih, b_hh, nonlinearity),
-                 x, h0, lengths, reverse)
+    output, (h_n,) = layer(f"rnn_{nonlinearity}", x, (h0,), w_ih, w_hh, b_ih, b_hh, lengths,
+                           reverse)
+    return output, h_n
 
 
 def gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
               b_hh: Tensor | None = None, lengths: Tensor | None = None,
               reverse: bool = False) -> tuple[Tensor, Tensor]:
     """One GRU layer in one direction: returns (output (T, B, H), h_n (B, H))."""
-    return recur(lambda x_t, h: gru_cell(x_t, h, w_ih, w_hh, b_ih, b_hh), x, h0, lengths, reverse)
+    output, (h_n,) = layer("gru", x, (h0,), w_ih, w_hh, b_ih, b_hh, lengths, reverse)
+    return output, h_n

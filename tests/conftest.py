@@ -287,17 +287,68 @@ def make_args(gates, T, B, I, H, bias, lengths, dtype, seed, requires_grad=True)
     return x, h0, w_ih, w_hh, b_ih, b_hh, lengths_t
 
 
+def cell_name(nonlinearity):
+    """The ``fastrnn.cells`` name of a CELLS entry's cell (GRU for nonlinearity None)."""
+    return "gru" if nonlinearity is None else f"rnn_{nonlinearity}"
+
+
 def apply_function(nonlinearity, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
     """(output, h_n) of the layer's autograd Function (GRU for nonlinearity None)."""
-    if nonlinearity is None:
-        return fastrnn.autograd.GRUFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)[:2]
-    return fastrnn.autograd.RNNFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, nonlinearity)
+    output, (h_n,) = fastrnn.autograd.layer(cell_name(nonlinearity), x, (h0,), w_ih, w_hh, b_ih,
+                                            b_hh, lengths, reverse)
+    return output, h_n
 
 
 def apply_reference(nonlinearity, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
     """(output, h_n) of the same layer by the reference loop."""
-    if nonlinearity is None:
-        return fastrnn.reference.gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=lengths, reverse=reverse)
-    return fastrnn.reference.rnn_layer(
-        x, h0, w_ih, w_hh, b_ih, b_hh, lengths=lengths, reverse=reverse, nonlinearity=nonlinearity
-    )
+    output, (h_n,) = fastrnn.reference.layer(cell_name(nonlinearity), x, (h0,), w_ih, w_hh, b_ih,
+                                             b_hh, lengths, reverse)
+    return output, h_n
+
+
+# ---------------------------------------------------------------------------
+# Shared by the files split from test_hardening.py (bad arguments, zero
+# sizes, engine calls, extreme values, long sequences, non-contiguous
+# inputs, tied and replaced parameters, torch.func, threads)
+# ---------------------------------------------------------------------------
+
+import signal  # noqa: E402
+
+# The recurrent modules and cells by class name: (torch.nn class, fastrnn class).
+MODULES = {
+    "RNN": (nn.RNN, fastrnn.RNN),
+    "GRU": (nn.GRU, fastrnn.GRU),
+    "RNNCell": (nn.RNNCell, fastrnn.RNNCell),
+    "GRUCell": (nn.GRUCell, fastrnn.GRUCell),
+}
+
+
+@pytest.fixture
+def intra_op_threads():
+    """One intra-op thread for the test; yields the usual count.
+
+    The tensors of the tests that use it are small: no step is big enough
+    for the engine to split, and one thread keeps the tiny per-step BLAS
+    calls from stalling on a busy CPU. (Those files apply it to every test
+    with ``pytestmark = pytest.mark.usefixtures("intra_op_threads")``.)
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield threads
+    torch.set_num_threads(threads)
+
+
+def describe_exit(returncode):
+    """How a child process ended, for a failure message: the signal that killed it, or its exit status."""
+    if returncode < 0:
+        return f"killed by {signal.Signals(-returncode).name}"
+    return f"exit status {returncode}"
+
+
+def tie(module):
+    """Ties parameters of a 2-layer bidirectional RNN/GRU in place."""
+    # Shared across directions and across layers (the shapes allow it).
+    module.bias_ih_l0_reverse = module.bias_ih_l0
+    module.weight_hh_l0_reverse = module.weight_hh_l0
+    module.weight_hh_l1 = module.weight_hh_l0
+    module.weight_ih_l1_reverse = module.weight_ih_l1

@@ -91,7 +91,8 @@ def test_forcing_triton_on_cpu_raises_in_function():
     args = gru_function_args()
     with pytest.raises(RuntimeError, match="(?i)triton"):
         with fastrnn.use_backend("triton"):
-            fastrnn.autograd.GRUFunction.apply(*args)
+            x, h0, *rest = args
+            fastrnn.autograd.layer("gru", x, (h0,), *rest)
 
 
 @needs_triton_unavailable_on_cpu

@@ -1,6 +1,6 @@
 """Single-layer, single-direction autograd Functions.
 
-``fastrnn.autograd.RNNFunction`` / ``GRUFunction`` are checked three ways:
+``fastrnn.autograd.LayerFunction`` is checked, per cell, three ways:
 numerically with ``torch.autograd.gradcheck``, against the plain PyTorch
 layers in ``fastrnn.reference``, and against ``torch.nn.RNN`` / ``torch.nn.GRU``
 run one sequence at a time.

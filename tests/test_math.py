@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from fastrnn.autograd import GRUFunction, RNNFunction
+from fastrnn.autograd import layer
 
 ULP = 2.0 ** -23  # float32 spacing at 1
 SPECIAL = [0.0, -0.0, 1e-30, -1e-30, 1e-6, -1e-6, 0.49999997, 0.5, 0.50000006, 9.0, 20.0,
@@ -28,8 +28,8 @@ def relative_error(actual, expected):
 def one_step_tanh(x):
     # output = tanh(x * 1 + h0 * 0)
     ones, zeros = torch.ones(1, 1), torch.zeros(1, 1)
-    out, _ = RNNFunction.apply(x.view(1, -1, 1), torch.zeros(x.numel(), 1), ones, zeros, None,
-                               None, None, False, "tanh")
+    out, _ = layer("rnn_tanh", x.view(1, -1, 1), (torch.zeros(x.numel(), 1),), ones, zeros, None,
+                   None, None, False)
     return out.view(-1)
 
 
@@ -37,8 +37,8 @@ def one_step_sigmoid(x):
     # r = σ(0), z = σ(x), n = tanh(0) = 0, so h' = (h0 - n) z + n = σ(x) for h0 = 1
     # (finite x only: the zero weight rows would turn an infinite x into NaN)
     w_ih = torch.tensor([[0.0], [1.0], [0.0]])
-    out, *_ = GRUFunction.apply(x.view(1, -1, 1), torch.ones(x.numel(), 1), w_ih, torch.zeros(3, 1),
-                               None, None, None, False)
+    out, _ = layer("gru", x.view(1, -1, 1), (torch.ones(x.numel(), 1),), w_ih, torch.zeros(3, 1),
+                   None, None, None, False)
     return out.view(-1)
 
 

@@ -216,10 +216,13 @@ def test_gru_op_without_workspace(lengths, reverse):
     args = [torch.randn(shape, generator=generator)
             for shape in [(T, B, I), (B, H), (3 * H, I), (3 * H, H), (3 * H,), (3 * H,)]]
     lengths = None if lengths is None else torch.tensor(lengths)
-    output, h_n, workspace = torch.ops.fastrnn.gru_forward(*args, lengths, reverse)
-    bare = torch.ops.fastrnn.gru_forward(*args, lengths, reverse, save_workspace=False)
+    x, h0, *weights = args
+    output, h_n, workspace = torch.ops.fastrnn.layer_forward("gru", x, [h0], *weights, lengths,
+                                                             reverse, True, "auto")
+    bare = torch.ops.fastrnn.layer_forward("gru", x, [h0], *weights, lengths, reverse, False,
+                                           "auto")
     assert workspace.shape == (T, B, 4 * H) and bare[2].numel() == 0
-    assert torch.equal(bare[0], output) and torch.equal(bare[1], h_n)
+    assert torch.equal(bare[0], output) and torch.equal(bare[1][0], h_n[0])
 
 
 @pytest.mark.parametrize("used", ["output", "h_n"])

@@ -1,72 +1,97 @@
-"""``torch.library.opcheck`` on every engine op: schema (no mutation or
-aliasing it does not declare), fake (meta) implementation against the real
-one, and autograd registration, with and without per-sequence lengths."""
+"""``torch.library.opcheck`` on every layer op and cell: schema (no mutation
+or aliasing it does not declare), fake (meta) implementation against the
+real one, autograd registration (forward inputs require grad, so the check
+runs) and the traced forms, with and without per-sequence lengths.
+
+The device-dispatched ops run on the CPU (the C++ kernel) and, where there
+is one, the GPU (the Triton kernel); the interpreter's ops run the Triton
+kernels on CPU tensors."""
 
 import pytest
 import torch
 
 import fastrnn
-from conftest import TRITON_DEVICE, requires_triton
+from fastrnn.cells import CELLS
+from fastrnn.ops import DISPATCHED, INTERPRETED
+from conftest import on_cuda, requires_triton
 
 T, B, I, H = 3, 2, 3, 4
 
 
-def layer_args(gates, lengths, device, seed=0):
+def layer_args(cell, lengths, device, requires_grad, seed=0):
+    """The forward op's arguments for one small layer of ``cell``."""
+    gates = CELLS[cell].gates
     generator = torch.Generator().manual_seed(seed)
     shapes = [(T, B, I), (B, H), (gates * H, I), (gates * H, H), (gates * H,), (gates * H,)]
-    tensors = [torch.randn(s, dtype=torch.float32, generator=generator).to(device) for s in shapes]
-    return (*tensors, None if lengths is None else torch.tensor(lengths), False)
+    x, h0, *weights = [torch.randn(s, generator=generator).to(device).requires_grad_(requires_grad)
+                       for s in shapes]
+    return (cell, x, [h0], *weights, None if lengths is None else torch.tensor(lengths), False,
+            True, "auto")
 
 
-def op_cases(ops, device, settings):
-    """(name, op, args) for each forward and backward op of both cells."""
+def op_cases(names, device):
+    """(id, op, args) for the forward and backward op of each cell."""
+    forward, backward = (getattr(torch.ops.fastrnn, name).default for name in names)
     cases = []
-    for lengths in (None, [3, 1]):
-        tag = "lengths" if lengths else "full"
-        rnn = layer_args(1, lengths, device)
-        output, h_n = ops.rnn_forward(*rnn, False, *settings)
-        upstream = (torch.randn_like(output), torch.randn_like(h_n))
-        x, h0, w_ih, w_hh, _, _, lens, reverse = rnn
-        cases += [(f"rnn_forward-{tag}", ops.rnn_forward, (*rnn, False, *settings)),
-                  (f"rnn_backward-{tag}", ops.rnn_backward,
-                   (*upstream, x, h0, w_ih, w_hh, output, lens, reverse, False, True, *settings))]
-        gru = layer_args(3, lengths, device, seed=1)
-        output, h_n, workspace = ops.gru_forward(*gru, *settings)
-        x, h0, w_ih, w_hh, _, _, lens, reverse = gru
-        cases += [(f"gru_forward-{tag}", ops.gru_forward, (*gru, *settings)),
-                  (f"gru_backward-{tag}", ops.gru_backward,
-                   (torch.randn_like(output), torch.randn_like(h_n), x, h0, w_ih, w_hh, output, workspace,
-                    lens, reverse, True, *settings))]
+    for cell in CELLS:
+        for lengths in (None, [3, 1]):
+            tag = f"{cell}-{'lengths' if lengths else 'full'}"
+            args = layer_args(cell, lengths, device, requires_grad=True)
+            cases.append((f"{names[0]}-{tag}", forward, args))
+            plain = layer_args(cell, lengths, device, requires_grad=False)
+            output, h_n, workspace = forward(*plain)
+            _, x, hx, w_ih, w_hh, _, _, lens, reverse, _, strategy = plain
+            upstream = [torch.randn_like(h) for h in h_n]
+            cases.append((f"{names[1]}-{tag}", backward,
+                          (cell, torch.randn_like(output), upstream, x, hx, w_ih, w_hh, output,
+                           workspace, lens, reverse, True, strategy)))
+        inference = layer_args(cell, [3, 1], device, requires_grad=False)
+        cases.append((f"{names[0]}-{cell}-inference", forward, (*inference[:9], False, "auto")))
     return cases
 
 
-def cpp_cases():
-    if not fastrnn.cpp.available():
-        return []
-    return op_cases(torch.ops.fastrnn, "cpu", ())
+def params(names, device, marks=()):
+    return [pytest.param(op, args, id=f"{device}-{case}", marks=marks)
+            for case, op, args in op_cases(names, device)]
 
 
-def triton_cases():
-    if fastrnn.backends.triton_unavailable_reason(TRITON_DEVICE) is not None:
-        return []
-    import fastrnn.triton.engine as engine
+def cases():
+    found = []
+    if fastrnn.cpp.available():
+        found += params(DISPATCHED, "cpu")
+    if fastrnn.backends.triton_unavailable_reason(torch.device("cpu")) is None:
+        found += params(INTERPRETED, "cpu", marks=[pytest.mark.cuda])
+    if torch.cuda.is_available():
+        found += params(DISPATCHED, "cuda", marks=on_cuda)
+    return found
 
-    return op_cases(engine, TRITON_DEVICE, ("auto",))
 
-
-@pytest.mark.parametrize("name,op,args", [pytest.param(*c, id=c[0]) for c in cpp_cases()])
-def test_cpp_op(name, op, args):
+@pytest.mark.parametrize("op,args", cases())
+def test_op(op, args):
     torch.library.opcheck(op, args)
 
 
 @requires_triton
-@pytest.mark.cuda
-@pytest.mark.parametrize("name,op,args", [pytest.param(*c, id=c[0]) for c in triton_cases()])
-def test_triton_op(name, op, args):
-    torch.library.opcheck(op, args)
+def test_every_family_is_checked():
+    # What the interpreter's ops check here, the GPU's Triton kernels check there.
+    names = {p.id.split("-")[1] for p in cases()}
+    expected = set(DISPATCHED) if fastrnn.cpp.available() else set()
+    if fastrnn.backends.triton_unavailable_reason(torch.device("cpu")) is None:
+        expected |= set(INTERPRETED)
+    assert names == expected
 
 
 @pytest.mark.skipif(not fastrnn.cpp.available(), reason="needs the C++ engine")
-def test_cpp_gru_forward_without_workspace():
-    torch.library.opcheck(torch.ops.fastrnn.gru_forward, layer_args(3, [3, 1], "cpu"),
-                          {"save_workspace": False})
+def test_backward_op_is_not_differentiated_silently():
+    # Second derivatives come from the reference loop (create_graph=True on
+    # the layer's outputs); the backward op itself refuses, rather than
+    # returning gradients with no graph behind them.
+    plain = layer_args("gru", None, "cpu", requires_grad=False)
+    output, h_n, workspace = torch.ops.fastrnn.layer_forward(*plain)
+    _, x, hx, w_ih, w_hh, _, _, lengths, reverse, _, strategy = plain
+    grad_output = torch.randn_like(output, requires_grad=True)
+    grads = torch.ops.fastrnn.layer_backward("gru", grad_output, [torch.zeros_like(h_n[0])], x, hx,
+                                             w_ih, w_hh, output, workspace, lengths, reverse,
+                                             True, strategy)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        grads[2].sum().backward()

@@ -1,186 +1,255 @@
+// One layer of any cell (cells.h) on the CPU. Forward hoists the input
+// projection of every step into one GEMM and then runs the time loop
+// (recurrent GEMM + the cell's fused pointwise update). Backward sweeps the
+// steps in reverse for the pre-activation gradients and finishes with large
+// GEMMs. The op entry points pick the cell by name, then the dtype.
+#include "cells.h"
 #include "layer.h"
+#include "ops.h"
 
 namespace fastrnn::cpu {
-
 namespace {
 
-void check_same_dtype(const at::Tensor& a, const at::Tensor& b) {
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(),
-              "mat1 and mat2 must have the same dtype, but got ", a.scalar_type(), " and ",
-              b.scalar_type());
+using ForwardOutputs = std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor>;
+using BackwardOutputs =
+    std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+bool present(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined();
 }
 
-void check_same_device(const at::Tensor& t, const at::Tensor& input, const char* name) {
-  TORCH_CHECK(t.device() == input.device(), "Expected all tensors to be on the same device, but ",
-              name, " is on ", t.device(), " and input is on ", input.device());
-}
-
-void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& input, int64_t G,
-                const char* name) {
-  if (!bias.has_value() || !bias->defined()) {
-    return;
+// What the input projection adds: b_ih plus the folded gates' part of b_hh.
+template <typename Cell>
+std::optional<at::Tensor> folded_bias(const std::optional<at::Tensor>& bias_ih,
+                                      const std::optional<at::Tensor>& bias_hh, int64_t H) {
+  if (!present(bias_hh)) {
+    return bias_ih;
   }
-  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == G, name, " must have shape [", G, "], got ",
-              bias->sizes());
-  TORCH_CHECK(bias->scalar_type() == input.scalar_type(), name, " must have dtype ",
-              input.scalar_type(), ", got ", bias->scalar_type());
-  check_same_device(*bias, input, name);
+  at::Tensor folded = *bias_hh;
+  if constexpr (Cell::kFoldedGates < Cell::kGates) {
+    folded = bias_hh->clone();
+    folded.narrow(0, Cell::kFoldedGates * H, (Cell::kGates - Cell::kFoldedGates) * H).zero_();
+  }
+  return present(bias_ih) ? *bias_ih + folded : folded;
+}
+
+// The rest of b_hh, which the row function adds inside the loop (zero
+// without b_hh); undefined when every gate folds.
+template <typename Cell>
+at::Tensor unfolded_bias(const std::optional<at::Tensor>& bias_hh, const at::Tensor& input,
+                         int64_t H) {
+  constexpr int64_t kUnfolded = Cell::kGates - Cell::kFoldedGates;
+  if constexpr (kUnfolded == 0) {
+    return {};
+  } else if (present(bias_hh)) {
+    return bias_hh->narrow(0, Cell::kFoldedGates * H, kUnfolded * H).contiguous();
+  } else {
+    return at::zeros({kUnfolded * H}, input.options());
+  }
+}
+
+// Where forward writes the input projection, so that no extra (T, B, G)
+// buffer is needed where it can be helped: in training into the workspace
+// rows, which each step then overwrites with what it saves; else, for a
+// one-gate cell, into the output, which each step overwrites with its state.
+enum class Projection { kWorkspace, kOutput, kBuffer };
+
+template <typename Cell>
+Projection projection_target(bool save_workspace) {
+  if (save_workspace && Cell::kSaved > 0) {
+    return Projection::kWorkspace;
+  }
+  return Cell::kGates == 1 ? Projection::kOutput : Projection::kBuffer;
+}
+
+template <typename Cell, typename scalar_t>
+ForwardOutputs forward_layer(const LayerSizes& s, const at::Tensor& input, const at::Tensor& hx,
+                             const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                             const std::optional<at::Tensor>& bias_ih,
+                             const std::optional<at::Tensor>& bias_hh,
+                             const std::optional<at::Tensor>& lengths, bool reverse,
+                             bool save_workspace) {
+  static_assert(Cell::kStates == 1, "the sweeps carry one state tensor");
+  static_assert(Cell::kSaved == 0 || Cell::kSaved >= Cell::kGates,
+                "the projection is written into the workspace rows");
+  constexpr int64_t kSaved = Cell::kSaved;
+  const int64_t T = s.T, B = s.B, H = s.H, G = s.G;
+  const auto w_hh = weight_hh.contiguous();
+  const std::optional<at::Tensor> bias = folded_bias<Cell>(bias_ih, bias_hh, H);
+  const at::Tensor bias_rest = unfolded_bias<Cell>(bias_hh, input, H);
+  const auto target = projection_target<Cell>(save_workspace);
+
+  auto workspace = save_workspace ? at::empty({T, B, kSaved * H}, input.options())
+                                  : at::empty({0}, input.options());
+  if constexpr (kSaved > Cell::kGates) {
+    if (target == Projection::kWorkspace && present(lengths)) {
+      // No step writes the slots past the gates in rows past a sequence's end
+      // (the gate slots hold the projection there): zero them, so that the
+      // workspace is a function of the inputs, not of uninitialised memory.
+      workspace.narrow(2, Cell::kGates * H, (kSaved - Cell::kGates) * H).zero_();
+    }
+  }
+  const auto x = input.contiguous();
+  at::Tensor proj, output;
+  switch (target) {
+    case Projection::kWorkspace:
+      project_input(x, weight_ih, bias, workspace.view({T * B, kSaved * H}).narrow(1, 0, G));
+      break;
+    case Projection::kOutput:
+      output = project_input(x, weight_ih, bias).view({T, B, H});
+      break;
+    case Projection::kBuffer:
+      proj = project_input(x, weight_ih, bias);
+      break;
+  }
+  const StepMap map(T, B, lengths, reverse);
+  if (!output.defined()) {
+    output = map.has_lengths() ? at::zeros({T, B, H}, input.options())
+                               : at::empty({T, B, H}, input.options());
+  }
+
+  const scalar_t* p = proj.defined() ? proj.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* b = bias_rest.defined() ? bias_rest.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* out = output.mutable_data_ptr<scalar_t>();
+  scalar_t* ws = target == Projection::kWorkspace && workspace.numel()
+                     ? workspace.mutable_data_ptr<scalar_t>()
+                     : nullptr;
+  auto state = sweep_forward<scalar_t>(
+      w_hh, hx, map, T,
+      [&](int64_t row, int64_t j0, int64_t j1, const scalar_t* q, const scalar_t* h,
+          scalar_t* next) {
+        Cell::template forward<scalar_t>(ForwardRow<scalar_t>{
+            p ? p + row * G + j0 : nullptr, q + j0, b ? b + j0 : nullptr, h + j0,
+            ws ? ws + row * kSaved * H + j0 : nullptr, out + row * H + j0, next + j0, j1 - j0,
+            H});
+      });
+  if (target == Projection::kOutput) {
+    // Positions past a sequence's end still hold their projection: they are zero.
+    for (int64_t i = 0; map.has_lengths() && i < B; ++i) {
+      output.narrow(0, map.length(i), T - map.length(i)).select(1, i).zero_();
+    }
+  }
+  return {output, {state}, workspace};
+}
+
+template <typename Cell, typename scalar_t>
+BackwardOutputs backward_layer(const LayerSizes& s, const at::Tensor& grad_output,
+                               const at::Tensor& grad_hy, const at::Tensor& input,
+                               const at::Tensor& hx, const at::Tensor& weight_ih,
+                               const at::Tensor& weight_hh, const at::Tensor& output,
+                               const at::Tensor& workspace,
+                               const std::optional<at::Tensor>& lengths, bool reverse,
+                               bool input_requires_grad) {
+  static_assert(Cell::kStates == 1, "the sweeps carry one state tensor");
+  constexpr int64_t kSaved = Cell::kSaved;
+  // Every gate's hidden-side product adds straight to its pre-activation:
+  // both sides have the same gradient, one tensor.
+  constexpr bool kSharedGrads = Cell::kFoldedGates == Cell::kGates;
+  const int64_t T = s.T, B = s.B, H = s.H, G = s.G;
+  const StepMap map(T, B, lengths, reverse);
+  const auto out = output.contiguous();
+  const auto prev = previous_states(out, hx, map, reverse);
+  const auto ws = workspace.contiguous();
+  const auto w_hh = weight_hh.contiguous();
+  const auto go = grad_output.contiguous();
+  // The sweep leaves padded positions alone: they must read zero.
+  auto make_grad = [&] {
+    return map.has_lengths() ? at::zeros({T, B, G}, input.options())
+                             : at::empty({T, B, G}, input.options());
+  };
+  at::Tensor grad_hh = make_grad();
+  at::Tensor grad_ih = kSharedGrads ? grad_hh : make_grad();
+
+  const scalar_t* g = go.const_data_ptr<scalar_t>();
+  const scalar_t* o = out.const_data_ptr<scalar_t>();
+  const scalar_t* hp = prev.const_data_ptr<scalar_t>();
+  const scalar_t* sv = kSaved > 0 ? ws.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* gi = grad_ih.mutable_data_ptr<scalar_t>();
+  scalar_t* gh = grad_hh.mutable_data_ptr<scalar_t>();
+  auto grad_hx = sweep_backward<scalar_t>(
+      grad_hh, w_hh, grad_hy.clone(at::MemoryFormat::Contiguous), map,
+      [&](int64_t row, int64_t j0, int64_t j1, const scalar_t* dh, scalar_t* carry) {
+        Cell::template backward<scalar_t>(BackwardRow<scalar_t>{
+            g + row * H + j0, dh + j0, o + row * H + j0, hp + row * H + j0,
+            sv ? sv + row * kSaved * H + j0 : nullptr, gi + row * G + j0, gh + row * G + j0,
+            carry + j0, j1 - j0, H});
+      });
+  auto [grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh] =
+      finish_backward(grad_ih, grad_hh, grad_hx, input, prev, weight_ih, input_requires_grad);
+  return {grad_input, {grad_h0}, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
+}
+
+// Calls f with the trait of the cell named `cell` (a default-constructed
+// instance, for its type).
+template <typename F>
+auto with_cell(c10::string_view cell, const F& f) {
+  if (cell == c10::string_view("rnn_tanh")) {
+    return f(RnnCell<false>{});
+  }
+  if (cell == c10::string_view("rnn_relu")) {
+    return f(RnnCell<true>{});
+  }
+  if (cell == c10::string_view("gru")) {
+    return f(GruCell{});
+  }
+  TORCH_CHECK(false, "fastrnn: unknown cell '", cell, "'");
+}
+
+template <typename Cell>
+void check_state_count(c10::string_view cell, at::TensorList states, const char* name) {
+  TORCH_CHECK(static_cast<int64_t>(states.size()) == Cell::kStates, "fastrnn: cell '", cell,
+              "' has ", Cell::kStates, " state tensor(s), but ", name, " holds ", states.size());
 }
 
 }  // namespace
 
-LayerSizes check_layer_args(
-    const at::Tensor& input,
-    const at::Tensor& hx,
-    const at::Tensor& weight_ih,
-    const at::Tensor& weight_hh,
-    const std::optional<at::Tensor>& bias_ih,
-    const std::optional<at::Tensor>& bias_hh,
-    const std::optional<at::Tensor>& lengths,
-    int64_t gates) {
-  TORCH_CHECK(input.dim() == 3, "input must have 3 dimensions (T, B, input_size), got ",
-              input.dim());
-  TORCH_CHECK(weight_ih.dim() == 2, "weight_ih must have 2 dimensions, got ", weight_ih.dim());
-  TORCH_CHECK(weight_hh.dim() == 2, "weight_hh must have 2 dimensions, got ", weight_hh.dim());
-  TORCH_CHECK(hx.dim() == 2, "hx must have 2 dimensions (B, hidden_size), got ", hx.dim());
-  const LayerSizes s{input.size(0), input.size(1), input.size(2), weight_hh.size(1),
-                     weight_hh.size(0)};
-  TORCH_CHECK(s.G == gates * s.H, "weight_hh must have shape [", gates * s.H, ", ", s.H,
-              "], got ", weight_hh.sizes());
-  TORCH_CHECK(weight_ih.size(0) == s.G && weight_ih.size(1) == s.I,
-              "weight_ih must have shape [", s.G, ", ", s.I, "], got ", weight_ih.sizes());
-  check_same_dtype(input, weight_ih);
-  check_same_dtype(hx, weight_hh);
-  TORCH_CHECK(weight_ih.scalar_type() == weight_hh.scalar_type(),
-              "weight_ih and weight_hh must have the same dtype, got ", weight_ih.scalar_type(),
-              " and ", weight_hh.scalar_type());
-  TORCH_CHECK(hx.size(0) == s.B && hx.size(1) == s.H, "hx must have shape [", s.B, ", ", s.H,
-              "], got ", hx.sizes());
-  check_same_device(hx, input, "hx");
-  check_same_device(weight_ih, input, "weight_ih");
-  check_same_device(weight_hh, input, "weight_hh");
-  check_bias(bias_ih, input, s.G, "bias_ih");
-  check_bias(bias_hh, input, s.G, "bias_hh");
-  if (lengths.has_value() && lengths->defined()) {
-    TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == s.B, "lengths must have shape [",
-                s.B, "], got ", lengths->sizes());
-    TORCH_CHECK(lengths->scalar_type() == at::kLong && lengths->device().is_cpu(),
-                "lengths must be an int64 CPU tensor");
-    if (s.B > 0) {
-      const auto bounds = at::aminmax(*lengths);
-      TORCH_CHECK(std::get<0>(bounds).item<int64_t>() >= 0 &&
-                      std::get<1>(bounds).item<int64_t>() <= s.T,
-                  "lengths must lie in [0, ", s.T, "]");
-    }
-  }
-  return s;
-}
-
-void check_grad_args(const LayerSizes& s, const at::Tensor& grad_output,
-                     const at::Tensor& grad_hy, const at::Tensor& output) {
-  TORCH_CHECK(output.sizes() == at::IntArrayRef({s.T, s.B, s.H}), "output must have shape [",
-              s.T, ", ", s.B, ", ", s.H, "], got ", output.sizes());
-  TORCH_CHECK(grad_output.sizes() == output.sizes(), "grad_output must have shape ",
-              output.sizes(), ", got ", grad_output.sizes());
-  TORCH_CHECK(grad_hy.sizes() == at::IntArrayRef({s.B, s.H}), "grad_hy must have shape [", s.B,
-              ", ", s.H, "], got ", grad_hy.sizes());
-  for (const at::Tensor* t : {&grad_output, &grad_hy}) {
-    TORCH_CHECK(t->scalar_type() == output.scalar_type(), "gradients must have dtype ",
-                output.scalar_type(), ", got ", t->scalar_type());
-  }
-}
-
-StepMap::StepMap(int64_t T, int64_t B, const std::optional<at::Tensor>& lengths, bool reverse)
-    : T_(T), len_(nullptr), reverse_(reverse), rows_(T, B) {
-  if (!lengths.has_value() || !lengths->defined()) {
-    return;
-  }
-  lengths_ = lengths->contiguous();
-  len_ = lengths_.data_ptr<int64_t>();
-  // rows_[s] = 1 + the last sequence index still active at step s.
-  std::fill(rows_.begin(), rows_.end(), 0);
-  for (int64_t b = 0; b < B; ++b) {
-    if (len_[b] > 0) {
-      rows_[len_[b] - 1] = std::max(rows_[len_[b] - 1], b + 1);
-    }
-  }
-  for (int64_t s = T - 2; s >= 0; --s) {
-    rows_[s] = std::max(rows_[s], rows_[s + 1]);
-  }
-}
-
-at::Tensor project_input(const at::Tensor& input, const at::Tensor& weight_ih,
-                         const std::optional<at::Tensor>& bias, at::Tensor out) {
-  const auto x2d = input.reshape({input.size(0) * input.size(1), input.size(2)}).contiguous();
-  const auto w = weight_ih.contiguous();
-  const int64_t rows = x2d.size(0), I = x2d.size(1), G = w.size(0);
-  if (!out.defined()) {
-    out = at::empty({rows, G}, input.options());
-  }
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    out.copy_(bias->expand({rows, G}));
-  }
-  // The BLAS writes into strided rows in place, where at::addmm_out would
-  // compute into a contiguous temporary and copy.
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::project_input", [&] {
-    // Column-major: out^T (G x rows) = W_ih (G x I) x^T (I x rows) [+ out^T].
-    gemm<scalar_t>(true, false, G, rows, I, w.const_data_ptr<scalar_t>(), I,
-                   x2d.const_data_ptr<scalar_t>(), I, scalar_t(has_bias ? 1 : 0),
-                   out.mutable_data_ptr<scalar_t>(), out.stride(0));
+ForwardOutputs layer_forward(c10::string_view cell, const at::Tensor& input, at::TensorList hx,
+                             const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                             const std::optional<at::Tensor>& bias_ih,
+                             const std::optional<at::Tensor>& bias_hh,
+                             const std::optional<at::Tensor>& lengths, bool reverse,
+                             bool save_workspace, c10::string_view /*strategy*/) {
+  return with_cell(cell, [&](auto trait) {
+    using Cell = decltype(trait);
+    check_state_count<Cell>(cell, hx, "hx");
+    const auto s = check_layer_args(input, hx[0], weight_ih, weight_hh, bias_ih, bias_hh, lengths,
+                                    Cell::kGates);
+    ForwardOutputs result;
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::layer_forward", [&] {
+      result = forward_layer<Cell, scalar_t>(s, input, hx[0], weight_ih, weight_hh, bias_ih,
+                                             bias_hh, lengths, reverse, save_workspace);
+    });
+    return result;
   });
-  return out;
 }
 
-at::Tensor previous_states(const at::Tensor& output, const at::Tensor& hx, const StepMap& map,
-                           bool reverse) {
-  const int64_t T = output.size(0);
-  auto prev = at::empty_like(output);
-  if (T == 0) {
-    return prev;
-  }
-  if (!reverse) {
-    prev.select(0, 0).copy_(hx);
-    prev.narrow(0, 1, T - 1).copy_(output.narrow(0, 0, T - 1));
-    // The step after a sequence's end is padding: it must read zero, not the
-    // sequence's last output (a padded 0 times an infinite state is NaN).
-    for (int64_t b = 0; map.has_lengths() && b < output.size(1); ++b) {
-      if (map.length(b) < T) {
-        prev.select(0, map.length(b)).select(0, b).zero_();
-      }
-    }
-    return prev;
-  }
-  prev.narrow(0, 0, T - 1).copy_(output.narrow(0, 1, T - 1));
-  if (!map.has_lengths()) {
-    prev.select(0, T - 1).copy_(hx);
-    return prev;
-  }
-  // Each sequence starts at its own last element.
-  prev.select(0, T - 1).zero_();
-  const int64_t B = output.size(1);
-  for (int64_t b = 0; b < B; ++b) {
-    if (map.length(b) > 0) {
-      prev.select(0, map.length(b) - 1).select(0, b).copy_(hx.select(0, b));
-    }
-  }
-  return prev;
-}
-
-LayerGrads finish_backward(const at::Tensor& grad_ih, const at::Tensor& grad_hh,
-                           const at::Tensor& grad_hx, const at::Tensor& input,
-                           const at::Tensor& prev_states, const at::Tensor& weight_ih,
-                           bool input_requires_grad) {
-  const int64_t rows = input.size(0) * input.size(1);
-  const auto d_ih = grad_ih.view({rows, grad_ih.size(2)});
-  const auto d_hh = grad_hh.view({rows, grad_hh.size(2)});
-  auto grad_w_ih = at::mm(d_ih.t(), input.reshape({rows, input.size(2)}));
-  auto grad_w_hh = at::mm(d_hh.t(), prev_states.view({rows, prev_states.size(2)}));
-  auto grad_b_ih = d_ih.sum(0);
-  auto grad_b_hh = grad_hh.is_same(grad_ih) ? grad_b_ih.clone() : d_hh.sum(0);
-  auto grad_input = input_requires_grad ? at::mm(d_ih, weight_ih).view(input.sizes())
-                                        : at::empty({0}, input.options());
-  return {grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
+BackwardOutputs layer_backward(c10::string_view cell, const at::Tensor& grad_output,
+                               at::TensorList grad_hy, const at::Tensor& input, at::TensorList hx,
+                               const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                               const at::Tensor& output, const at::Tensor& workspace,
+                               const std::optional<at::Tensor>& lengths, bool reverse,
+                               bool input_requires_grad, c10::string_view /*strategy*/) {
+  return with_cell(cell, [&](auto trait) {
+    using Cell = decltype(trait);
+    check_state_count<Cell>(cell, hx, "hx");
+    check_state_count<Cell>(cell, grad_hy, "grad_hy");
+    const auto s = check_layer_args(input, hx[0], weight_ih, weight_hh, std::nullopt,
+                                    std::nullopt, lengths, Cell::kGates);
+    check_grad_args(s, grad_output, grad_hy[0], output);
+    const int64_t saved = Cell::kSaved * s.H;
+    TORCH_CHECK(workspace.sizes() == at::IntArrayRef({s.T, s.B, saved}),
+                "workspace must have shape [", s.T, ", ", s.B, ", ", saved, "], got ",
+                workspace.sizes());
+    TORCH_CHECK(workspace.scalar_type() == input.scalar_type(), "workspace must have dtype ",
+                input.scalar_type(), ", got ", workspace.scalar_type());
+    BackwardOutputs result;
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::layer_backward", [&] {
+      result = backward_layer<Cell, scalar_t>(s, grad_output, grad_hy[0], input, hx[0],
+                                              weight_ih, weight_hh, output, workspace, lengths,
+                                              reverse, input_requires_grad);
+    });
+    return result;
+  });
 }
 
 }  // namespace fastrnn::cpu

@@ -1,37 +1,36 @@
-// The CPU layer ops registered in csrc/ops.cpp. Each runs one layer in one
-// direction over a time-major (T, B, input_size) input.
+// The CPU kernels of the layer ops (schemas in fastrnn/ops.py, registered in
+// csrc/ops.cpp). Each runs one layer of the named cell ("rnn_tanh",
+// "rnn_relu", "gru") in one direction over a time-major (T, B, input_size)
+// input; hx holds the cell's state tensors, each (B, H). `strategy` is a
+// Triton launch setting: the CPU ignores it.
 #pragma once
 
-#include "layer.h"
+#include <ATen/ATen.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
 
 namespace fastrnn::cpu {
 
-std::tuple<at::Tensor, at::Tensor> rnn_forward(
-    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
-    const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
-    const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& lengths,
-    bool reverse, bool relu);
+// (output (T, B, H), final states, workspace): the workspace is (T, B,
+// saved * H), what each step keeps for backward, with save_workspace, and
+// (0,) without (inference, where no step writes it).
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> layer_forward(
+    c10::string_view cell, const at::Tensor& input, at::TensorList hx,
+    const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
+    const std::optional<at::Tensor>& lengths, bool reverse, bool save_workspace,
+    c10::string_view strategy);
 
-LayerGrads rnn_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy,
-                        const at::Tensor& input, const at::Tensor& hx,
-                        const at::Tensor& weight_ih, const at::Tensor& weight_hh,
-                        const at::Tensor& output, const std::optional<at::Tensor>& lengths,
-                        bool reverse, bool relu, bool input_requires_grad);
-
-// Returns (output, h_n, workspace); the workspace (T, B, 4H) keeps r, z, n and
-// W_hn h + b_hn of every step for the backward pass. Without save_workspace
-// (inference) it is empty and the gates are not written.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward(
-    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
-    const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
-    const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& lengths,
-    bool reverse, bool save_workspace);
-
-LayerGrads gru_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy,
-                        const at::Tensor& input, const at::Tensor& hx,
-                        const at::Tensor& weight_ih, const at::Tensor& weight_hh,
-                        const at::Tensor& output, const at::Tensor& workspace,
-                        const std::optional<at::Tensor>& lengths, bool reverse,
-                        bool input_requires_grad);
+// (grad_input ((0,) unless input_requires_grad), grads of the initial
+// states, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh).
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+layer_backward(c10::string_view cell, const at::Tensor& grad_output, at::TensorList grad_hy,
+               const at::Tensor& input, at::TensorList hx, const at::Tensor& weight_ih,
+               const at::Tensor& weight_hh, const at::Tensor& output,
+               const at::Tensor& workspace, const std::optional<at::Tensor>& lengths,
+               bool reverse, bool input_requires_grad, c10::string_view strategy);
 
 }  // namespace fastrnn::cpu

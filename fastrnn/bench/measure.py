@@ -21,9 +21,11 @@ from typing import Callable
 import torch
 
 import fastrnn
+from fastrnn.cells import CELLS as DESCRIPTIONS
 
-CELLS = {"rnn": (torch.nn.RNN, fastrnn.RNN), "gru": (torch.nn.GRU, fastrnn.GRU)}
-GATES = {"rnn": 1, "gru": 3}
+# Benchmarked cells: (its description, the torch.nn module, fastrnn's).
+CELLS = {"rnn": (DESCRIPTIONS["rnn_tanh"], torch.nn.RNN, fastrnn.RNN),
+         "gru": (DESCRIPTIONS["gru"], torch.nn.GRU, fastrnn.GRU)}
 MODES = ("forward", "forward_backward")
 PROVIDERS = ("fastrnn", "torch", "reference")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -50,7 +52,7 @@ class Case:
     def flops(self) -> float:
         """Multiply-adds x 2 of the layer's GEMMs: the input projection and the
         recurrent product each step; backward does twice forward's."""
-        gates = GATES[self.cell] * self.hidden
+        gates = CELLS[self.cell][0].gates * self.hidden
         forward = 2.0 * self.steps * self.batch * gates * (self.input_size + self.hidden)
         return forward if self.mode == "forward" else 3.0 * forward
 
@@ -66,7 +68,7 @@ def make_call(provider: str, case: Case, device: torch.device,
               backend: str = "auto") -> Callable[[], None]:
     """A callable running ``case`` once with ``provider``'s implementation;
     fastrnn's under ``fastrnn.use_backend(backend)``."""
-    torch_cls, fast_cls = CELLS[case.cell]
+    _, torch_cls, fast_cls = CELLS[case.cell]
     dtype = DTYPES[case.dtype]
     generator = torch.manual_seed(0)
     module = torch_cls(case.input_size, case.hidden) if provider == "torch" else \

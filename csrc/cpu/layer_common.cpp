@@ -1,0 +1,188 @@
+// The non-template pieces of layer.h: argument checks, the step map, the
+// input projection, the previous states and the batched end of backward.
+#include "layer.h"
+
+namespace fastrnn::cpu {
+
+namespace {
+
+void check_same_dtype(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(),
+              "mat1 and mat2 must have the same dtype, but got ", a.scalar_type(), " and ",
+              b.scalar_type());
+}
+
+void check_same_device(const at::Tensor& t, const at::Tensor& input, const char* name) {
+  TORCH_CHECK(t.device() == input.device(), "Expected all tensors to be on the same device, but ",
+              name, " is on ", t.device(), " and input is on ", input.device());
+}
+
+void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& input, int64_t G,
+                const char* name) {
+  if (!bias.has_value() || !bias->defined()) {
+    return;
+  }
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == G, name, " must have shape [", G, "], got ",
+              bias->sizes());
+  TORCH_CHECK(bias->scalar_type() == input.scalar_type(), name, " must have dtype ",
+              input.scalar_type(), ", got ", bias->scalar_type());
+  check_same_device(*bias, input, name);
+}
+
+}  // namespace
+
+LayerSizes check_layer_args(
+    const at::Tensor& input,
+    const at::Tensor& hx,
+    const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh,
+    const std::optional<at::Tensor>& lengths,
+    int64_t gates) {
+  TORCH_CHECK(input.dim() == 3, "input must have 3 dimensions (T, B, input_size), got ",
+              input.dim());
+  TORCH_CHECK(weight_ih.dim() == 2, "weight_ih must have 2 dimensions, got ", weight_ih.dim());
+  TORCH_CHECK(weight_hh.dim() == 2, "weight_hh must have 2 dimensions, got ", weight_hh.dim());
+  TORCH_CHECK(hx.dim() == 2, "hx must have 2 dimensions (B, hidden_size), got ", hx.dim());
+  const LayerSizes s{input.size(0), input.size(1), input.size(2), weight_hh.size(1),
+                     weight_hh.size(0)};
+  TORCH_CHECK(s.G == gates * s.H, "weight_hh must have shape [", gates * s.H, ", ", s.H,
+              "], got ", weight_hh.sizes());
+  TORCH_CHECK(weight_ih.size(0) == s.G && weight_ih.size(1) == s.I,
+              "weight_ih must have shape [", s.G, ", ", s.I, "], got ", weight_ih.sizes());
+  check_same_dtype(input, weight_ih);
+  check_same_dtype(hx, weight_hh);
+  TORCH_CHECK(weight_ih.scalar_type() == weight_hh.scalar_type(),
+              "weight_ih and weight_hh must have the same dtype, got ", weight_ih.scalar_type(),
+              " and ", weight_hh.scalar_type());
+  TORCH_CHECK(hx.size(0) == s.B && hx.size(1) == s.H, "hx must have shape [", s.B, ", ", s.H,
+              "], got ", hx.sizes());
+  check_same_device(hx, input, "hx");
+  check_same_device(weight_ih, input, "weight_ih");
+  check_same_device(weight_hh, input, "weight_hh");
+  check_bias(bias_ih, input, s.G, "bias_ih");
+  check_bias(bias_hh, input, s.G, "bias_hh");
+  if (lengths.has_value() && lengths->defined()) {
+    TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == s.B, "lengths must have shape [",
+                s.B, "], got ", lengths->sizes());
+    TORCH_CHECK(lengths->scalar_type() == at::kLong && lengths->device().is_cpu(),
+                "lengths must be an int64 CPU tensor");
+    if (s.B > 0) {
+      const auto bounds = at::aminmax(*lengths);
+      TORCH_CHECK(std::get<0>(bounds).item<int64_t>() >= 0 &&
+                      std::get<1>(bounds).item<int64_t>() <= s.T,
+                  "lengths must lie in [0, ", s.T, "]");
+    }
+  }
+  return s;
+}
+
+void check_grad_args(const LayerSizes& s, const at::Tensor& grad_output,
+                     const at::Tensor& grad_hy, const at::Tensor& output) {
+  TORCH_CHECK(output.sizes() == at::IntArrayRef({s.T, s.B, s.H}), "output must have shape [",
+              s.T, ", ", s.B, ", ", s.H, "], got ", output.sizes());
+  TORCH_CHECK(grad_output.sizes() == output.sizes(), "grad_output must have shape ",
+              output.sizes(), ", got ", grad_output.sizes());
+  TORCH_CHECK(grad_hy.sizes() == at::IntArrayRef({s.B, s.H}), "grad_hy must have shape [", s.B,
+              ", ", s.H, "], got ", grad_hy.sizes());
+  for (const at::Tensor* t : {&grad_output, &grad_hy}) {
+    TORCH_CHECK(t->scalar_type() == output.scalar_type(), "gradients must have dtype ",
+                output.scalar_type(), ", got ", t->scalar_type());
+  }
+}
+
+StepMap::StepMap(int64_t T, int64_t B, const std::optional<at::Tensor>& lengths, bool reverse)
+    : T_(T), len_(nullptr), reverse_(reverse), rows_(T, B) {
+  if (!lengths.has_value() || !lengths->defined()) {
+    return;
+  }
+  lengths_ = lengths->contiguous();
+  len_ = lengths_.data_ptr<int64_t>();
+  // rows_[s] = 1 + the last sequence index still active at step s.
+  std::fill(rows_.begin(), rows_.end(), 0);
+  for (int64_t b = 0; b < B; ++b) {
+    if (len_[b] > 0) {
+      rows_[len_[b] - 1] = std::max(rows_[len_[b] - 1], b + 1);
+    }
+  }
+  for (int64_t s = T - 2; s >= 0; --s) {
+    rows_[s] = std::max(rows_[s], rows_[s + 1]);
+  }
+}
+
+at::Tensor project_input(const at::Tensor& input, const at::Tensor& weight_ih,
+                         const std::optional<at::Tensor>& bias, at::Tensor out) {
+  const auto x2d = input.reshape({input.size(0) * input.size(1), input.size(2)}).contiguous();
+  const auto w = weight_ih.contiguous();
+  const int64_t rows = x2d.size(0), I = x2d.size(1), G = w.size(0);
+  if (!out.defined()) {
+    out = at::empty({rows, G}, input.options());
+  }
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    out.copy_(bias->expand({rows, G}));
+  }
+  // The BLAS writes into strided rows in place, where at::addmm_out would
+  // compute into a contiguous temporary and copy.
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::project_input", [&] {
+    // Column-major: out^T (G x rows) = W_ih (G x I) x^T (I x rows) [+ out^T].
+    gemm<scalar_t>(true, false, G, rows, I, w.const_data_ptr<scalar_t>(), I,
+                   x2d.const_data_ptr<scalar_t>(), I, scalar_t(has_bias ? 1 : 0),
+                   out.mutable_data_ptr<scalar_t>(), out.stride(0));
+  });
+  return out;
+}
+
+at::Tensor previous_states(const at::Tensor& output, const at::Tensor& hx, const StepMap& map,
+                           bool reverse) {
+  const int64_t T = output.size(0);
+  auto prev = at::empty_like(output);
+  if (T == 0) {
+    return prev;
+  }
+  if (!reverse) {
+    prev.select(0, 0).copy_(hx);
+    prev.narrow(0, 1, T - 1).copy_(output.narrow(0, 0, T - 1));
+    // The step after a sequence's end is padding: it must read zero, not the
+    // sequence's last output (a padded 0 times an infinite state is NaN).
+    for (int64_t b = 0; map.has_lengths() && b < output.size(1); ++b) {
+      if (map.length(b) < T) {
+        prev.select(0, map.length(b)).select(0, b).zero_();
+      }
+    }
+    return prev;
+  }
+  prev.narrow(0, 0, T - 1).copy_(output.narrow(0, 1, T - 1));
+  if (!map.has_lengths()) {
+    prev.select(0, T - 1).copy_(hx);
+    return prev;
+  }
+  // Each sequence starts at its own last element.
+  prev.select(0, T - 1).zero_();
+  const int64_t B = output.size(1);
+  for (int64_t b = 0; b < B; ++b) {
+    if (map.length(b) > 0) {
+      prev.select(0, map.length(b) - 1).select(0, b).copy_(hx.select(0, b));
+    }
+  }
+  return prev;
+}
+
+LayerGrads finish_backward(const at::Tensor& grad_ih, const at::Tensor& grad_hh,
+                           const at::Tensor& grad_hx, const at::Tensor& input,
+                           const at::Tensor& prev_states, const at::Tensor& weight_ih,
+                           bool input_requires_grad) {
+  const int64_t rows = input.size(0) * input.size(1);
+  const auto d_ih = grad_ih.view({rows, grad_ih.size(2)});
+  const auto d_hh = grad_hh.view({rows, grad_hh.size(2)});
+  auto grad_w_ih = at::mm(d_ih.t(), input.reshape({rows, input.size(2)}));
+  auto grad_w_hh = at::mm(d_hh.t(), prev_states.view({rows, prev_states.size(2)}));
+  auto grad_b_ih = d_ih.sum(0);
+  auto grad_b_hh = grad_hh.is_same(grad_ih) ? grad_b_ih.clone() : d_hh.sum(0);
+  auto grad_input = input_requires_grad ? at::mm(d_ih, weight_ih).view(input.sizes())
+                                        : at::empty({0}, input.options());
+  return {grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
+}
+
+}  // namespace fastrnn::cpu
