@@ -1,5 +1,6 @@
 """Invalid arguments raise exactly what torch.nn raises (type and message)."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -11,6 +12,7 @@ from conftest import (
     HIDDEN_SIZE,
     INPUT_SIZE,
     LENGTHS,
+    MODULES,
     SEQ_LEN,
     assert_results_close,
     assert_same_exception,
@@ -206,3 +208,92 @@ def test_cell_zero_batch(name, hx_given):
     got = candidate(*args)
     assert got.shape == expected.shape
     assert got.dtype == expected.dtype
+
+
+# ---------------------------------------------------------------------------
+# Arguments of the wrong type, dtype or device (the meta device standing in
+# for a second one); everything on the meta device
+# ---------------------------------------------------------------------------
+
+# Sizes of the calls in this section: input, hidden, batch, steps, layers.
+ARG_I, ARG_H, ARG_B, ARG_T, ARG_LAYERS = 5, 6, 3, 4, 2
+
+
+def shapes(name, batched=True):
+    """(input shape, hx shape) of a valid call to module ``name`` (a MODULES key)."""
+    if name in CELLS:
+        return ((ARG_B, ARG_I), (ARG_B, ARG_H)) if batched else ((ARG_I,), (ARG_H,))
+    if batched:
+        return (ARG_T, ARG_B, ARG_I), (ARG_LAYERS, ARG_B, ARG_H)
+    return (ARG_T, ARG_I), (ARG_LAYERS, ARG_H)
+
+
+def make_module_pair(name, dtype=torch.float32):
+    torch_cls, fast_cls = MODULES[name]
+    kwargs = {} if name in CELLS else {"num_layers": ARG_LAYERS}
+    return make_pair(torch_cls, fast_cls, ARG_I, ARG_H, dtype=dtype, **kwargs)
+
+
+# Each case: (module dtype, module device, batched, builder of the call's
+# arguments from the valid input and hx shapes).
+BAD_INPUT_CASES = {
+    "input_list": (torch.float32, "cpu", True, lambda xs, hs: (torch.randn(xs).tolist(),)),
+    "input_numpy": (torch.float32, "cpu", True, lambda xs, hs: (np.zeros(xs, dtype=np.float32),)),
+    "input_none": (torch.float32, "cpu", True, lambda xs, hs: (None,)),
+    "input_int": (torch.float32, "cpu", True, lambda xs, hs: (7,)),
+    "hx_list": (torch.float32, "cpu", True, lambda xs, hs: (torch.randn(xs), torch.randn(hs).tolist())),
+    "hx_numpy": (torch.float32, "cpu", True,
+                 lambda xs, hs: (torch.randn(xs), np.zeros(hs, dtype=np.float32))),
+    "hx_tuple": (torch.float32, "cpu", True, lambda xs, hs: (torch.randn(xs), (torch.randn(hs),))),
+    "input_int32_unbatched": (torch.float32, "cpu", False,
+                              lambda xs, hs: (torch.ones(xs, dtype=torch.int32),)),
+    "input_bool": (torch.float32, "cpu", True, lambda xs, hs: (torch.ones(xs, dtype=torch.bool),)),
+    "input_float16_module_float32": (torch.float32, "cpu", True,
+                                     lambda xs, hs: (torch.randn(xs, dtype=torch.float16),)),
+    "hx_float32_module_float64": (
+        torch.float64, "cpu", True,
+        lambda xs, hs: (torch.randn(xs, dtype=torch.float64), torch.randn(hs))),
+    "hx_float16_unbatched": (torch.float32, "cpu", False,
+                             lambda xs, hs: (torch.randn(xs), torch.randn(hs, dtype=torch.float16))),
+    # The meta device stands in for a second device.
+    "hx_on_meta": (torch.float32, "cpu", True,
+                   lambda xs, hs: (torch.randn(xs), torch.randn(hs, device="meta"))),
+    "hx_on_meta_unbatched": (torch.float32, "cpu", False,
+                             lambda xs, hs: (torch.randn(xs), torch.randn(hs, device="meta"))),
+    "input_on_meta": (torch.float32, "cpu", True, lambda xs, hs: (torch.randn(xs, device="meta"),)),
+    "input_on_meta_hx_on_cpu": (torch.float32, "cpu", True,
+                                lambda xs, hs: (torch.randn(xs, device="meta"), torch.randn(hs))),
+    "module_on_meta": (torch.float32, "meta", True, lambda xs, hs: (torch.randn(xs),)),
+    "module_on_meta_unbatched": (torch.float32, "meta", False, lambda xs, hs: (torch.randn(xs),)),
+    "module_on_meta_hx_on_cpu": (torch.float32, "meta", True,
+                                 lambda xs, hs: (torch.randn(xs), torch.randn(hs))),
+}
+
+
+@pytest.mark.usefixtures("intra_op_threads")
+@pytest.mark.parametrize("name", list(MODULES))
+@pytest.mark.parametrize("case", list(BAD_INPUT_CASES))
+def test_bad_input(name, case):
+    dtype, device, batched, build = BAD_INPUT_CASES[case]
+    reference, candidate = make_module_pair(name, dtype)
+    reference.to(device)
+    candidate.to(device)
+    args = build(*shapes(name, batched))
+    assert_same_exception(lambda: reference(*args), lambda: candidate(*args))
+
+
+@pytest.mark.usefixtures("intra_op_threads")
+@pytest.mark.parametrize("name", list(MODULES))
+def test_all_on_meta_gives_torch_shapes(name):
+    # Everything on one (meta) device is valid: same shapes and dtypes as torch.nn.
+    reference, candidate = make_module_pair(name)
+    reference.to("meta")
+    candidate.to("meta")
+    xs, hs = shapes(name)
+    args = (torch.randn(xs, device="meta"), torch.randn(hs, device="meta"))
+
+    def described(outputs):
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        return [(t.shape, t.dtype, t.device) for t in outputs]
+
+    assert described(candidate(*args)) == described(reference(*args))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fastrnn
+from conftest import KINDS, forward_backward
 
 CELLS = [(torch.nn.RNN, fastrnn.RNN), (torch.nn.GRU, fastrnn.GRU)]
 
@@ -42,3 +43,34 @@ def test_low_precision_tracks_float32(classes, dtype):
         assert p.grad.dtype == dtype, name
         torch.testing.assert_close(p.grad.float(), q.grad, rtol=rounding, atol=rounding * 10,
                                    msg=name)
+
+
+@pytest.mark.usefixtures("intra_op_threads")  # see conftest
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_half_precision_long_sequence_does_not_drift(kind, dtype):
+    # The state stays float32 over 2000 steps: each output is the float32
+    # computation rounded once (within one rounding of it, 1 eps relative),
+    # where a state rounded every step would stray by several eps.
+    torch_cls, fast_cls, kwargs = KINDS[kind]
+    steps, batch, input_size, hidden = 2000, 2, 4, 8
+    torch.manual_seed(0)
+    reference = torch_cls(input_size, hidden, **kwargs)
+    candidate = fast_cls(input_size, hidden, dtype=dtype, **kwargs)
+    rounded = {k: v.to(dtype) for k, v in reference.state_dict().items()}
+    candidate.load_state_dict(rounded)
+    reference.load_state_dict({k: v.float() for k, v in rounded.items()})
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(steps, batch, input_size, generator=gen).to(dtype)
+    hx = torch.randn(1, batch, hidden, generator=gen).to(dtype)
+    got = forward_backward(candidate, x, hx)
+    # The same upstream gradients as the half-precision run draws.
+    expected = forward_backward(reference, x.float(), hx.float(), upstream_dtype=dtype)
+    eps = torch.finfo(dtype).eps
+    for key, value in expected.items():
+        assert got[key].dtype == dtype, key
+        # Outputs: elementwise. Gradients are float32 sums over 2000 steps,
+        # rounded once: relative to their largest entry.
+        atol = 1e-5 if key in ("output", "h_n") else eps * value.abs().max().item()
+        torch.testing.assert_close(got[key].float(), value, rtol=eps, atol=atol,
+                                   msg=lambda default, key=key: f"{key}: {default}")

@@ -1,0 +1,65 @@
+"""Modules used from several Python threads at once give the results of
+running them one after the other (and those are torch.nn's)."""
+
+import copy
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastrnn
+from conftest import assert_close, make_pair
+
+pytestmark = pytest.mark.usefixtures("intra_op_threads")  # see conftest
+
+THREAD_SPECS = [
+    (nn.RNN, fastrnn.RNN, 5, 16, dict(num_layers=2)),
+    (nn.GRU, fastrnn.GRU, 3, 24, dict(bidirectional=True)),
+    (nn.RNN, fastrnn.RNN, 8, 40, dict(nonlinearity="relu", batch_first=True)),
+    (nn.GRU, fastrnn.GRU, 6, 20, dict(num_layers=2)),
+]
+THREAD_ITERATIONS = 12
+
+
+def thread_job(module, inputs):
+    """forward + backward for each input; every output and gradient, copied."""
+    results = []
+    params = list(module.parameters())
+    for x in inputs:
+        x = x.clone().requires_grad_(True)
+        output, h_n = module(x)
+        grads = torch.autograd.grad(output.square().sum() + h_n.sum(), [x] + params)
+        results.append([output.detach(), h_n.detach(), *grads])
+    return results
+
+
+def test_threads_give_sequential_results(intra_op_threads):
+    torch.set_num_threads(intra_op_threads)  # the usual setting, as an application has it
+    # Modules and inputs are made up front: the global RNG is shared by threads.
+    jobs = []
+    for index, (torch_cls, fast_cls, input_size, hidden, kwargs) in enumerate(THREAD_SPECS):
+        reference, candidate = make_pair(torch_cls, fast_cls, input_size, hidden, seed=index, **kwargs)
+        gen = torch.Generator().manual_seed(100 + index)
+        shape = (6, 10, input_size) if kwargs.get("batch_first") else (10, 6, input_size)
+        inputs = [torch.randn(shape, generator=gen) for _ in range(THREAD_ITERATIONS)]
+        jobs.append((reference, candidate, inputs))
+
+    sequential = [thread_job(candidate, inputs) for _, candidate, inputs in jobs]
+    # Anchor: the sequential results are torch.nn's.
+    for (reference, _, inputs), results in zip(jobs, sequential):
+        for x, got in zip(inputs[:2], results[:2]):
+            expected = thread_job(reference, [x])[0]
+            for g, e in zip(got, expected):
+                assert_close(g, e)
+
+    # Each job twice, each run on its own copy of the module, 4 threads.
+    work = [(copy.deepcopy(candidate), inputs, index)
+            for _ in range(2) for index, (_, candidate, inputs) in enumerate(jobs)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [(index, pool.submit(thread_job, module, inputs)) for module, inputs, index in work]
+        concurrent = [(index, f.result()) for index, f in futures]
+    for index, results in concurrent:
+        for iteration, (got, expected) in enumerate(zip(results, sequential[index])):
+            for k, (g, e) in enumerate(zip(got, expected)):
+                assert torch.equal(g, e), f"job {index}, iteration {iteration}, tensor {k} differs"

@@ -1,0 +1,73 @@
+"""Parameters shared across directions and layers, and parameters replaced
+by new (non-contiguous) ones: outputs and gradients as torch.nn's."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import (
+    CELL_KINDS,
+    KINDS,
+    assert_close,
+    assert_results_close,
+    assert_same_exception,
+    forward_backward,
+    make_pair,
+    tie,
+)
+
+I, H, B, T = 5, 6, 3, 4
+LAYERS = 2
+S = 2 * LAYERS  # states of a bidirectional stack
+
+pytestmark = pytest.mark.usefixtures("intra_op_threads")  # see conftest
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_tied_parameters(kind):
+    torch_cls, fast_cls, kwargs = KINDS[kind]
+    reference, candidate = make_pair(torch_cls, fast_cls, I, H, num_layers=LAYERS, bidirectional=True,
+                                     dtype=torch.float64, **kwargs)
+    tie(reference)
+    tie(candidate)
+    names = [n for n, _ in reference.named_parameters()]
+    assert [n for n, _ in candidate.named_parameters()] == names
+    assert "weight_hh_l1" not in names  # deduplicated: its gradient accumulates into weight_hh_l0
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(T, B, I, dtype=torch.float64, generator=gen)
+    hx = torch.randn(S, B, H, dtype=torch.float64, generator=gen)
+    expected = forward_backward(reference, x, hx)
+    got = forward_backward(candidate, x, hx)
+    assert_results_close(got, expected, torch.float64)
+    # Through .grad as well, the way an optimizer sees it.
+    for m in (reference, candidate):
+        out, h_n = m(x)
+        (out.square().sum() + h_n.sum()).backward()
+    for (name, p), q in zip(candidate.named_parameters(), reference.parameters()):
+        assert_close(p.grad, q.grad, msg=name)
+
+
+@pytest.mark.parametrize("kind", list(KINDS) + list(CELL_KINDS))
+def test_replaced_parameters(kind):
+    is_cell = kind in CELL_KINDS
+    torch_cls, fast_cls, kwargs = (CELL_KINDS if is_cell else KINDS)[kind]
+    extra = {} if is_cell else {"num_layers": LAYERS}
+    reference, candidate = make_pair(torch_cls, fast_cls, I, H, dtype=torch.float64, **kwargs, **extra)
+    suffix = "" if is_cell else "_l0"
+    gen = torch.Generator().manual_seed(6)
+    new_hh = torch.randn(reference.weight_hh.shape if is_cell else reference.weight_hh_l0.shape,
+                         dtype=torch.float64, generator=gen)
+    new_ih = torch.randn(getattr(reference, "weight_ih" + suffix).shape[::-1], dtype=torch.float64,
+                         generator=gen)
+    for m in (reference, candidate):
+        setattr(m, "weight_hh" + suffix, nn.Parameter(new_hh.clone()))
+        # A transposed (non-contiguous) parameter.
+        setattr(m, "weight_ih" + suffix, nn.Parameter(new_ih.clone().t()))
+    assert not candidate.get_parameter("weight_ih" + suffix).is_contiguous()
+    x = torch.randn((B, I) if is_cell else (T, B, I), dtype=torch.float64, generator=gen)
+    expected = forward_backward(reference, x)
+    got = forward_backward(candidate, x)
+    assert_results_close(got, expected, torch.float64)
+    # A plain tensor is refused the same way.
+    assert_same_exception(lambda: setattr(reference, "weight_hh" + suffix, new_hh.clone()),
+                          lambda: setattr(candidate, "weight_hh" + suffix, new_hh.clone()))
