@@ -52,7 +52,11 @@ def _below_autograd():
 
 
 def _op(name: str):
-    return getattr(torch.ops.fastrnn, name).default
+    return _OPS[name]
+
+
+_OPS = {name: getattr(torch.ops.fastrnn, name).default
+        for name in (*ops.DISPATCHED, *ops.INTERPRETED)}
 
 
 def _split(grads: list, states: int) -> tuple:

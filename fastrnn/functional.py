@@ -25,20 +25,23 @@ _WIDENED = (torch.bfloat16, torch.float16)
 def _engine_layer(engine: str, cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor,
                   w_hh: Tensor, b_ih, b_hh, lengths, reverse: bool):
     dtype = x.dtype
-    tensors = (x, *hx, w_ih, w_hh, b_ih, b_hh)
-    if (engine == "cpp" and x.dtype in _WIDENED
-            and all(t.dtype == x.dtype for t in (*hx, w_ih))):
-        tensors = [t if t is None else t.float() for t in tensors]
-    x, *hx, w_ih, w_hh, b_ih, b_hh = tensors
+    if (engine == "cpp" and dtype in _WIDENED and w_ih.dtype == dtype
+            and all(h.dtype == dtype for h in hx)):
+        x, w_ih, w_hh, b_ih, b_hh = [t if t is None else t.float()
+                                     for t in (x, w_ih, w_hh, b_ih, b_hh)]
+        hx = tuple(h.float() for h in hx)
     # The Triton engine takes half types as they are but returns the float32
     # state it kept (and saves it for backward); both are narrowed here.
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        output, h_n = autograd.layer(cell, x, tuple(hx), w_ih, w_hh, b_ih, b_hh, lengths,
-                                     reverse, engine)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, w_ih, w_hh, b_ih, b_hh, *hx)):
+        output, h_n = autograd.layer(cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+                                     engine)
     else:
-        output, h_n = autograd.inference(cell, x, tuple(hx), w_ih, w_hh, b_ih, b_hh, lengths,
-                                         reverse, engine)
-    return output.to(dtype), tuple(h.to(dtype) for h in h_n)
+        output, h_n = autograd.inference(cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+                                         engine)
+    if output.dtype == dtype:
+        return output, h_n
+    return output.to(dtype), tuple([h.to(dtype) for h in h_n])
 
 
 # Constant per device type; torch.compile (before torch 2.13) cannot trace the query itself.
