@@ -13,9 +13,12 @@ import torch.nn as nn
 import fastrnn
 import fastrnn.autograd
 import fastrnn.functional
+import fastrnn.ops
 import fastrnn.reference
 from conftest import (CELLS, KINDS, TRITON_DEVICE, apply_function, apply_reference, assert_close,
-                      assert_results_close, forward_backward, make_args, make_pair, needs_cuda)
+                      assert_results_close, cell_name, forward_backward, make_args, make_pair,
+                      needs_cuda)
+from fastrnn.cells import CELLS as CELL_DESCRIPTIONS
 
 triton_engine = pytest.importorskip("fastrnn.triton")
 engine = triton_engine.engine
@@ -55,27 +58,30 @@ def run_layer(fn, nonlinearity, args, lengths, reverse, upstream):
     return [output, h_n, *grads]
 
 
-def check_layer(strategy, cell, T, B, H, packed, reverse, dtype, I=5):
+def check_layer(strategy, cell, T, B, H, packed, reverse, dtype, I=5, bias=True):
     _, gates, nonlinearity = cell
     x, h0, w_ih, w_hh, b_ih, b_hh, lengths = make_args(
-        gates, T, B, I, H, bias=True, lengths=lengths_for(T, B, packed), dtype=torch.float64, seed=T + B + H)
+        gates, T, B, I, H, bias=bias, lengths=lengths_for(T, B, packed), dtype=torch.float64, seed=T + B + H)
     # torch.nn's initial scale keeps long recurrences contractive, so float32
     # rounding is not amplified step after step.
     with torch.no_grad():
         for w in (w_ih, w_hh, b_ih, b_hh):
-            w.mul_(2 / H ** 0.5)
+            if w is not None:
+                w.mul_(2 / H ** 0.5)
     generator = torch.Generator().manual_seed(11)
 
     def upstream(output, h_n):
         return [torch.randn(t.shape, dtype=torch.float64, generator=generator).to(t) for t in (output, h_n)]
 
-    args = [t.detach().to(TRITON_DEVICE, dtype).requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    args = [None if t is None else t.detach().to(TRITON_DEVICE, dtype).requires_grad_()
+            for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
     with fastrnn.use_backend("triton"), triton_engine.use_strategy(strategy):
         got = run_layer(apply_layer, nonlinearity, args, lengths, reverse, upstream)
-    reference_args = [t.detach().cpu().double().requires_grad_() for t in args]
+    reference_args = [None if t is None else t.detach().cpu().double().requires_grad_() for t in args]
     generator.manual_seed(11)
     expected = run_layer(apply_reference, nonlinearity, reference_args, lengths, reverse, upstream)
     names = ["output", "h_n", "grad_x", "grad_h0", "grad_w_ih", "grad_w_hh", "grad_b_ih", "grad_b_hh"]
+    assert len(got) == len(expected) == (8 if bias else 6)
     for name, a, b in zip(names, got, expected):
         assert a.dtype == dtype and a.device.type == TRITON_DEVICE.type, name
         assert_close(a.cpu().double(), b, dtype, msg=name)
@@ -105,6 +111,67 @@ def test_layer_matches_reference(strategy, cell, shape, packed, reverse):
 @pytest.mark.parametrize("packed,reverse", [(False, True), (True, False)], ids=["reverse", "lengths"])
 def test_layer_matches_reference_float64(strategy, cell, packed, reverse):
     check_layer(strategy, cell, 9, 3, 13, packed, reverse, torch.float64)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("cell", CELLS, ids=[c[0] for c in CELLS])
+@pytest.mark.parametrize("shape", [(9, 3, 13), (9, 1, 13)], ids=["T9-B3-H13", "T9-B1-H13"])
+def test_layer_without_bias_matches_reference(strategy, cell, shape):
+    """No biases: the kernels are compiled without the in-loop bias (B_HH None)."""
+    T, B, H = shape
+    check_layer(strategy, cell, T, B, H, True, True, torch.float32, bias=False)
+
+
+def layer_op(direction):
+    """The layer op the Triton engine serves on TRITON_DEVICE (forward or backward)."""
+    names = fastrnn.ops.INTERPRETED if TRITON_DEVICE.type == "cpu" else fastrnn.ops.DISPATCHED
+    return getattr(torch.ops.fastrnn, names[direction == "backward"])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("cell", list(CELL_DESCRIPTIONS))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_inference_saves_no_workspace(strategy, cell, bias):
+    """save_workspace=False: an empty workspace and the same output and h_n,
+    bit for bit, as the training forward, which saves (T, B, saved * H)."""
+    description = CELL_DESCRIPTIONS[cell]
+    T, B, H, I = 7, 3, 13, 5
+    x, h0, w_ih, w_hh, b_ih, b_hh, _ = make_args(description.gates, T, B, I, H, bias=bias,
+                                                 lengths=None, dtype=torch.float32, seed=2,
+                                                 requires_grad=False)
+    lengths = torch.tensor([7, 2, 5])
+    args = [None if t is None else t.to(TRITON_DEVICE) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    x, h0, w_ih, w_hh, b_ih, b_hh = args
+    results = {}
+    for save in (True, False):
+        results[save] = layer_op("forward")(cell, x, [h0], w_ih, w_hh, b_ih, b_hh, lengths, True,
+                                            save, strategy)
+    (output, (h_n,), workspace), (output_inf, (h_n_inf,), workspace_inf) = results[True], results[False]
+    assert workspace.shape == (T, B, description.saved * H)
+    assert workspace_inf.shape == (0,)
+    assert torch.equal(output, output_inf) and torch.equal(h_n, h_n_inf)
+    expected, (expected_h,) = fastrnn.reference.layer(cell, x.cpu().double(), (h0.cpu().double(),),
+                                                      *[None if t is None else t.cpu().double()
+                                                        for t in (w_ih, w_hh, b_ih, b_hh)],
+                                                      lengths, True)
+    assert_close(output_inf.cpu().double(), expected, torch.float32)
+    assert_close(h_n_inf.cpu().double(), expected_h, torch.float32)
+
+
+@pytest.mark.parametrize("cell", list(CELL_DESCRIPTIONS))
+def test_backward_needs_the_workspace(cell):
+    description = CELL_DESCRIPTIONS[cell]
+    if not description.saved:
+        pytest.skip("saves nothing")
+    x, h0, w_ih, w_hh, b_ih, b_hh, _ = make_args(description.gates, 3, 2, 4, 8, bias=True,
+                                                 lengths=None, dtype=torch.float32, seed=1,
+                                                 requires_grad=False)
+    x, h0, w_ih, w_hh, b_ih, b_hh = [t.to(TRITON_DEVICE) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    output, _, workspace = layer_op("forward")(cell, x, [h0], w_ih, w_hh, b_ih, b_hh, None, False,
+                                               False, "auto")
+    with pytest.raises(RuntimeError, match="workspace"):
+        layer_op("backward")(cell, torch.ones_like(output), [torch.ones_like(h0)], x, [h0], w_ih,
+                             w_hh, output, workspace, None, False, True, "auto")
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -161,17 +228,20 @@ def test_auto_strategy_by_shape():
     def chosen(cell, B, H, dtype=torch.float32):
         return engine.plan(cell, B, H, dtype, torch.device("cuda")).strategy
 
-    assert chosen(engine.TANH, 8, 32) == "tile"
-    assert chosen(engine.TANH, 8, 128, torch.bfloat16) == "tile"
-    assert chosen(engine.GRU, 1, 32) == "tile"
-    assert chosen(engine.TANH, 8, 128) == "split"
-    assert chosen(engine.GRU, 8, 256) == "split"
-    assert chosen(engine.TANH, 32, 1024) == "split"
-    assert chosen(engine.GRU, 512, 64) == "stepwise"
+    assert chosen("rnn_tanh", 8, 32) == "tile"
+    assert chosen("rnn_tanh", 8, 128, torch.bfloat16) == "tile"
+    assert chosen("gru", 1, 32) == "tile"
+    assert chosen("rnn_tanh", 8, 128) == "split"
+    assert chosen("gru", 8, 256) == "split"
+    assert chosen("rnn_tanh", 32, 1024) == "split"
+    assert chosen("gru", 512, 64) == "stepwise"
     # too many batch tiles x column blocks to be co-resident on 132 SMs
-    assert chosen(engine.GRU, 200, 2048) == "stepwise"
+    assert chosen("gru", 200, 2048) == "stepwise"
     with triton_engine.use_strategy("tile"), pytest.raises(RuntimeError, match="tile"):
-        chosen(engine.GRU, 8, 512)
+        chosen("gru", 8, 512)
+    # the description and its name plan alike
+    assert engine.plan(CELL_DESCRIPTIONS["gru"], 8, 256, torch.float32, torch.device("cuda")) == \
+        engine.plan("gru", 8, 256, torch.float32, torch.device("cuda"))
 
 
 def test_unknown_strategy_raises():
@@ -208,7 +278,7 @@ def test_sequence_length_is_not_specialised(kernel):
 def test_split_grid_barrier_on_gpu(cell):
     """The persistent split launch with its grid barrier (compiled out under
     the interpreter) over a shape that spreads across many SMs."""
-    plan = engine.plan(engine.GRU if cell[2] is None else engine.TANH, 8, 512, torch.float32, TRITON_DEVICE)
+    plan = engine.plan(cell_name(cell[2]), 8, 512, torch.float32, TRITON_DEVICE)
     assert plan.grid_sync
     check_layer("split", cell, 64, 8, 512, True, True, torch.float32)
 
@@ -223,7 +293,7 @@ def test_split_grid_barrier_stress_on_two_streams(kind):
     forward and backward."""
     T, B, H, I = 4096, 64, 256, 32
     torch_cls, fast_cls, extra = KINDS[kind]
-    cell = engine.GRU if kind == "GRU" else engine.TANH
+    cell = "gru" if kind == "GRU" else "rnn_tanh"
     assert engine.plan(cell, B, H, torch.float32, TRITON_DEVICE).grid_sync
     reference, fast = make_pair(torch_cls, fast_cls, I, H, **extra)
     reference.to(TRITON_DEVICE)
@@ -330,8 +400,8 @@ def test_split_runs_unsynced_without_a_cooperative_launch(monkeypatch):
     one, auto takes stepwise and a forced split launches step by step."""
     monkeypatch.setattr(engine, "_COOPERATIVE_LAUNCH", False)
     cuda = torch.device("cuda")
-    assert engine.plan(engine.GRU, 8, 256, torch.float32, cuda).strategy == "stepwise"
-    forced = engine.plan(engine.GRU, 8, 256, torch.float32, cuda, "split")
+    assert engine.plan("gru", 8, 256, torch.float32, cuda).strategy == "stepwise"
+    forced = engine.plan("gru", 8, 256, torch.float32, cuda, "split")
     assert forced.strategy == "split" and not forced.grid_sync
     assert "launch_cooperative_grid" not in forced.launches()["forward"][1]
     assert "backward_recurrent" in forced.launches()
@@ -343,9 +413,9 @@ def test_split_grid_fits_the_mps_share_of_the_sms(monkeypatch):
     monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "25")
     assert engine._sm_count(cuda) == full // 4
     # 2 batch tiles x 64 blocks = 128 programs: beyond a quarter of the SMs
-    assert engine.plan(engine.TANH, 32, 1024, torch.float32, cuda).strategy == "stepwise"
+    assert engine.plan("rnn_tanh", 32, 1024, torch.float32, cuda).strategy == "stepwise"
     with pytest.raises(RuntimeError, match="split"):
-        engine.plan(engine.TANH, 32, 1024, torch.float32, cuda, "split")
+        engine.plan("rnn_tanh", 32, 1024, torch.float32, cuda, "split")
 
 
 @needs_cuda

@@ -28,12 +28,12 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from fastrnn.cells import CELLS
 from fastrnn.triton import engine
 
 ARCHS = (80, 90)
 # Largest shared memory one block may use (opt-in), bytes.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-CELLS = {engine.TANH: "tanh", engine.RELU: "relu", engine.GRU: "gru"}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 BATCHES = (1, 2, 16, 17, 48, 100, 255, 256, 1024)
 HIDDEN = (13, 32, 40, 64, 100, 128, 256, 512, 1024, 2048)
@@ -50,7 +50,8 @@ _TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 
 @functools.cache
 def shipped_configs() -> list[tuple]:
-    """Unique (kernel, constexprs, dtype) the planner launches on a GPU."""
+    """Unique (kernel, constexprs, dtype) the planner launches on a GPU, for
+    layers with and without biases, saving the workspace (training) or not."""
     device = torch.device("cuda")
     seen = {}
     for cell in CELLS:
@@ -67,7 +68,10 @@ def shipped_configs() -> list[tuple]:
                         # launch it cooperatively.
                         plans = [plan] + ([dataclasses.replace(plan, cooperative=False)]
                                           if plan.grid_sync else [])
-                        for kernel, constexprs in (k for p in plans for k in p.launches().values()):
+                        launches = (k for p in plans for bias in (True, False)
+                                    for workspace in (True, False)
+                                    for k in p.launches(bias, workspace).values())
+                        for kernel, constexprs in launches:
                             key = (kernel.__name__, _type_name(dtype), tuple(sorted(
                                 (k, str(v)) for k, v in constexprs.items())))
                             seen.setdefault(key, (kernel, constexprs, dtype))
@@ -82,7 +86,7 @@ def _signature(kernel, constexprs: dict, dtype: torch.dtype) -> dict:
     state = "fp64" if dtype == torch.float64 else "fp32"
     signature = {}
     for name in kernel.arg_names:
-        if name in constexprs:
+        if name in constexprs:  # a compile-time value, or a pointer left out (None)
             signature[name] = "constexpr"
         elif name in _SCALAR_ARGS:
             signature[name] = "i32"
@@ -96,7 +100,10 @@ def _signature(kernel, constexprs: dict, dtype: torch.dtype) -> dict:
 
 
 def describe(kernel, constexprs: dict, dtype: torch.dtype) -> str:
-    shown = {k: v for k, v in constexprs.items() if k not in ("STATE_DTYPE",)}
+    """The kernel, the layer dtype and the compile-time arguments, but those
+    that follow from the dtype and the cell (whose name is shown)."""
+    shown = {k: v for k, v in constexprs.items()
+             if k not in ("STATE_DTYPE", "GATES", "FOLDED", "SAVED")}
     text = ", ".join(f"{k}={v}" for k, v in shown.items())
     return f"{kernel.__name__}[{_type_name(dtype)}; {text}]"
 

@@ -1,15 +1,30 @@
-"""Pointwise pieces shared by every Triton kernel: cell updates, their
-gradients, the recurrent product and the grid-wide barrier.
+"""The cells' pointwise math, once per cell, and the pieces every kernel shares.
 
-Cells are told apart by the constexpr ``CELL`` (TANH, RELU or GRU), so each
-kernel is compiled once per cell with no runtime branch on it.
+A cell is a pair of ``@triton.jit`` functions, called once per step on a
+(rows, units) block of every gate:
+
+- ``<cell>_update(p, q, b, h) -> (h_new, saved)``: p and q are tuples of
+  the gates' input-side (x W_ih^T + b_ih + the folded gates' b_hh) and
+  hidden-side (h W_hh^T) pre-activations, b the tuple of the other gates'
+  b_hh (empty without biases), which the cell adds where its math puts them
+  (``with_bias``); ``saved`` is the tuple of the ``saved`` values backward
+  reads (``fastrnn.cells``).
+- ``<cell>_grad(g, saved, h, h_prev) -> (dp_ih, dp_hh, skip)``: from the
+  gradient g reaching the step's output h, the step's saved values and the
+  state it started from, the gates' pre-activation gradients on the input
+  side and on the hidden side (the rows of W_hh's product), and the part
+  of the previous state's gradient that skips that product, as a tuple of
+  one block or none (a jit function cannot return None).
+  A cell reads what it needs: the kernels compile out the loads it ignores.
+
+``update`` and ``grad`` dispatch on the constexpr cell name (the
+``fastrnn.cells`` name): the only place that names cells. The kernels loop
+over gates and saved values with ``tl.static_range``; the description's
+``gates``, ``folded_gates`` and ``saved`` reach them as constexprs.
 """
 
 import triton
 import triton.language as tl
-TANH: tl.constexpr = tl.constexpr(0)
-RELU: tl.constexpr = tl.constexpr(1)
-GRU: tl.constexpr = tl.constexpr(2)
 
 
 @triton.jit
@@ -36,74 +51,118 @@ def tanh(x):
 
 
 @triton.jit
-def rnn_update(pre, CELL: tl.constexpr):
-    """The new state from the full pre-activation (both biases included)."""
-    if CELL == RELU:
+def rnn_update(p, q, b, h, RELU: tl.constexpr):
+    """h' = act(p + q), act tanh or ReLU (both biases folded into p); saves
+    nothing (backward reads h')."""
+    pre = p[0] + q[0]
+    if RELU:
         # where() rather than maximum() so that NaN propagates, as torch.relu does.
-        h = tl.where(pre < 0, 0.0, pre)
+        h_new = tl.where(pre < 0, 0.0, pre)
     else:
-        h = tanh(pre)
-    return h
+        h_new = tanh(pre)
+    return h_new, ()
 
 
 @triton.jit
-def rnn_grad(g, h, CELL: tl.constexpr):
-    """Pre-activation gradient from the gradient g reaching the output h."""
-    if CELL == RELU:
+def rnn_grad(g, saved, h, h_prev, RELU: tl.constexpr):
+    """dP = g act'(P), from the step's output h; the same on both sides."""
+    if RELU:
         # As torch's threshold_backward: blocked where h <= 0 only, so the
         # gradient passes where h is NaN.
         d = tl.where(h <= 0, 0.0, g)
     else:
         d = g * (1.0 - h * h)
-    return d
+    return (d,), (d,), ()
 
 
 @triton.jit
-def gru_update(p_r, p_z, p_n, q_r, q_z, q_n, b_hn, h):
-    """One GRU step. p: input side (b_ih, b_hr, b_hz folded in); q: W_hh h.
-
-    Returns the new state and r, z, n, W_hn h + b_hn, which backward needs.
-    """
-    r = tl.sigmoid(p_r + q_r)
-    z = tl.sigmoid(p_z + q_z)
-    hn = q_n + b_hn
-    n = tanh(p_n + r * hn)
-    return n + z * (h - n), r, z, n, hn
+def gru_update(p, q, b, h):
+    """One GRU step, gates r | z | n, b_hn (b[0]) inside the reset product.
+    Saves r | z | n | W_hn h + b_hn."""
+    r = tl.sigmoid(p[0] + q[0])
+    z = tl.sigmoid(p[1] + q[1])
+    hn = with_bias(q[2], b, 0)
+    n = tanh(p[2] + r * hn)
+    return n + z * (h - n), (r, z, n, hn)
 
 
 @triton.jit
-def gru_save(ws, r, z, n, hn, H, mask):
-    """Stores a step's r | z | n | W_hn h + b_hn at the workspace rows ws."""
-    tl.store(ws, r, mask=mask)
-    tl.store(ws + H, z, mask=mask)
-    tl.store(ws + 2 * H, n, mask=mask)
-    tl.store(ws + 3 * H, hn, mask=mask)
-
-
-@triton.jit
-def gru_backward_rows(ws, h_prev, dp_ih, dp_hh, g, H, mask, STATE_DTYPE: tl.constexpr):
-    """One GRU step backward from the gradient g reaching its output.
-
-    Reads the step's saved gates (workspace rows ws) and previous state,
-    stores the gate pre-activation gradients on the input side (dr | dz | dn)
-    and the hidden side (dr | dz | dn r), and returns (dr, dz, dn r, z).
-    """
-    r = tl.load(ws, mask=mask, other=0.0)
-    z = tl.load(ws + H, mask=mask, other=0.0)
-    n = tl.load(ws + 2 * H, mask=mask, other=0.0)
-    hn = tl.load(ws + 3 * H, mask=mask, other=0.0)
-    h = tl.load(h_prev, mask=mask, other=0.0).to(STATE_DTYPE)
+def gru_grad(g, saved, h, h_prev):
+    """Gate gradients from the saved r | z | n | W_hn h + b_hn and the previous
+    state: input side dr | dz | dn, hidden side dr | dz | dn r; g z skips W_hh."""
+    r, z, n, hn = saved[0], saved[1], saved[2], saved[3]
     dn = g * (1.0 - z) * (1.0 - n * n)
-    dz = g * (h - n) * z * (1.0 - z)
+    dz = g * (h_prev - n) * z * (1.0 - z)
     dr = dn * hn * r * (1.0 - r)
     dn_hh = dn * r
-    tl.store(dp_ih, dr, mask=mask)
-    tl.store(dp_ih + H, dz, mask=mask)
-    tl.store(dp_ih + 2 * H, dn, mask=mask)
-    tl.store(dp_hh, dr, mask=mask)
-    tl.store(dp_hh + H, dz, mask=mask)
-    tl.store(dp_hh + 2 * H, dn_hh, mask=mask)
-    return dr, dz, dn_hh, z
+    return (dr, dz, dn), (dr, dz, dn_hh), (g * z,)
+
+
+@triton.jit
+def with_bias(x, b, k):
+    """x plus the in-loop bias b[k], or x where there are no biases (b empty)."""
+    if len(b) > 0:
+        x = x + b[k]
+    return x
+
+
+@triton.jit
+def update(CELL: tl.constexpr, p, q, b, h):
+    """``CELL``'s step: (h_new, saved)."""
+    if CELL == "gru":
+        h_new, saved = gru_update(p, q, b, h)
+    else:
+        h_new, saved = rnn_update(p, q, b, h, CELL == "rnn_relu")
+    return h_new, saved
+
+
+@triton.jit
+def grad(CELL: tl.constexpr, g, saved, h, h_prev):
+    """``CELL``'s step backward: (dp_ih, dp_hh, skip)."""
+    if CELL == "gru":
+        dp_ih, dp_hh, skip = gru_grad(g, saved, h, h_prev)
+    else:
+        dp_ih, dp_hh, skip = rnn_grad(g, saved, h, h_prev, CELL == "rnn_relu")
+    return dp_ih, dp_hh, skip
+
+
+@triton.jit
+def accumulate(running, x):
+    """The running sum held in ``running`` (a tuple of none or one block) plus x, as (sum,)."""
+    if len(running) > 0:
+        result = (running[0] + x,)
+    else:
+        result = (x,)
+    return result
+
+
+@triton.jit
+def load_rows(PTR, STRIDE, COUNT: tl.constexpr, mask, DTYPE: tl.constexpr):
+    """COUNT blocks at PTR, PTR + STRIDE, ..., as a tuple in ``DTYPE`` (0 where masked)."""
+    blocks = ()
+    for k in tl.static_range(COUNT):
+        blocks = blocks + (tl.load(PTR + k * STRIDE, mask=mask, other=0.0).to(DTYPE),)
+    return blocks
+
+
+@triton.jit
+def store_rows(PTR, STRIDE, blocks, mask):
+    """Stores the tuple ``blocks`` at PTR, PTR + STRIDE, ..., in PTR's dtype."""
+    for k in tl.static_range(len(blocks)):
+        tl.store(PTR + k * STRIDE, blocks[k].to(PTR.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def hidden_biases(B_HH, units, H, GATES: tl.constexpr, FOLDED: tl.constexpr,
+                  STATE_DTYPE: tl.constexpr):
+    """The hidden-side biases that stay in the loop, as (1, units) rows: B_HH
+    holds gates FOLDED.. of b_hh. An empty tuple without them (None)."""
+    biases = ()
+    if B_HH is not None:
+        for k in tl.static_range(GATES - FOLDED):
+            biases = biases + (tl.load(B_HH + k * H + units, mask=units < H,
+                                       other=0.0).to(STATE_DTYPE)[None, :],)
+    return biases
 
 
 @triton.jit

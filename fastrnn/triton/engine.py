@@ -1,11 +1,19 @@
-"""The Triton engine's layer ops: same contract as the C++ engine's
-(``fastrnn.cpp``), so the autograd Functions run either unchanged.
+"""The Triton engine's layer ops: ``layer_forward`` and ``layer_backward`` for
+every cell, implementing the schemas of ``fastrnn.ops``.
+
+They are registered when this module is imported: as the CUDA kernels of
+``fastrnn::layer_forward`` / ``layer_backward`` and as the CPU kernels of
+``fastrnn::triton_layer_forward`` / ``triton_layer_backward`` (the same
+kernels on CPU tensors, under the Triton interpreter).
 
 Forward: the input projection of all steps is one GEMM (cuBLAS through
-torch); one of three strategies then runs the time loop (``plan``).
-Backward: a reverse sweep writes every step's pre-activation gradients, then
-dW_ih, dW_hh, the biases and dx come from GEMMs over all T * B rows.
-bfloat16 and float16 keep their state, gates and gradients in float32.
+torch), with b_ih and the folded gates' b_hh in its bias; one of three
+strategies then runs the time loop (``plan``). Backward: a reverse sweep
+writes every step's pre-activation gradients, then dW_ih, dW_hh, the biases
+and dx come from GEMMs over all T * B rows. bfloat16 and float16 keep their
+state, gates and gradients in float32. What differs between cells is read
+from their description (``fastrnn.cells``) and their pointwise math
+(``fastrnn.triton.cells``).
 """
 
 from __future__ import annotations
@@ -16,20 +24,19 @@ import functools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastrnn import fake
+from fastrnn import ops
+from fastrnn.cells import CELLS, Cell
 from fastrnn.settings import setting, settings as thread_settings
 from fastrnn.triton.split import split_bwd_kernel, split_fwd_kernel
 from fastrnn.triton.tile import tile_bwd_kernel, tile_fwd_kernel
 
 STRATEGIES = ("auto", "tile", "split", "stepwise")
-TANH, RELU, GRU = 0, 1, 2
 
 # Largest zero-padded hidden size whose W_hh one tile program keeps in
 # registers, by (product form, gates): "gemv" for one-row tiles and float64,
@@ -59,24 +66,18 @@ def use_strategy(name: str) -> Iterator[None]:
         yield
 
 
-def settings() -> tuple:
-    """The engine's settings in force, as the trailing arguments of its ops:
-    read where forward runs and kept for backward (autograd runs a CUDA
-    backward on a thread of its own, where the settings have their defaults)."""
-    return (thread_settings.triton_strategy,)
-
-
 @dataclass(frozen=True)
 class Plan:
     """How one layer's recurrence is launched, and the kernels that launch it.
 
-    block_b: batch rows per program (1: the GEMV form); block_n: hidden
-    units per program (the whole padded H for "tile"); block_k: the
-    reduction chunk of the split product; gpu: compiled for a GPU (else
-    run by the interpreter); cooperative: the GPU launches cooperative
-    grids, which alone guarantee that every program of a persistent split
-    is resident at once. Without both, "split" launches once per step and
-    phase instead of syncing its grid at a barrier.
+    cell: the cell's description (``fastrnn.cells``); block_b: batch rows
+    per program (1: the GEMV form); block_n: hidden units per program (the
+    whole padded H for "tile"); block_k: the reduction chunk of the split
+    product; gpu: compiled for a GPU (else run by the interpreter);
+    cooperative: the GPU launches cooperative grids, which alone guarantee
+    that every program of a persistent split is resident at once. Without
+    both, "split" launches once per step and phase instead of syncing its
+    grid at a barrier.
     """
 
     strategy: str
@@ -85,7 +86,7 @@ class Plan:
     block_k: int
     use_dot: bool
     num_warps: int
-    cell: int
+    cell: Cell
     state_dtype: tl.dtype
     dot_dtype: tl.dtype
     precision: str
@@ -102,33 +103,56 @@ class Plan:
         """The launch grid: (batch tiles, hidden-unit blocks)."""
         return triton.cdiv(B, self.block_b), triton.cdiv(H, self.block_n)
 
-    def launches(self) -> dict:
+    def launches(self, bias: bool = True, workspace: bool = True) -> dict:
         """Kernel and compile-time arguments per launch kind: "forward",
-        "backward" and, for an unsynced split, "backward_recurrent"."""
-        common = dict(CELL=self.cell, BLOCK_B=self.block_b, USE_DOT=self.use_dot,
-                      DOT_DTYPE=self.dot_dtype, STATE_DTYPE=self.state_dtype,
-                      PRECISION=self.precision, num_warps=self.num_warps)
+        "backward" and, for an unsynced split, "backward_recurrent", for a
+        layer with or without biases whose forward does or does not save
+        the workspace.
+
+        The compile-time arguments include the pointer arguments a launch
+        leaves out, as None (Triton compiles their uses out): the in-loop
+        hidden bias B_HH (no bias, or every gate's folds), the workspace WS
+        (nothing saved), the separate input-side gradients DP_IH (every
+        gate folded: they are DP_HH), the stepwise products Q and DP_STEP
+        (not stepwise) and the grid barrier's counters BARRIER (not synced).
+        """
+        cell = self.cell
+        common = dict(CELL=cell.name, GATES=cell.gates, SAVED=cell.saved, BLOCK_B=self.block_b,
+                      USE_DOT=self.use_dot, DOT_DTYPE=self.dot_dtype,
+                      STATE_DTYPE=self.state_dtype, PRECISION=self.precision,
+                      num_warps=self.num_warps)
+        forward = dict(FOLDED=cell.folded_gates)
+        if not (bias and cell.folded_gates < cell.gates):
+            forward["B_HH"] = None
+        if not (workspace and cell.saved):
+            forward["WS"] = None
+        backward = {} if cell.saved else {"WS": None}
+        if cell.folded_gates == cell.gates:
+            backward["DP_IH"] = None
         if self.strategy == "tile":
-            return {"forward": (tile_fwd_kernel, dict(common, BLOCK_H=self.block_n)),
-                    "backward": (tile_bwd_kernel, dict(common, BLOCK_H=self.block_n,
+            return {"forward": (tile_fwd_kernel, dict(common, **forward, BLOCK_H=self.block_n)),
+                    "backward": (tile_bwd_kernel, dict(common, **backward, BLOCK_H=self.block_n,
                                                        num_warps=self.backward_warps or self.num_warps))}
         # No software pipelining: its async copies may go through L1, and the
         # state other programs wrote must be read past it.
-        common.update(BLOCK_N=self.block_n, BLOCK_K=self.block_k, num_stages=1)
-        stepwise = self.strategy == "stepwise"
+        common.update(BLOCK_N=self.block_n, BLOCK_K=self.block_k, num_stages=1,
+                      GRID_SYNC=self.grid_sync)
         if self.grid_sync:
             # The driver schedules all programs together or fails the launch,
             # rather than leaving some spinning at the barrier for SMs that
             # another stream's kernels hold.
             common["launch_cooperative_grid"] = True
-        kinds = {"forward": (split_fwd_kernel, dict(common, EXTERNAL_Q=stepwise,
-                                                    GRID_SYNC=self.grid_sync))}
-        phases = dict(POINTWISE=True, RECURRENT=self.grid_sync, WRITE_STEP=stepwise,
-                      GRID_SYNC=self.grid_sync)
-        kinds["backward"] = (split_bwd_kernel, dict(common, **phases))
+        else:
+            common["BARRIER"] = None
+        if self.strategy != "stepwise":
+            forward["Q"] = None
+            backward["DP_STEP"] = None
+        kinds = {"forward": (split_fwd_kernel, dict(common, **forward)),
+                 "backward": (split_bwd_kernel, dict(common, **backward, POINTWISE=True,
+                                                     RECURRENT=self.grid_sync))}
         if self.strategy == "split" and not self.grid_sync:
-            kinds["backward_recurrent"] = (split_bwd_kernel, dict(common, **dict(
-                phases, POINTWISE=False, RECURRENT=True)))
+            kinds["backward_recurrent"] = (split_bwd_kernel, dict(
+                common, **backward, POINTWISE=False, RECURRENT=True))
         return kinds
 
 
@@ -183,17 +207,19 @@ def _sm_count(device: torch.device) -> int:
     return max(1, int(count * min(100.0, max(0.0, percent)) / 100))
 
 
-def plan(cell: int, B: int, H: int, dtype: torch.dtype, device: torch.device,
+def plan(cell: Cell | str, B: int, H: int, dtype: torch.dtype, device: torch.device,
          strategy: str | None = None) -> Plan:
-    """The launch plan for a layer under ``strategy`` (default: the one in
-    force on this thread, ``use_strategy``).
+    """The launch plan for a layer of ``cell`` (its description or its name)
+    under ``strategy`` (default: the one in force on this thread,
+    ``use_strategy``).
 
     auto: "stepwise" from STEPWISE_MIN_BATCH rows; else "tile" when W_hh fits
     one program; else "split" when its grid fits the SMs and, on a GPU,
     launches cooperatively; else "stepwise". A forced strategy that cannot
     run the shape raises RuntimeError.
     """
-    gates = 3 if cell == GRU else 1
+    cell = CELLS[cell] if isinstance(cell, str) else cell
+    gates = cell.gates
     gpu = device.type == "cuda"
     gemv = B == 1 or dtype == torch.float64
     state = tl.float64 if dtype == torch.float64 else tl.float32
@@ -253,15 +279,35 @@ def _lengths(lengths: Tensor | None, T: int, B: int, device: torch.device) -> Te
     return lengths.to(device=device, dtype=torch.int32)
 
 
-def _check(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, gates: int) -> None:
+def _check(cell: Cell, x: Tensor, hx: list[Tensor], w_ih: Tensor, w_hh: Tensor) -> None:
+    if len(hx) != len(cell.states):
+        raise RuntimeError(f"fastrnn: a {cell.name} layer takes {len(cell.states)} state tensors, "
+                           f"got {len(hx)}")
+    if len(hx) != 1:
+        raise RuntimeError(f"fastrnn: the Triton engine has no kernels for {cell.name}, a cell "
+                           "with more than one state tensor")
+    h0 = hx[0]
     if x.dim() != 3 or h0.dim() != 2 or w_ih.dim() != 2 or w_hh.dim() != 2:
         raise RuntimeError("fastrnn: expected input (T, B, I), hx (B, H), weight_ih (G, I), weight_hh (G, H)")
     T, B, I = x.shape
     H = h0.shape[1]
-    if h0.shape[0] != B or w_ih.shape != (gates * H, I) or w_hh.shape != (gates * H, H):
+    G = cell.gates * H
+    if h0.shape[0] != B or w_ih.shape != (G, I) or w_hh.shape != (G, H):
         raise RuntimeError(
             f"fastrnn: inconsistent layer shapes: input {tuple(x.shape)}, hx {tuple(h0.shape)}, "
             f"weight_ih {tuple(w_ih.shape)}, weight_hh {tuple(w_hh.shape)}")
+
+
+def _input_bias(cell: Cell, b_ih: Tensor | None, b_hh: Tensor | None, H: int) -> Tensor | None:
+    """The bias of the hoisted input projection: b_ih plus the hidden-side
+    biases of the folded gates (those adding straight to the pre-activation);
+    the other gates' b_hh stays in the time loop."""
+    if b_hh is not None and cell.folded_gates < cell.gates:
+        folded = cell.folded_gates * H
+        b_hh = torch.cat([b_hh[:folded], torch.zeros_like(b_hh[folded:])])
+    if b_hh is None or b_ih is None:
+        return b_ih if b_hh is None else b_hh
+    return b_ih + b_hh
 
 
 def _project(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> Tensor:
@@ -277,52 +323,79 @@ def _on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _forward(cell: int, proj: Tensor, h0: Tensor, w_hh: Tensor, b_hn: Tensor | None,
-             lengths: Tensor | None, reverse: bool, strategy: str) -> tuple[Tensor, Tensor, Tensor | None]:
-    with _on_device(proj.device):
-        return _forward_on_device(cell, proj, h0, w_hh, b_hn, lengths, reverse, strategy)
+def _launcher(kernel, grid, constexprs: dict, **args):
+    """``kernel`` on ``grid`` with ``args`` (by name) and ``constexprs``: calling
+    the result launches it, with keyword arguments overriding ``args`` (the
+    step range). A pointer ``launches()`` leaves out (None) must come as
+    None, and every other as a tensor: Python rejects the call otherwise."""
+    present = {name: value for name, value in args.items() if value is not None}
+    launch = kernel[grid]
+
+    def run(**step):
+        launch(**{**present, **step}, **constexprs)
+
+    return run
 
 
-def _forward_on_device(cell: int, proj: Tensor, h0: Tensor, w_hh: Tensor, b_hn: Tensor | None,
-                       lengths: Tensor | None, reverse: bool,
-                       strategy: str) -> tuple[Tensor, Tensor, Tensor | None]:
+def layer_forward(cell: str, input: Tensor, hx: list[Tensor], weight_ih: Tensor, weight_hh: Tensor,
+                  bias_ih: Tensor | None, bias_hh: Tensor | None, lengths: Tensor | None,
+                  reverse: bool, save_workspace: bool,
+                  strategy: str) -> tuple[Tensor, list[Tensor], Tensor]:
+    """One layer's forward (``fastrnn::layer_forward``): (output (T, B, H), [h_n],
+    workspace (T, B, saved * H), or (0,) without ``save_workspace``), all in
+    the state dtype, launched by ``strategy``."""
+    desc = CELLS[cell]
+    _check(desc, input, hx, weight_ih, weight_hh)
+    H = hx[0].shape[1]
+    proj = _project(input, weight_ih, _input_bias(desc, bias_ih, bias_hh, H))
+    # The unfolded gates' b_hh, which the kernels add inside the loop.
+    loop_bias = (bias_hh[desc.folded_gates * H:]
+                 if bias_hh is not None and desc.folded_gates < desc.gates else None)
+    with _on_device(input.device):
+        output, h_n, workspace = _forward(desc, proj, hx[0], weight_hh, loop_bias, lengths,
+                                          reverse, save_workspace, strategy)
+    return output, [h_n], workspace
+
+
+def _forward(cell: Cell, proj: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor | None,
+             lengths: Tensor | None, reverse: bool, save_workspace: bool,
+             strategy: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The time loop over the input projection ``proj``; ``b_hh``: the hidden
+    biases of the unfolded gates, which stay in the loop (None: none)."""
     T, B, G = proj.shape
     H = h0.shape[1]
     dtype, device = proj.dtype, proj.device
     # Outputs and h_n come back in the state dtype (float32 for half types):
     # backward differentiates through them, and rounding them first would
     # cost the gradients their accuracy. The layer function narrows them.
-    state_dtype = fake.state_dtype(dtype)
+    state_dtype = ops.state_dtype(dtype)
     # Zeros past each sequence's end: no step writes there.
     make = torch.zeros if lengths is not None else torch.empty
     output = make(T, B, H, dtype=state_dtype, device=device)
-    workspace = make(T, B, 4 * H, dtype=state_dtype, device=device) if cell == GRU else None
+    workspace = (make(T, B, cell.saved * H, dtype=state_dtype, device=device) if save_workspace
+                 else torch.empty(0, dtype=state_dtype, device=device))
     h_n = torch.empty(B, H, dtype=state_dtype, device=device)
     if B == 0:
         return output, h_n, workspace
     p = plan(cell, B, H, dtype, device, strategy)
-    kernel, constexprs = p.launches()["forward"]
-    ws = output if workspace is None else workspace  # an unread stand-in for the RNN
-    w_hh = w_hh.contiguous()
-    b_hn = w_hh if b_hn is None else b_hn.contiguous()  # read by the GRU only
-    length = _lengths(lengths, T, B, device)
+    saves = save_workspace and cell.saved > 0
+    launches = p.launches(bias=b_hh is not None, workspace=saves)
+    kernel, constexprs = launches["forward"]
+    args = dict(P=proj, W=w_hh.contiguous(), B_HH=None if b_hh is None else b_hh.contiguous(),
+                LENGTHS=_lengths(lengths, T, B, device), OUT=output,
+                WS=workspace if saves else None, T=T, B=B, H=H, reverse=int(reverse))
     if p.strategy == "tile":
-        kernel[p.grid(B, H)[:1]](proj, w_hh, b_hn, h0.contiguous(), length, output, h_n, ws,
-                                 T, B, H, int(reverse), **constexprs)
+        _launcher(kernel, p.grid(B, H)[:1], constexprs, H0=h0.contiguous(), H_N=h_n, **args)()
         return output, h_n, workspace
 
     state = torch.empty(2, B, H, dtype=state_dtype, device=device)
     state[0] = h0
-    barrier = torch.zeros(p.grid(B, H)[0], dtype=torch.int32, device=device)
     stepwise = p.strategy == "stepwise"
-    q = torch.empty(B, G, dtype=state_dtype, device=device) if stepwise else proj
-
-    def launch(begin: int, end: int) -> None:
-        kernel[p.grid(B, H)](proj, q, w_hh, b_hn, state, length, output, ws, barrier, begin, end,
-                             T, B, H, int(reverse), **constexprs)
-
+    q = torch.empty(B, G, dtype=state_dtype, device=device) if stepwise else None
+    barrier = torch.zeros(p.grid(B, H)[0], dtype=torch.int32, device=device) if p.grid_sync else None
+    launch = _launcher(kernel, p.grid(B, H), constexprs, Q=q, STATE=state, BARRIER=barrier, **args)
     if p.grid_sync:
-        launch(0, T)
+        launch(step_begin=0, step_end=T)
     else:
         # The per-step cuBLAS product runs on the float32 state (float32
         # weights for half types), so that no step's product is rounded.
@@ -330,7 +403,7 @@ def _forward_on_device(cell: int, proj: Tensor, h0: Tensor, w_hh: Tensor, b_hn: 
         for s in range(T):
             if stepwise:
                 torch.mm(state[s % 2], w_mm.t(), out=q)
-            launch(s, s + 1)
+            launch(step_begin=s, step_end=s + 1)
     h_n.copy_(state[T % 2])
     return output, h_n, workspace
 
@@ -354,67 +427,79 @@ def previous_states(output: Tensor, h0: Tensor, lengths: Tensor | None, reverse:
     return prev
 
 
-def _backward(cell: int, grad_output: Tensor, grad_hy: Tensor, x: Tensor, h0: Tensor,
-              w_ih: Tensor, w_hh: Tensor, output: Tensor, workspace: Tensor | None,
+def layer_backward(cell: str, grad_output: Tensor, grad_hy: list[Tensor], input: Tensor,
+                   hx: list[Tensor], weight_ih: Tensor, weight_hh: Tensor, output: Tensor,
+                   workspace: Tensor, lengths: Tensor | None, reverse: bool,
+                   input_requires_grad: bool, strategy: str):
+    """One layer's backward (``fastrnn::layer_backward``): (grad_input, [grad_hx],
+    grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh); grad_input is
+    empty unless ``input_requires_grad``. ``output`` and ``workspace`` are
+    what forward returned (with ``save_workspace``)."""
+    desc = CELLS[cell]
+    _check(desc, input, hx, weight_ih, weight_hh)
+    T, B, _ = input.shape
+    H = hx[0].shape[1]
+    if workspace.shape != (T, B, desc.saved * H):
+        raise RuntimeError(f"fastrnn: {cell} backward reads the workspace its forward saved, "
+                           f"({T}, {B}, {desc.saved * H}), got {tuple(workspace.shape)} (forward "
+                           "without save_workspace?)")
+    with _on_device(input.device):
+        return _backward(desc, grad_output, grad_hy[0], input, hx[0], weight_ih, weight_hh, output,
+                         workspace, lengths, reverse, input_requires_grad, strategy)
+
+
+def _backward(cell: Cell, grad_output: Tensor, grad_hy: Tensor, x: Tensor, h0: Tensor,
+              w_ih: Tensor, w_hh: Tensor, output: Tensor, workspace: Tensor,
               lengths: Tensor | None, reverse: bool, input_requires_grad: bool, strategy: str):
-    with _on_device(x.device):
-        return _backward_on_device(cell, grad_output, grad_hy, x, h0, w_ih, w_hh, output, workspace,
-                                   lengths, reverse, input_requires_grad, strategy)
-
-
-def _backward_on_device(cell: int, grad_output: Tensor, grad_hy: Tensor, x: Tensor, h0: Tensor,
-                        w_ih: Tensor, w_hh: Tensor, output: Tensor, workspace: Tensor | None,
-                        lengths: Tensor | None, reverse: bool, input_requires_grad: bool,
-                        strategy: str):
     T, B, _ = x.shape
     H = h0.shape[1]
     G = w_hh.shape[0]
     dtype, device = x.dtype, x.device
-    state_dtype = fake.state_dtype(dtype)
+    state_dtype = ops.state_dtype(dtype)
     prev = previous_states(output, h0, lengths, reverse)
     make = torch.zeros if lengths is not None else torch.empty
     dp_hh = make(T, B, G, dtype=state_dtype, device=device)
-    dp_ih = make(T, B, G, dtype=state_dtype, device=device) if cell == GRU else dp_hh
+    # The input side's gradients differ from the hidden side's in the
+    # unfolded gates only (the GRU's n: dn against dn r).
+    separate = cell.folded_gates < cell.gates
+    dp_ih = make(T, B, G, dtype=state_dtype, device=device) if separate else dp_hh
     # The gradient reaching the state from later steps; dh0 once the sweep ends.
     carry = grad_hy.to(state_dtype).contiguous().clone()
     if B > 0:
         p = plan(cell, B, H, dtype, device, strategy)
         launches = p.launches()
-        w = w_hh.contiguous()
-        grad_output = grad_output.contiguous()
-        ws = output if workspace is None else workspace  # an unread stand-in for the RNN
-        length = _lengths(lengths, T, B, device)
+        args = dict(GRAD_OUT=grad_output.contiguous(), W=w_hh.contiguous(), OUT=output, PREV=prev,
+                    WS=workspace.contiguous() if cell.saved else None,
+                    LENGTHS=_lengths(lengths, T, B, device), DP_IH=dp_ih if separate else None,
+                    DP_HH=dp_hh, T=T, B=B, H=H, reverse=int(reverse))
         if p.strategy == "tile":
             kernel, constexprs = launches["backward"]
-            kernel[p.grid(B, H)[:1]](grad_output, carry, w, output, prev, ws, length, dp_ih, dp_hh,
-                                     carry, T, B, H, int(reverse), **constexprs)
+            _launcher(kernel, p.grid(B, H)[:1], constexprs, GRAD_HN=carry, GRAD_H0=carry, **args)()
         else:
             stepwise = p.strategy == "stepwise"
-            step = torch.empty(B, G, dtype=state_dtype, device=device) if stepwise else dp_hh
+            step = torch.empty(B, G, dtype=state_dtype, device=device) if stepwise else None
             # As in forward: float32 products for half types.
-            w_mm = w.to(state_dtype) if stepwise else None
-            barrier = torch.zeros(p.grid(B, H)[0], dtype=torch.int32, device=device)
-
-            def launch(kind: str, begin: int, end: int) -> None:
-                kernel, constexprs = launches[kind]
-                kernel[p.grid(B, H)](grad_output, w, output, prev, ws, length, carry, dp_ih, dp_hh,
-                                     step, barrier, begin, end, T, B, H, int(reverse), **constexprs)
-
+            w_mm = w_hh.to(state_dtype) if stepwise else None
+            barrier = (torch.zeros(p.grid(B, H)[0], dtype=torch.int32, device=device)
+                       if p.grid_sync else None)
+            run = {kind: _launcher(kernel, p.grid(B, H), constexprs, CARRY=carry, DP_STEP=step,
+                                   BARRIER=barrier, **args)
+                   for kind, (kernel, constexprs) in launches.items()}
             if p.grid_sync:
-                launch("backward", 0, T)
+                run["backward"](step_begin=0, step_end=T)
             else:
                 for i in range(T):
-                    launch("backward", i, i + 1)
+                    run["backward"](step_begin=i, step_end=i + 1)
                     if stepwise:
                         carry.addmm_(step, w_mm)
                     else:
-                        launch("backward_recurrent", i, i + 1)
+                        run["backward_recurrent"](step_begin=i, step_end=i + 1)
     return _weight_grads(dp_ih, dp_hh, carry, x, h0, w_ih, w_hh, prev, input_requires_grad)
 
 
 def _weight_grads(dp_ih: Tensor, dp_hh: Tensor, grad_h0: Tensor, x: Tensor, h0: Tensor,
                   w_ih: Tensor, w_hh: Tensor, prev: Tensor, input_requires_grad: bool):
-    """dx, dh0, dW_ih, dW_hh, db_ih, db_hh from the sweep's gate gradients."""
+    """dx, [dh0], dW_ih, dW_hh, db_ih, db_hh from the sweep's gate gradients."""
     T, B, I = x.shape
     G = dp_hh.shape[2]
     dp_ih2 = dp_ih.reshape(T * B, G)
@@ -428,79 +513,12 @@ def _weight_grads(dp_ih: Tensor, dp_hh: Tensor, grad_h0: Tensor, x: Tensor, h0: 
         grad_x = (dp_ih2 @ w_ih.to(compute)).view(T, B, I).to(x.dtype)
     else:
         grad_x = x.new_empty(0)
-    return grad_x, grad_h0.to(h0.dtype), grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh
+    return grad_x, [grad_h0.to(h0.dtype)], grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh
 
 
-# The layer ops are custom operators, so that torch.compile keeps each as one
-# opaque node (with its shapes from ``fastrnn.fake``) instead of tracing the
-# launch logic; outputs never alias inputs.
-@torch.library.custom_op("fastrnn::triton_rnn_forward", mutates_args=())
-def rnn_forward(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
-                b_hh: Optional[Tensor], lengths: Optional[Tensor], reverse: bool, relu: bool,
-                strategy: str) -> tuple[Tensor, Tensor]:
-    """tanh/ReLU RNN layer forward: (output (T, B, H), h_n (B, H)), launched by ``strategy``."""
-    _check(x, h0, w_ih, w_hh, 1)
-    biases = [b for b in (b_ih, b_hh) if b is not None]
-    bias = sum(biases[1:], biases[0]) if biases else None
-    output, h_n, _ = _forward(RELU if relu else TANH, _project(x, w_ih, bias), h0, w_hh, None,
-                              lengths, reverse, strategy)
-    return output, h_n
-
-
-@torch.library.custom_op("fastrnn::triton_rnn_backward", mutates_args=())
-def rnn_backward(grad_output: Tensor, grad_hy: Tensor, x: Tensor, h0: Tensor, w_ih: Tensor,
-                 w_hh: Tensor, output: Tensor, lengths: Optional[Tensor], reverse: bool,
-                 relu: bool, input_requires_grad: bool,
-                 strategy: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh)."""
-    return _backward(RELU if relu else TANH, grad_output, grad_hy, x, h0, w_ih, w_hh, output,
-                     None, lengths, reverse, input_requires_grad, strategy)
-
-
-@torch.library.custom_op("fastrnn::triton_gru_forward", mutates_args=())
-def gru_forward(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
-                b_hh: Optional[Tensor], lengths: Optional[Tensor], reverse: bool,
-                strategy: str) -> tuple[Tensor, Tensor, Tensor]:
-    """GRU layer forward: (output, h_n, workspace (T, B, 4H): r | z | n | W_hn h + b_hn)."""
-    _check(x, h0, w_ih, w_hh, 3)
-    H = h0.shape[1]
-    # b_hr and b_hz add straight to the pre-activations, so they join the
-    # input projection; b_hn sits inside r * (W_hn h + b_hn) and stays apart.
-    bias, b_hn = b_ih, torch.zeros(H, dtype=x.dtype, device=x.device)
-    if b_hh is not None:
-        folded = torch.cat([b_hh[:2 * H], torch.zeros_like(b_hh[2 * H:])])
-        bias = folded if bias is None else bias + folded
-        b_hn = b_hh[2 * H:]
-    return _forward(GRU, _project(x, w_ih, bias), h0, w_hh, b_hn, lengths, reverse, strategy)
-
-
-@torch.library.custom_op("fastrnn::triton_gru_backward", mutates_args=())
-def gru_backward(grad_output: Tensor, grad_hy: Tensor, x: Tensor, h0: Tensor, w_ih: Tensor,
-                 w_hh: Tensor, output: Tensor, workspace: Tensor, lengths: Optional[Tensor],
-                 reverse: bool, input_requires_grad: bool,
-                 strategy: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh)."""
-    return _backward(GRU, grad_output, grad_hy, x, h0, w_ih, w_hh, output, workspace, lengths,
-                     reverse, input_requires_grad, strategy)
-
-
-@rnn_forward.register_fake
-def _(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, relu, strategy):
-    return fake.layer_forward(x, h0)
-
-
-@gru_forward.register_fake
-def _(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, strategy):
-    return fake.gru_forward(x, h0)
-
-
-@rnn_backward.register_fake
-def _(grad_output, grad_hy, x, h0, w_ih, w_hh, output, lengths, reverse, relu,
-      input_requires_grad, strategy):
-    return fake.layer_backward(x, h0, w_ih, w_hh, input_requires_grad)
-
-
-@gru_backward.register_fake
-def _(grad_output, grad_hy, x, h0, w_ih, w_hh, output, workspace, lengths, reverse,
-      input_requires_grad, strategy):
-    return fake.layer_backward(x, h0, w_ih, w_hh, input_requires_grad)
+# The engine's kernels for the ops ``fastrnn.ops`` defines: the device-
+# dispatched pair's on CUDA tensors, the interpreter pair's on CPU tensors.
+_library = torch.library.Library("fastrnn", "IMPL")
+for (_forward_op, _backward_op), _device in ((ops.DISPATCHED, "CUDA"), (ops.INTERPRETED, "CPU")):
+    _library.impl(_forward_op, layer_forward, _device)
+    _library.impl(_backward_op, layer_backward, _device)
