@@ -27,7 +27,7 @@ from fastrnn.settings import settings
 
 # Where each of the Function's inputs sits: the cell's states come last, as
 # many as its description names.
-CELL, FAMILY, STRATEGY, X, W_IH, W_HH, B_IH, B_HH, LENGTHS, REVERSE, STATES = range(11)
+X, W_IH, W_HH, B_IH, B_HH, W_HR, STATES = 3, 4, 5, 6, 7, 8, 11
 
 
 def family(engine: str, device: torch.device) -> tuple[str, str]:
@@ -60,18 +60,19 @@ _OPS = {name: getattr(torch.ops.fastrnn, name).default
 
 
 def _split(grads: list, states: int) -> tuple:
-    """(x, states..., weights...) gradients as (grad_x, [grad per state], *weights)."""
+    """(x, states..., weights...) gradients as (grad_x, [grad per state], *weights),
+    the weights being w_ih, w_hh, b_ih, b_hh, w_hr."""
     return grads[0], grads[1:1 + states], *grads[1 + states:]
 
 
 def _differentiable_gradients(ctx, grad_output: Tensor | None, grad_hy: list) -> tuple:
     """The layer's gradients through the reference loop's graph over the saved
     inputs, built so that they can be differentiated again."""
-    x, w_ih, w_hh, b_ih, b_hh, lengths, _, _, *hx = ctx.saved_tensors
-    inputs = (x, *hx, w_ih, w_hh, b_ih, b_hh)
+    x, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, _, _, *hx = ctx.saved_tensors
+    inputs = (x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr)
     wanted = [i for i, (t, need) in enumerate(zip(inputs, ctx.needs)) if t is not None and need]
     output, h_n = reference.layer(ctx.cell, x, tuple(hx), w_ih, w_hh, b_ih, b_hh, lengths,
-                                  ctx.reverse)
+                                  ctx.reverse, w_hr)
     results = (output, *h_n)
     upstream = [torch.zeros_like(t) if g is None else g.to(t.dtype)
                 for g, t in zip((grad_output, *grad_hy), results)]
@@ -84,31 +85,35 @@ def _differentiable_gradients(ctx, grad_output: Tensor | None, grad_hy: list) ->
 
 
 def _gradients(ctx, grad_output: Tensor | None, grad_hy: list) -> tuple:
-    """(grad_x, [grad per state], grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh) of the
+    """(grad_x, [grad per state], grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr) of the
     layer ``ctx`` saved: the engine's sweep, or under create_graph the
     reference loop's differentiable graph."""
     if torch.is_grad_enabled():
         return _differentiable_gradients(ctx, grad_output, grad_hy)
-    x, w_ih, w_hh, _, _, lengths, output, workspace, *hx = ctx.saved_tensors
+    x, w_ih, w_hh, _, _, w_hr, lengths, output, workspace, *hx = ctx.saved_tensors
     if grad_output is None:
         grad_output = torch.zeros_like(output)
     grad_hy = [torch.zeros(h.shape, dtype=output.dtype, device=output.device) if g is None else g
                for g, h in zip(grad_hy, hx)]
     with _below_autograd():
         grad_x, grad_hx, *weights = _op(ctx.family[1])(
-            ctx.cell, grad_output, grad_hy, x, hx, w_ih, w_hh, output, workspace, lengths,
+            ctx.cell, grad_output, grad_hy, x, hx, w_ih, w_hh, w_hr, output, workspace, lengths,
             ctx.reverse, ctx.needs[0], ctx.strategy)
     grads = [g if need else None for g, need in zip((grad_x, *grad_hx, *weights), ctx.needs)]
     return _split(grads, len(hx))
 
 
-def _save(ctx, cell, family, strategy, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+def _save(ctx, cell, family, strategy, x, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
           output, workspace, needs) -> None:
     """Keeps what backward reads, for the Function and the ops' own registration alike."""
     ctx.mark_non_differentiable(workspace)
-    ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, lengths, output, workspace, *hx)
+    ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, output, workspace, *hx)
     ctx.cell, ctx.family, ctx.strategy, ctx.reverse = cell, family, strategy, reverse
-    ctx.needs, ctx.states = needs, len(hx)
+    # An input that is None gets no gradient, whatever autograd asks for (a
+    # traced backward may ask for all).
+    inputs = (x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr)
+    ctx.needs = tuple(need and t is not None for need, t in zip(needs, inputs))
+    ctx.states = len(hx)
     # Otherwise autograd would hand backward a zero gradient as large as the
     # workspace; the ones it needs are made in backward when unused.
     ctx.set_materialize_grads(False)
@@ -116,10 +121,12 @@ def _save(ctx, cell, family, strategy, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, r
 
 class LayerFunction(torch.autograd.Function):
     """One layer of any cell: ``apply(cell, family, strategy, x, w_ih, w_hh, b_ih, b_hh,
-    lengths, reverse, *hx)`` with ``family`` from ``family()``.
+    w_hr, lengths, reverse, *hx)`` with ``family`` from ``family()``.
 
-    x is (T, B, I) time-major, each state (B, H), as many as the cell has;
-    b_ih/b_hh may be None; lengths is None or an int64 CPU tensor (B,);
+    x is (T, B, I) time-major, the states as many as the cell has (h (B,
+    H_out), then (B, H) each); b_ih/b_hh may be None, and w_hr (P, H) is the
+    projection of a cell that projects, else None; lengths is None or an
+    int64 CPU tensor (B,);
     positions past a sequence's length must hold finite values and come out
     as zeros. Returns (output, workspace, *h_n), in x's dtype, or in float32
     for half-precision x on the Triton engine (the state it kept;
@@ -129,64 +136,63 @@ class LayerFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(cell, family, strategy, x, w_ih, w_hh, b_ih, b_hh, lengths, reverse, *hx):
+    def forward(cell, family, strategy, x, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, *hx):
         """Runs the engine's time loop, keeping what backward reads."""
         with _below_autograd():
             output, h_n, workspace = _op(family[0])(cell, x, list(hx), w_ih, w_hh, b_ih, b_hh,
-                                                    lengths, reverse, True, strategy)
+                                                    w_hr, lengths, reverse, True, strategy)
         return (output, workspace, *h_n)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         """Saves what the backward sweep reads."""
-        cell, family, strategy, x, w_ih, w_hh, b_ih, b_hh, lengths, reverse, *hx = inputs
+        cell, family, strategy, x, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, *hx = inputs
         needs = ctx.needs_input_grad
-        needs = (needs[X], *needs[STATES:], needs[W_IH], needs[W_HH], needs[B_IH], needs[B_HH])
-        _save(ctx, cell, family, strategy, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+        needs = (needs[X], *needs[STATES:], *needs[W_IH:W_HR + 1])
+        _save(ctx, cell, family, strategy, x, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
               output[0], output[1], needs)
 
     @staticmethod
     def backward(ctx, grad_output, _grad_workspace, *grad_hy):
         """The engine's backward-through-time sweep, then the weight GEMMs
         (under create_graph: the reference loop's differentiable graph)."""
-        grad_x, grad_hx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = _gradients(
-            ctx, grad_output, grad_hy)
-        return (None, None, None, grad_x, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, None, None,
-                *grad_hx)
+        grad_x, grad_hx, *grad_weights = _gradients(ctx, grad_output, grad_hy)
+        return (None, None, None, grad_x, *grad_weights, None, None, *grad_hx)
 
 
 def layer(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,
           b_ih: Tensor | None, b_hh: Tensor | None, lengths: Tensor | None, reverse: bool,
-          engine: str | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
+          engine: str | None = None, w_hr: Tensor | None = None
+          ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """(output, h_n) of one layer through ``LayerFunction`` on ``engine``
     (default: the one the backend setting picks for x's device)."""
     engine = backends.resolve(x.device) if engine is None else engine
     output, _, *h_n = LayerFunction.apply(cell, family(engine, x.device), settings.triton_strategy,
-                                          x, w_ih, w_hh, b_ih, b_hh, lengths, reverse, *hx)
+                                          x, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, *hx)
     return output, tuple(h_n)
 
 
 def inference(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,
               b_ih: Tensor | None, b_hh: Tensor | None, lengths: Tensor | None, reverse: bool,
-              engine: str) -> tuple[Tensor, tuple[Tensor, ...]]:
+              engine: str, w_hr: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
     """(output, h_n) of one layer that nothing will differentiate: the forward
     op alone, saving no workspace."""
     with _below_autograd():
         output, h_n, _ = _op(family(engine, x.device)[0])(
-            cell, x, list(hx), w_ih, w_hh, b_ih, b_hh, lengths, reverse, False,
+            cell, x, list(hx), w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, False,
             settings.triton_strategy)
     return output, tuple(h_n)
 
 
 def _op_setup_context(ctx, inputs, output):
-    cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse, save_workspace, strategy = inputs
+    cell, x, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save_workspace, strategy = inputs
     torch._check(save_workspace, lambda: "fastrnn: differentiating a layer op needs "
                  "save_workspace=True (the workspace is what its backward reads)")
     needs = ctx.needs_input_grad
     hx_needs = needs[2] if isinstance(needs[2], (list, tuple)) else [needs[2]] * len(hx)
-    needs = (needs[1], *hx_needs, *needs[3:7])
-    _save(ctx, cell, ctx.family_for_op, strategy, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
-          output[0], output[2], needs)
+    needs = (needs[1], *hx_needs, *needs[3:8])
+    _save(ctx, cell, ctx.family_for_op, strategy, x, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+          reverse, output[0], output[2], needs)
 
 
 def _register(names: tuple[str, str]) -> None:
@@ -200,10 +206,8 @@ def _register(names: tuple[str, str]) -> None:
     def forward_backward(ctx, grad_output, grad_hy, _grad_workspace):
         if grad_hy is None:
             grad_hy = [None] * ctx.states
-        grad_x, grad_hx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = _gradients(
-            ctx, grad_output, list(grad_hy))
-        return (None, grad_x, list(grad_hx), grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, None,
-                None, None, None)
+        grad_x, grad_hx, *grad_weights = _gradients(ctx, grad_output, list(grad_hy))
+        return (None, grad_x, list(grad_hx), *grad_weights, None, None, None, None)
 
     def backward_backward(ctx, *grads):
         raise RuntimeError(f"fastrnn::{names[1]} is not differentiable: differentiate the "

@@ -23,22 +23,22 @@ _WIDENED = (torch.bfloat16, torch.float16)
 
 
 def _engine_layer(engine: str, cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor,
-                  w_hh: Tensor, b_ih, b_hh, lengths, reverse: bool):
+                  w_hh: Tensor, b_ih, b_hh, lengths, reverse: bool, w_hr):
     dtype = x.dtype
     if (engine == "cpp" and dtype in _WIDENED and w_ih.dtype == dtype
             and all(h.dtype == dtype for h in hx)):
-        x, w_ih, w_hh, b_ih, b_hh = [t if t is None else t.float()
-                                     for t in (x, w_ih, w_hh, b_ih, b_hh)]
+        x, w_ih, w_hh, b_ih, b_hh, w_hr = [t if t is None else t.float()
+                                           for t in (x, w_ih, w_hh, b_ih, b_hh, w_hr)]
         hx = tuple(h.float() for h in hx)
     # The Triton engine takes half types as they are but returns the float32
     # state it kept (and saves it for backward); both are narrowed here.
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (x, w_ih, w_hh, b_ih, b_hh, *hx)):
+                                       for t in (x, w_ih, w_hh, b_ih, b_hh, w_hr, *hx)):
         output, h_n = autograd.layer(cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
-                                     engine)
+                                     engine, w_hr)
     else:
         output, h_n = autograd.inference(cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
-                                         engine)
+                                         engine, w_hr)
     if output.dtype == dtype:
         return output, h_n
     return output.to(dtype), tuple([h.to(dtype) for h in h_n])
@@ -59,13 +59,14 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
 
 def layer(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,
           b_ih: Tensor | None = None, b_hh: Tensor | None = None, lengths: Tensor | None = None,
-          reverse: bool = False) -> tuple[Tensor, tuple[Tensor, ...]]:
+          reverse: bool = False, w_hr: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
     """One layer of ``cell`` (a ``fastrnn.cells`` name) in one direction over a (T, B, I) input.
 
-    ``hx`` holds the cell's initial states, each (B, H). Returns (output
-    (T, B, H), final states). ``lengths`` (int64 CPU, (B,)) limits each
-    sequence; ``reverse`` runs each from its own last element. Under
-    ``torch.autocast`` the layer runs in the autocast dtype.
+    ``hx`` holds the cell's initial states (an LSTM's h and c), each (B, H),
+    h (B, P) with a projection ``w_hr`` (P, H). Returns (output (T, B, H or
+    P), final states). ``lengths`` (int64 CPU, (B,)) limits each sequence;
+    ``reverse`` runs each from its own last element. Under ``torch.autocast``
+    the layer runs in the autocast dtype.
     """
     low = _autocast_dtype(x)
     if low is not None:
@@ -73,14 +74,14 @@ def layer(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tens
         # weights rounded to the low-precision dtype, with float32 state and
         # accumulation inside, and returns that dtype. Autocast is switched
         # off inside so that the engine's own products are not recast.
-        x, *hx, w_ih, w_hh, b_ih, b_hh = [t if t is None else t.to(low)
-                                          for t in (x, *hx, w_ih, w_hh, b_ih, b_hh)]
+        x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr = [t if t is None else t.to(low)
+                                                for t in (x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr)]
         with torch.autocast(x.device.type, enabled=False):
-            return layer(cell, x, tuple(hx), w_ih, w_hh, b_ih, b_hh, lengths, reverse)
-    engine = backends.resolve(x.device)
+            return layer(cell, x, tuple(hx), w_ih, w_hh, b_ih, b_hh, lengths, reverse, w_hr)
+    engine = backends.resolve(x.device, cell)
     if engine == "reference":
-        return reference.layer(cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
-    return _engine_layer(engine, cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
+        return reference.layer(cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse, w_hr)
+    return _engine_layer(engine, cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse, w_hr)
 
 
 def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
@@ -128,33 +129,38 @@ def _dropout(x: Tensor, p: float, lengths: Tensor | None) -> Tensor:
     return padded(F.dropout(data, p, training=True), batch_sizes, x.shape[0])[0]
 
 
-def recurrent_layers(mode: str, x: Tensor, hx: Tensor, weights: Sequence[Tensor], num_layers: int,
-                     bidirectional: bool, dropout: float = 0.0, training: bool = False,
-                     lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """A stack of layers, as ``torch.nn.RNN``/``GRU`` run them.
+def recurrent_layers(mode: str, x: Tensor, hx: tuple[Tensor, ...], weights: Sequence[Tensor],
+                     num_layers: int, bidirectional: bool, dropout: float = 0.0,
+                     training: bool = False, lengths: Tensor | None = None,
+                     proj_size: int = 0) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """A stack of layers, as ``torch.nn.RNN``/``GRU``/``LSTM`` run them.
 
-    ``mode`` is torch.nn's ("RNN_TANH", "RNN_RELU" or "GRU"); x is (T, B, I)
-    time-major; hx is (num_layers * directions, B, H); ``weights`` lists
-    w_ih, w_hh and, with biases, b_ih, b_hh per layer and direction
-    (``RNNBase._flat_weights`` order). Dropout applies to every layer's
-    output but the last, in training only. Returns (output (T, B,
-    directions * H), h_n).
+    ``mode`` is torch.nn's ("RNN_TANH", "RNN_RELU", "GRU" or "LSTM"); x is
+    (T, B, I) time-major; hx holds the cell's initial states, each
+    (num_layers * directions, B, H) (an LSTM's h (..., P) with ``proj_size``
+    P); ``weights`` lists w_ih, w_hh, with biases b_ih, b_hh, and with a
+    projection w_hr, per layer and direction (``RNNBase._flat_weights``
+    order). Dropout applies to every layer's output but the last, in
+    training only. Returns (output (T, B, directions * H_out), final states
+    stacked as hx).
     """
     cell = for_mode(mode).name
     directions = 2 if bidirectional else 1
     per_layer = len(weights) // (num_layers * directions)
-    h_n = []
+    finals = []
     for index_layer in range(num_layers):
         outputs = []
         for direction in range(directions):
             index = index_layer * directions + direction
-            w_ih, w_hh, *biases = weights[index * per_layer:(index + 1) * per_layer]
+            group = list(weights[index * per_layer:(index + 1) * per_layer])
+            w_hr = group.pop() if proj_size else None
+            w_ih, w_hh, *biases = group
             b_ih, b_hh = biases if biases else (None, None)
-            output, (h,) = layer(cell, x, (hx[index],), w_ih, w_hh, b_ih, b_hh, lengths,
-                                 direction == 1)
+            output, states = layer(cell, x, tuple(h[index] for h in hx), w_ih, w_hh, b_ih, b_hh,
+                                   lengths, direction == 1, w_hr)
             outputs.append(output)
-            h_n.append(h)
+            finals.append(states)
         x = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
         if dropout > 0 and training and index_layer < num_layers - 1:
             x = _dropout(x, dropout, lengths)
-    return x, torch.stack(h_n)
+    return x, tuple(torch.stack(states) for states in zip(*finals))

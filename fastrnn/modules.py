@@ -1,10 +1,10 @@
-"""Drop-in replacements for torch.nn.RNN, GRU, RNNCell and GRUCell.
+"""Drop-in replacements for torch.nn.RNN, GRU, LSTM, RNNCell, GRUCell and LSTMCell.
 
 The classes keep torch.nn's constructors, parameters, state_dict layout and
 input checks (they inherit them from ``nn.RNNBase``/``nn.RNNCellBase``) and
 only replace the computation. They derive from ``nn.RNNBase`` rather than
-``nn.RNN``/``nn.GRU`` so that torch.compile traces them instead of breaking
-its graph at them.
+``nn.RNN``/``nn.GRU``/``nn.LSTM`` so that torch.compile traces them instead of
+breaking its graph at them.
 """
 
 from __future__ import annotations
@@ -17,10 +17,40 @@ from fastrnn import functional
 
 
 class _RecurrentModule(nn.RNNBase):
-    """Forward shared by RNN and GRU: input forms, checks, packing, layers."""
+    """Forward shared by RNN, GRU and LSTM: input forms, checks, packing, layers.
+
+    The state ``hx`` is one tensor (RNN, GRU) or a tuple (LSTM's (h, c));
+    inside, it is always the tuple of the cell's state tensors.
+    """
 
     # Prefix of the input-rank error, as the torch.nn namesake words it.
     _rank_error = ""
+
+    def _states(self, hx) -> tuple[Tensor, ...]:
+        """hx as the tuple of the cell's state tensors."""
+        return (hx,)
+
+    def _from_states(self, states: tuple[Tensor, ...]):
+        """The inverse of ``_states``."""
+        return states[0]
+
+    def _zero_states(self, batch: int, input: Tensor) -> tuple[Tensor, ...]:
+        directions = 2 if self.bidirectional else 1
+        return (torch.zeros(self.num_layers * directions, batch, self.hidden_size,
+                            dtype=input.dtype, device=input.device),)
+
+    def _batched_states(self, states: tuple[Tensor, ...], is_batched: bool) -> tuple[Tensor, ...]:
+        """torch.nn's rank check of a given state; unbatched states gain their batch dim."""
+        (hx,) = states
+        if not is_batched:
+            if hx.dim() != 2:
+                raise RuntimeError(
+                    f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor")
+            return (hx.unsqueeze(1),)
+        if hx.dim() != 3:
+            raise RuntimeError(
+                f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor")
+        return states
 
     def flatten_parameters(self) -> None:
         """Does nothing: fastrnn's engines read the parameters where they are."""
@@ -30,11 +60,11 @@ class _RecurrentModule(nn.RNNBase):
 
         ``input`` is (L, N, H_in) (or (N, L, H_in) with ``batch_first``),
         unbatched (L, H_in), or a ``PackedSequence``; ``hx`` is the initial
-        state (D * num_layers, N, H_out), zeros when omitted. Returns
-        ``(output, h_n)`` in the same form as the input.
+        state (D * num_layers, N, H_out), zeros when omitted (for LSTM the
+        tuple (h_0, c_0)). Returns ``(output, h_n)`` (``(output, (h_n, c_n))``)
+        in the same form as the input.
         """
         self._update_flat_weights()
-        directions = 2 if self.bidirectional else 1
         packed = isinstance(input, PackedSequence)
         if packed:
             input, batch_sizes, sorted_indices, unsorted_indices = input
@@ -48,22 +78,16 @@ class _RecurrentModule(nn.RNNBase):
             batch_dim = 0 if self.batch_first else 1
             if not is_batched:
                 input = input.unsqueeze(batch_dim)
-                if hx is not None:
-                    if hx.dim() != 2:
-                        raise RuntimeError(
-                            f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor")
-                    hx = hx.unsqueeze(1)
-            elif hx is not None and hx.dim() != 3:
-                raise RuntimeError(
-                    f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor")
+            if hx is not None:
+                hx = self._from_states(self._batched_states(self._states(hx), is_batched))
             batch = input.size(batch_dim)
         if hx is None:
-            hx = torch.zeros(self.num_layers * directions, batch, self.hidden_size,
-                             dtype=input.dtype, device=input.device)
+            hx = self._from_states(self._zero_states(batch, input))
         else:
             hx = self.permute_hidden(hx, sorted_indices)
         self.check_forward_args(input, hx, batch_sizes)
-        _check_devices(input, hx, self._flat_weights)
+        states = self._states(hx)
+        _check_devices(input, states, self._flat_weights)
 
         if packed:
             # Sorted, time-major padding; the engines stop each sequence at its length.
@@ -72,25 +96,25 @@ class _RecurrentModule(nn.RNNBase):
             x, lengths = (input.transpose(0, 1) if self.batch_first else input), None
         if x.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-        output, h_n = functional.recurrent_layers(
-            self.mode, x, hx, self._flat_weights, self.num_layers, self.bidirectional,
-            self.dropout, self.training, lengths)
+        output, finals = functional.recurrent_layers(
+            self.mode, x, states, self._flat_weights, self.num_layers, self.bidirectional,
+            self.dropout, self.training, lengths, self.proj_size)
 
         if packed:
             data = functional.packed(output, lengths)[0]
             return (PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices),
-                    self.permute_hidden(h_n, unsorted_indices))
+                    self.permute_hidden(self._from_states(finals), unsorted_indices))
         if self.batch_first:
             output = output.transpose(0, 1)
         if not is_batched:
             output = output.squeeze(batch_dim)
-            h_n = h_n.squeeze(1)
-        return output, h_n
+            finals = tuple(h.squeeze(1) for h in finals)
+        return output, self._from_states(finals)
 
 
-def _check_devices(input: Tensor, hx: Tensor, weights) -> None:
+def _check_devices(input: Tensor, states: tuple[Tensor, ...], weights) -> None:
     """torch.nn's device check (ATen's check_attributes): the state, then the parameters."""
-    for name, tensors in (("hidden", [hx]), ("parameter", weights)):
+    for name, tensors in (("hidden", states), ("parameter", weights)):
         for t in tensors:
             if t is not None and t.device != input.device:
                 raise RuntimeError(
@@ -142,33 +166,82 @@ class GRU(_RecurrentModule):
         super().__init__("GRU", *args, **kwargs)
 
 
-def _cell_inputs(cell: nn.RNNCellBase, name: str, input: Tensor, hx: Tensor | None):
-    """torch.nn's cell checks; returns batched (input, hx) and whether input was batched."""
+class LSTM(_RecurrentModule):
+    """Multi-layer long short-term memory: a drop-in for ``torch.nn.LSTM``.
+
+    Same arguments (``input_size, hidden_size, num_layers=1, bias=True,
+    batch_first=False, dropout=0.0, bidirectional=False, proj_size=0,
+    device=None, dtype=None``), parameters (``weight_hr_l{k}`` with
+    ``proj_size``), inputs and outputs (``(h_0, c_0)`` in, ``(output, (h_n,
+    c_n))`` out) as ``torch.nn.LSTM``.
+    """
+
+    _rank_error = "LSTM: Expected input to be 2D or 3D, got {}D instead"
+
+    # torch.nn's own: the cell state's expected size, the check of both
+    # states and their permutation, so that messages match word for word.
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+    def _states(self, hx) -> tuple[Tensor, ...]:
+        return tuple(hx)
+
+    def _from_states(self, states: tuple[Tensor, ...]):
+        return tuple(states)
+
+    def _zero_states(self, batch: int, input: Tensor) -> tuple[Tensor, ...]:
+        (c,) = super()._zero_states(batch, input)
+        h = c if self.proj_size == 0 else c.new_zeros(*c.shape[:2], self.proj_size)
+        return h, c
+
+    def _batched_states(self, states: tuple[Tensor, ...], is_batched: bool) -> tuple[Tensor, ...]:
+        h, c = states
+        rank = 3 if is_batched else 2
+        if h.dim() != rank or c.dim() != rank:
+            shape = "batched 3-D" if is_batched else "unbatched 2-D"
+            raise RuntimeError(f"For {shape} input, hx and cx should also be {rank}-D but got "
+                               f"({h.dim()}-D, {c.dim()}-D) tensors")
+        return states if is_batched else (h.unsqueeze(1), c.unsqueeze(1))
+
+
+def _cell_inputs(cell: nn.RNNCellBase, name: str, input: Tensor,
+                 states: tuple[Tensor, ...] | None, count: int = 1):
+    """torch.nn's cell checks of the input and the ``count`` state tensors
+    (None: zeros); returns batched (input, states) and whether input was batched."""
     if input.dim() not in (1, 2):
         raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
-    if hx is not None and hx.dim() not in (1, 2):
-        raise ValueError(f"{name}: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
+    for index, h in enumerate(states or ()):
+        if h.dim() not in (1, 2):
+            what = "hidden" if count == 1 else f"hx[{index}]"
+            raise ValueError(f"{name}: Expected {what} to be 1D or 2D, got {h.dim()}D instead")
     is_batched = input.dim() == 2
     if not is_batched:
         input = input.unsqueeze(0)
-    if hx is None:
-        hx = torch.zeros(input.size(0), cell.hidden_size, dtype=input.dtype, device=input.device)
+    if states is None:
+        zeros = torch.zeros(input.size(0), cell.hidden_size, dtype=input.dtype,
+                            device=input.device)
+        states = (zeros,) * count
     elif not is_batched:
-        hx = hx.unsqueeze(0)
+        states = tuple(h.unsqueeze(0) for h in states)
     if input.size(1) != cell.weight_ih.size(1):
         raise RuntimeError(
             f"input has inconsistent input_size: got {input.size(1)} expected {cell.weight_ih.size(1)}")
-    if input.size(0) != hx.size(0):
-        raise RuntimeError(
-            f"Input batch size {input.size(0)} doesn't match hidden0 batch size {hx.size(0)}")
-    if hx.size(1) != cell.weight_hh.size(1):
-        raise RuntimeError(
-            f"hidden0 has inconsistent hidden_size: got {hx.size(1)}, expected {cell.weight_hh.size(1)}")
-    return input, hx, is_batched
+    for index, h in enumerate(states):
+        if input.size(0) != h.size(0):
+            raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{index} "
+                               f"batch size {h.size(0)}")
+        if h.size(1) != cell.weight_hh.size(1):
+            raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got {h.size(1)}, "
+                               f"expected {cell.weight_hh.size(1)}")
+    return input, tuple(states), is_batched
 
 
-def _mixed_devices(cell: nn.RNNCellBase, input: Tensor, hx: Tensor) -> bool:
-    tensors = [hx, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh]
+def _mixed_devices(cell: nn.RNNCellBase, input: Tensor, states: tuple[Tensor, ...]) -> bool:
+    tensors = [*states, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh]
     return any(t is not None and t.device != input.device for t in tensors)
 
 
@@ -182,10 +255,11 @@ class RNNCell(nn.RNNCellBase):
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         """One step: ``input`` (N, H_in) or (H_in,), ``hx`` (zeros when omitted) -> h'."""
-        input, hx, is_batched = _cell_inputs(self, "RNNCell", input, hx)
+        input, (hx,), is_batched = _cell_inputs(self, "RNNCell", input,
+                                                None if hx is None else (hx,))
         if self.nonlinearity not in ("tanh", "relu"):
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
-        if _mixed_devices(self, input, hx):
+        if _mixed_devices(self, input, (hx,)):
             # torch.nn's own cell raises torch.nn's error for this
             cell = torch._VF.rnn_tanh_cell if self.nonlinearity == "tanh" else torch._VF.rnn_relu_cell
             return cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
@@ -203,10 +277,31 @@ class GRUCell(nn.RNNCellBase):
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         """One step: ``input`` (N, H_in) or (H_in,), ``hx`` (zeros when omitted) -> h'."""
-        input, hx, is_batched = _cell_inputs(self, "GRUCell", input, hx)
-        if _mixed_devices(self, input, hx):
+        input, (hx,), is_batched = _cell_inputs(self, "GRUCell", input,
+                                                None if hx is None else (hx,))
+        if _mixed_devices(self, input, (hx,)):
             return torch._VF.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih,
                                       self.bias_hh)
         _, h = functional.gru_layer(input.unsqueeze(0), hx, self.weight_ih, self.weight_hh,
                                     self.bias_ih, self.bias_hh)
         return h if is_batched else h.squeeze(0)
+
+
+class LSTMCell(nn.RNNCellBase):
+    """One LSTM step: a drop-in for ``torch.nn.LSTMCell``."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
+                 dtype=None) -> None:
+        super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
+
+    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
+                ) -> tuple[Tensor, Tensor]:
+        """One step: ``input`` (N, H_in) or (H_in,), ``hx`` = (h, c) (zeros when
+        omitted) -> (h', c')."""
+        input, states, is_batched = _cell_inputs(self, "LSTMCell", input, hx, count=2)
+        if _mixed_devices(self, input, states):
+            return torch._VF.lstm_cell(input, states, self.weight_ih, self.weight_hh,
+                                       self.bias_ih, self.bias_hh)
+        _, states = functional.layer("lstm", input.unsqueeze(0), states, self.weight_ih,
+                                     self.weight_hh, self.bias_ih, self.bias_hh)
+        return states if is_batched else tuple(h.squeeze(0) for h in states)

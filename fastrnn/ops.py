@@ -24,13 +24,14 @@ from fastrnn.cells import CELLS
 
 FORWARD_SCHEMA = (
     "(str cell, Tensor input, Tensor[] hx, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
-    "Tensor? bias_hh, Tensor? lengths, bool reverse, bool save_workspace, str strategy) "
+    "Tensor? bias_hh, Tensor? weight_hr, Tensor? lengths, bool reverse, bool save_workspace, "
+    "str strategy) "
     "-> (Tensor, Tensor[], Tensor)")
 BACKWARD_SCHEMA = (
     "(str cell, Tensor grad_output, Tensor[] grad_hy, Tensor input, Tensor[] hx, "
-    "Tensor weight_ih, Tensor weight_hh, Tensor output, Tensor workspace, Tensor? lengths, "
-    "bool reverse, bool input_requires_grad, str strategy) "
-    "-> (Tensor, Tensor[], Tensor, Tensor, Tensor, Tensor)")
+    "Tensor weight_ih, Tensor weight_hh, Tensor? weight_hr, Tensor output, Tensor workspace, "
+    "Tensor? lengths, bool reverse, bool input_requires_grad, str strategy) "
+    "-> (Tensor, Tensor[], Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 # (forward, backward) op names per kernel family: the device-dispatched pair
 # and the Triton interpreter's.
@@ -60,31 +61,36 @@ def check_same_device(*tensors, lengths=None) -> None:
                  f"found at least two devices, {', '.join(devices)}!")
 
 
-def fake_forward(cell, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse,
-                 save_workspace, strategy):
-    """(output (T, B, H), [state (B, H) per state tensor], workspace (T, B, saved * H),
-    or (0,) without save_workspace), in the state dtype."""
-    check_same_device(input, *hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths=lengths)
+def fake_forward(cell, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths,
+                 reverse, save_workspace, strategy):
+    """(output (T, B, H_out), [each state's shape], workspace (T, B, saved * H), or (0,)
+    without save_workspace), in the state dtype; H_out is the projection's P
+    with ``weight_hr`` (P, H), else H."""
+    check_same_device(input, *hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+                      lengths=lengths)
     dtype = state_dtype(input.dtype)
     T, B, _ = input.shape
-    H = hx[0].shape[1]
-    saved = CELLS[cell].saved
-    workspace = (T, B, saved * H) if save_workspace else (0,)
-    return (input.new_empty(T, B, H, dtype=dtype), [h.new_empty(h.shape, dtype=dtype) for h in hx],
+    description = CELLS[cell]
+    H = weight_hh.shape[0] // description.gates
+    workspace = (T, B, description.saved * H) if save_workspace else (0,)
+    return (input.new_empty(T, B, hx[0].shape[1], dtype=dtype),
+            [h.new_empty(h.shape, dtype=dtype) for h in hx],
             input.new_empty(workspace, dtype=dtype))
 
 
-def fake_backward(cell, grad_output, grad_hy, input, hx, weight_ih, weight_hh, output, workspace,
-                  lengths, reverse, input_requires_grad, strategy):
+def fake_backward(cell, grad_output, grad_hy, input, hx, weight_ih, weight_hh, weight_hr, output,
+                  workspace, lengths, reverse, input_requires_grad, strategy):
     """(grad_input, [grad per state tensor], grad_weight_ih, grad_weight_hh, grad_bias_ih,
-    grad_bias_hh); grad_input is empty when ``input_requires_grad`` is False."""
-    check_same_device(grad_output, *grad_hy, input, *hx, weight_ih, weight_hh, output, workspace,
-                      lengths=lengths)
+    grad_bias_hh, grad_weight_hr); grad_input is empty when ``input_requires_grad``
+    is False, grad_weight_hr without ``weight_hr``."""
+    check_same_device(grad_output, *grad_hy, input, *hx, weight_ih, weight_hh, weight_hr, output,
+                      workspace, lengths=lengths)
     rows = weight_hh.shape[0]
     return (input.new_empty(input.shape if input_requires_grad else (0,)),
             [h.new_empty(h.shape) for h in hx], weight_ih.new_empty(weight_ih.shape),
             weight_hh.new_empty(weight_hh.shape), weight_hh.new_empty(rows),
-            weight_hh.new_empty(rows))
+            weight_hh.new_empty(rows),
+            weight_hh.new_empty((0,) if weight_hr is None else weight_hr.shape))
 
 
 for _forward, _backward in (DISPATCHED, INTERPRETED):

@@ -1,7 +1,7 @@
 """Speeding up existing code without editing it.
 
-``patch()`` makes ``torch.nn.RNN``, ``GRU``, ``RNNCell`` and ``GRUCell``
-construct fastrnn's modules; ``convert()`` switches modules that already
+``patch()`` makes ``torch.nn.RNN``, ``GRU``, ``LSTM``, ``RNNCell``, ``GRUCell``
+and ``LSTMCell`` construct fastrnn's modules; ``convert()`` switches modules that already
 exist, keeping their parameters.
 """
 
@@ -12,7 +12,8 @@ from torch import nn
 from fastrnn import modules
 
 # torch.nn's classes and their fastrnn replacements, by name in torch.nn.
-_ORIGINALS = {name: getattr(nn, name) for name in ("RNN", "GRU", "RNNCell", "GRUCell")}
+_ORIGINALS = {name: getattr(nn, name)
+              for name in ("RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell")}
 _REPLACEMENTS = {name: getattr(modules, name) for name in _ORIGINALS}
 _BY_CLASS = {_ORIGINALS[name]: _REPLACEMENTS[name] for name in _ORIGINALS}
 
@@ -28,7 +29,7 @@ def _set(classes: dict) -> None:
 
 
 class patch:
-    """Makes ``torch.nn.RNN``, ``GRU``, ``RNNCell`` and ``GRUCell`` fastrnn's.
+    """Makes torch.nn's recurrent modules and cells fastrnn's.
 
     Works as a plain call (until ``unpatch()``)::
 
@@ -58,12 +59,12 @@ class patch:
 
 
 def unpatch() -> None:
-    """Restores torch.nn's own ``RNN``, ``GRU``, ``RNNCell`` and ``GRUCell``."""
+    """Restores torch.nn's own recurrent modules and cells."""
     _set(_ORIGINALS)
 
 
 def convert(module: nn.Module) -> nn.Module:
-    """Turns every ``torch.nn.RNN``/``GRU``/``RNNCell``/``GRUCell`` in ``module`` into fastrnn's.
+    """Turns every ``torch.nn.RNN``/``GRU``/``LSTM`` and their cells in ``module`` into fastrnn's.
 
     In place, ``module`` itself included: each one keeps its parameters (the
     same ``Parameter`` objects, so an optimizer built earlier still holds

@@ -45,12 +45,13 @@ def recur(step, x: Tensor, hx: tuple[Tensor, ...], lengths: Tensor | None = None
 
 def layer(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,
           b_ih: Tensor | None = None, b_hh: Tensor | None = None, lengths: Tensor | None = None,
-          reverse: bool = False) -> tuple[Tensor, tuple[Tensor, ...]]:
+          reverse: bool = False, w_hr: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
     """One layer of ``cell`` (a ``fastrnn.cells`` name) in one direction:
-    returns (output (T, B, H), final states)."""
+    returns (output (T, B, H), final states); ``w_hr`` projects the output
+    of a cell that projects (LSTM)."""
     step = CELLS[cell].step
-    return recur(lambda x_t, state: step(x_t, state, w_ih, w_hh, b_ih, b_hh), x, hx, lengths,
-                 reverse)
+    weights = (w_ih, w_hh, b_ih, b_hh) if w_hr is None else (w_ih, w_hh, b_ih, b_hh, w_hr)
+    return recur(lambda x_t, state: step(x_t, state, *weights), x, hx, lengths, reverse)
 
 
 def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,

@@ -68,12 +68,41 @@ KINDS = {
     "GRU": (nn.GRU, fastrnn.GRU, {}),
 }
 
+# LSTMs, without and with a projection (h is PROJ_SIZE wide, c HIDDEN_SIZE).
+PROJ_SIZE = 5
+LSTM_KINDS = {
+    "LSTM": (nn.LSTM, fastrnn.LSTM, {}),
+    "LSTM_proj": (nn.LSTM, fastrnn.LSTM, {"proj_size": PROJ_SIZE}),
+}
+ALL_MODULE_KINDS = {**KINDS, **LSTM_KINDS}
+
 # Cells with their constructor kwargs, like KINDS for the layered modules.
 CELL_KINDS = {
     "RNNCell_tanh": (nn.RNNCell, fastrnn.RNNCell, {"nonlinearity": "tanh"}),
     "RNNCell_relu": (nn.RNNCell, fastrnn.RNNCell, {"nonlinearity": "relu"}),
     "GRUCell": (nn.GRUCell, fastrnn.GRUCell, {}),
 }
+LSTM_CELL_KINDS = {"LSTMCell": (nn.LSTMCell, fastrnn.LSTMCell, {})}
+ALL_CELL_KINDS = {**CELL_KINDS, **LSTM_CELL_KINDS}
+
+
+def make_state(kind, leading, dtype, generator=None, fill=None, hidden=HIDDEN_SIZE):
+    """A random initial state for a module or cell of ``kind`` (``fill``: of
+    that value): one tensor of shape (*leading, hidden), or for an LSTM the
+    tuple (h, c), h PROJ_SIZE wide with a projection."""
+    def make(width):
+        if fill is not None:
+            return torch.full((*leading, width), float(fill), dtype=dtype)
+        return torch.randn(*leading, width, dtype=dtype, generator=generator)
+    if kind in LSTM_KINDS or kind in LSTM_CELL_KINDS:
+        extra = {**LSTM_KINDS, **LSTM_CELL_KINDS}[kind][2]
+        return make(extra.get("proj_size", 0) or hidden), make(hidden)
+    return make(hidden)
+
+
+def flatten_outputs(outputs):
+    """A module's (output, h_n) or (output, (h_n, c_n)) as a flat list."""
+    return _flatten(outputs)
 
 DTYPE_IDS = {torch.float64: "float64", torch.float32: "float32"}
 
@@ -120,14 +149,14 @@ def random_like_shape(shape, dtype, generator):
     return torch.randn(shape, dtype=dtype, generator=generator)
 
 
-def _as_list(outputs):
+def _flatten(outputs):
     if isinstance(outputs, (tuple, list)) and not isinstance(outputs, PackedSequence):
-        return list(outputs)
+        return [t for out in outputs for t in _flatten(out)]
     return [outputs]
 
 
 def forward_backward(module, x, hx=None, lengths=None, batch_first=False, grad_seed=1234,
-                     upstream_dtype=None):
+                     upstream_dtype=None, only=None):
     """Run ``module`` forward and backward and collect everything of interest.
 
     ``x`` and ``hx`` are copied into fresh leaves on the module's device
@@ -138,11 +167,17 @@ def forward_backward(module, x, hx=None, lengths=None, batch_first=False, grad_s
 
     Random upstream gradients (drawn from a private generator seeded with
     ``grad_seed``, so the global RNG is untouched) are applied to every
-    output, e.g. both ``output`` and ``h_n`` of an RNN.
+    output, e.g. both ``output`` and ``h_n`` of an RNN; to the output named
+    ``only`` alone when given.
+
+    ``hx`` may be a tuple (an LSTM's (h_0, c_0)); the outputs' nested
+    tuples are flattened: an LSTM's ``output``, ``h_n``, ``c_n`` (an
+    LSTMCell's ``h``, ``c``).
 
     Returns a dict: ``output``/``h_n`` (or ``output`` for cells), packed
-    metadata when relevant, ``grad_input``, ``grad_hx`` (when hx is given)
-    and ``grad_<name>`` for every named parameter.
+    metadata when relevant, ``grad_input``, ``grad_hx`` (``grad_h0`` and
+    ``grad_c0`` for a tuple) when hx is given and ``grad_<name>`` for every
+    named parameter.
     """
     device = next(module.parameters()).device
     x = x.detach().to(device).clone().requires_grad_(True)
@@ -153,14 +188,19 @@ def forward_backward(module, x, hx=None, lengths=None, batch_first=False, grad_s
         args.append(pack_padded_sequence(x, lengths_t, batch_first=batch_first, enforce_sorted=False))
     else:
         args.append(x)
-    if hx is not None:
+    if isinstance(hx, tuple):
+        hx = tuple(h.detach().to(device).clone().requires_grad_(True) for h in hx)
+        leaves.update(zip(("h0", "c0"), hx))
+        args.append(hx)
+    elif hx is not None:
         hx = hx.detach().to(device).clone().requires_grad_(True)
         leaves["hx"] = hx
         args.append(hx)
 
-    outputs = _as_list(module(*args))
-    names = ["output", "h_n"] if len(outputs) == 2 else ["output"]
-    assert len(outputs) == len(names)
+    outputs = _flatten(module(*args))
+    names = {1: ["output"], 2: ["output", "h_n"], 3: ["output", "h_n", "c_n"]}[len(outputs)]
+    if isinstance(module, (nn.LSTMCell, fastrnn.LSTMCell)):
+        names = ["h", "c"]
 
     result = {}
     tensors = []
@@ -179,6 +219,10 @@ def forward_backward(module, x, hx=None, lengths=None, batch_first=False, grad_s
     # dtype draws them (randn's values depend on the dtype).
     upstream = [random_like_shape(t.shape, upstream_dtype or t.dtype, generator).to(t)
                 for t in tensors]
+    if only is not None:
+        kept = [i for i, name in enumerate(names) if name == only]
+        assert kept, f"no output named {only!r} in {names}"
+        tensors, upstream = [tensors[i] for i in kept], [upstream[i] for i in kept]
 
     params = dict(module.named_parameters())
     inputs = list(leaves.values()) + list(params.values())

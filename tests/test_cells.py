@@ -1,12 +1,13 @@
-"""Parity of fastrnn.RNNCell / fastrnn.GRUCell with the torch.nn cells."""
+"""Parity of fastrnn.RNNCell / GRUCell / LSTMCell with the torch.nn cells."""
 
 import pytest
 import torch
 import torch.nn as nn
 
 import fastrnn
-from conftest import (BATCH, CELL_KINDS, HIDDEN_SIZE, INPUT_SIZE, assert_results_close, dtype_id, forward_backward,
-                      make_pair)
+from conftest import (BATCH, HIDDEN_SIZE, INPUT_SIZE, assert_results_close, dtype_id,
+                      forward_backward, make_pair, make_state)
+from conftest import ALL_CELL_KINDS as CELL_KINDS
 
 
 @pytest.mark.parametrize("kind", list(CELL_KINDS))
@@ -20,7 +21,7 @@ def test_cell_parity(kind, batched, hx_given, bias, dtype):
     generator = torch.Generator().manual_seed(3)
     batch_shape = (BATCH,) if batched else ()
     x = torch.randn(*batch_shape, INPUT_SIZE, dtype=dtype, generator=generator)
-    hx = torch.randn(*batch_shape, HIDDEN_SIZE, dtype=dtype, generator=generator) if hx_given else None
+    hx = make_state(kind, batch_shape, dtype, generator) if hx_given else None
     expected = forward_backward(reference, x, hx)
     got = forward_backward(candidate, x, hx)
     assert_results_close(got, expected, dtype)

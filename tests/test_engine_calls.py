@@ -65,7 +65,7 @@ def op_forward(cell, a, reverse=False):
     """(output, h_n, workspace) from the engine's forward op."""
     output, (h_n,), workspace = ops.layer_forward(
         op_cell(cell), a["input"], [a["hx"]], a["weight_ih"], a["weight_hh"], a["bias_ih"],
-        a["bias_hh"], a["lengths"], reverse, True, "auto")
+        a["bias_hh"], None, a["lengths"], reverse, True, "auto")
     return output, h_n, workspace
 
 
@@ -73,8 +73,8 @@ def op_backward(cell, a, reverse=False):
     """The backward op on ``a`` (layer tensors plus output, workspace, grad_output, grad_hy)."""
     grad_input, (grad_hx,), *weights = ops.layer_backward(
         op_cell(cell), a["grad_output"], [a["grad_hy"]], a["input"], [a["hx"]], a["weight_ih"],
-        a["weight_hh"], a["output"], a["workspace"], a["lengths"], reverse, True, "auto")
-    return (grad_input, grad_hx, *weights)
+        a["weight_hh"], None, a["output"], a["workspace"], a["lengths"], reverse, True, "auto")
+    return (grad_input, grad_hx, *weights[:4])
 
 
 def torch_layer(cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False):

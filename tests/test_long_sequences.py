@@ -156,7 +156,7 @@ def test_blas_sizes_past_32_bits_do_not_wrap():
             "T, B = 65536, 32769\n"
             "x, h0, w = torch.empty(T, B, 0), torch.empty(B, 0), torch.empty(0, 0)\n"
             "out, (h,), _ = torch.ops.fastrnn.layer_forward('rnn_tanh', x, [h0], w, w, None, None,"
-            " None, False, False, 'auto')\n"
+            " None, None, False, False, 'auto')\n"
             "assert out.shape == (T, B, 0) and h.shape == (B, 0)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

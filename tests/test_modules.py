@@ -1,4 +1,4 @@
-"""Parity of fastrnn.RNN / fastrnn.GRU with torch.nn.RNN / torch.nn.GRU."""
+"""Parity of fastrnn.RNN / GRU / LSTM with torch.nn.RNN / GRU / LSTM."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch.nn as nn
 
 import fastrnn
 from conftest import (
-    KINDS,
+    ALL_MODULE_KINDS as KINDS,
     BATCH,
     HIDDEN_SIZE,
     INPUT_SIZE,
@@ -17,25 +17,29 @@ from conftest import (
     device_param,
     dtype_id,
     forward_backward,
+    flatten_outputs,
     make_pair,
+    make_state,
 )
 
 
 INPUT_KINDS = ["unbatched", "batched", "packed"]
 
 
-def make_inputs(input_kind, batch_first, hx_given, num_layers, bidirectional, dtype, seed=1):
-    """Input tensor, initial state (or None) and packed lengths (or None)."""
+def make_inputs(input_kind, batch_first, hx_given, num_layers, bidirectional, dtype, seed=1,
+                kind="RNN_tanh"):
+    """Input tensor, initial state of a ``kind`` module (or None) and packed
+    lengths (or None)."""
     generator = torch.Generator().manual_seed(seed)
     num_states = num_layers * (2 if bidirectional else 1)
     if input_kind == "unbatched":
         x = torch.randn(SEQ_LEN, INPUT_SIZE, dtype=dtype, generator=generator)
-        hx_shape = (num_states, HIDDEN_SIZE)
+        leading = (num_states,)
     else:
         shape = (BATCH, SEQ_LEN, INPUT_SIZE) if batch_first else (SEQ_LEN, BATCH, INPUT_SIZE)
         x = torch.randn(shape, dtype=dtype, generator=generator)
-        hx_shape = (num_states, BATCH, HIDDEN_SIZE)
-    hx = torch.randn(hx_shape, dtype=dtype, generator=generator) if hx_given else None
+        leading = (num_states, BATCH)
+    hx = make_state(kind, leading, dtype, generator) if hx_given else None
     lengths = LENGTHS if input_kind == "packed" else None
     return x, hx, lengths
 
@@ -58,7 +62,8 @@ def check_parity(kind, num_layers, bidirectional, batch_first, bias, input_kind,
         dtype=dtype,
         **extra,
     )
-    x, hx, lengths = make_inputs(input_kind, batch_first, hx_given, num_layers, bidirectional, dtype)
+    x, hx, lengths = make_inputs(input_kind, batch_first, hx_given, num_layers, bidirectional, dtype,
+                                 kind=kind)
     expected = forward_backward(reference, x, hx, lengths=lengths, batch_first=batch_first)
     got = forward_backward(candidate.to(device), x, hx, lengths=lengths, batch_first=batch_first)
     assert_results_close(got, expected, dtype)
@@ -120,7 +125,7 @@ def test_parity_forced_backend(backend, kind, bidirectional, batch_first, input_
         check_parity(kind, 2, bidirectional, batch_first, True, input_kind, True, torch.float64)
 
 
-@pytest.mark.parametrize("kind", ["RNN_tanh", "GRU"])
+@pytest.mark.parametrize("kind", ["RNN_tanh", "GRU", "LSTM_proj"])
 def test_autograd_graph_does_not_grow_with_sequence_length(kind):
     _, fast_cls, extra = KINDS[kind]
     module = fast_cls(INPUT_SIZE, HIDDEN_SIZE, num_layers=2, bidirectional=True, dtype=torch.float64, **extra)
@@ -147,14 +152,12 @@ def test_explicit_none_hx_equals_omitted_hx(kind):
     _, fast_cls, extra = KINDS[kind]
     module = fast_cls(INPUT_SIZE, HIDDEN_SIZE, num_layers=2, dtype=torch.float64, **extra)
     x = torch.randn(SEQ_LEN, BATCH, INPUT_SIZE, dtype=torch.float64)
-    out_a, h_a = module(x)
-    out_b, h_b = module(x, None)
-    zeros = torch.zeros(2, BATCH, HIDDEN_SIZE, dtype=torch.float64)
-    out_c, h_c = module(x, zeros)
-    torch.testing.assert_close(out_a, out_b, rtol=0, atol=0)
-    torch.testing.assert_close(h_a, h_b, rtol=0, atol=0)
-    torch.testing.assert_close(out_a, out_c, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(h_a, h_c, rtol=1e-10, atol=1e-12)
+    omitted = flatten_outputs(module(x))
+    none = flatten_outputs(module(x, None))
+    zeros = flatten_outputs(module(x, make_state(kind, (2, BATCH), torch.float64, fill=0)))
+    for a, b, c in zip(omitted, none, zeros):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -168,7 +171,7 @@ def test_batch_split_over_threads_with_packed_lengths(kind):
                                 dtype=torch.float64, **extra)
     lengths = [30, 4, 17, 1, 30, 9, 22, 2, 12]
     x = torch.randn(30, len(lengths), 6, dtype=torch.float64)
-    hx = torch.randn(2, len(lengths), 48, dtype=torch.float64)
+    hx = make_state(kind, (2, len(lengths)), torch.float64, hidden=48)
     assert_results_close(forward_backward(fast, x, hx, lengths=lengths),
                          forward_backward(reference, x, hx, lengths=lengths), torch.float64)
 
@@ -190,21 +193,22 @@ def test_inference_matches_torch_nn(kind, input_kind, mode, device):
     reference, candidate = make_pair(torch_cls, fast_cls, INPUT_SIZE, HIDDEN_SIZE, num_layers=2,
                                      bidirectional=True, dtype=torch.float64, **kwargs)
     candidate.to(device)
-    x, hx, lengths = make_inputs(input_kind, False, True, 2, True, torch.float64)
+    x, hx, lengths = make_inputs(input_kind, False, True, 2, True, torch.float64, kind=kind)
     if lengths is not None:
         x = nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
     context = INFERENCE_MODES[mode]
     if context is None:
         candidate.requires_grad_(False)
+    on_device = tuple(h.to(device) for h in hx) if isinstance(hx, tuple) else hx.to(device)
     with context() if context else torch.enable_grad():
-        got_output, got_h = candidate(x.to(device), hx.to(device))
+        got = flatten_outputs(candidate(x.to(device), on_device))
     with torch.no_grad():
-        expected_output, expected_h = reference(x, hx)
+        expected = flatten_outputs(reference(x, hx))
     if lengths is not None:
-        got_output, expected_output = got_output.data, expected_output.data
-    assert not got_output.requires_grad
-    assert_results_close({"output": got_output, "h_n": got_h},
-                         {"output": expected_output, "h_n": expected_h}, torch.float64)
+        got[0], expected[0] = got[0].data, expected[0].data
+    assert not got[0].requires_grad
+    names = [f"out{i}" for i in range(len(got))]
+    assert_results_close(dict(zip(names, got)), dict(zip(names, expected)), torch.float64)
 
 
 @pytest.mark.parametrize("lengths", [None, [3, 5, 1]], ids=["full", "lengths"])
@@ -217,10 +221,10 @@ def test_gru_op_without_workspace(lengths, reverse):
             for shape in [(T, B, I), (B, H), (3 * H, I), (3 * H, H), (3 * H,), (3 * H,)]]
     lengths = None if lengths is None else torch.tensor(lengths)
     x, h0, *weights = args
-    output, h_n, workspace = torch.ops.fastrnn.layer_forward("gru", x, [h0], *weights, lengths,
-                                                             reverse, True, "auto")
-    bare = torch.ops.fastrnn.layer_forward("gru", x, [h0], *weights, lengths, reverse, False,
-                                           "auto")
+    output, h_n, workspace = torch.ops.fastrnn.layer_forward("gru", x, [h0], *weights, None,
+                                                             lengths, reverse, True, "auto")
+    bare = torch.ops.fastrnn.layer_forward("gru", x, [h0], *weights, None, lengths, reverse,
+                                           False, "auto")
     assert workspace.shape == (T, B, 4 * H) and bare[2].numel() == 0
     assert torch.equal(bare[0], output) and torch.equal(bare[1][0], h_n[0])
 
@@ -240,6 +244,7 @@ def test_gradients_through_one_output(kind, used, device):
     for module in (reference, candidate):
         leaf = x.clone().to(next(module.parameters()).device).requires_grad_(True)
         output, h_n = module(leaf)
+        h_n = flatten_outputs(h_n)[0]  # an LSTM's h_n (its c_n: test_lstm.py)
         loss = (output if used == "output" else h_n).sin().sum()
         grads.append(torch.autograd.grad(loss, [leaf, *module.parameters()]))
     for expected, got in zip(*grads):

@@ -13,40 +13,56 @@ import torch
 import fastrnn
 from fastrnn.cells import CELLS
 from fastrnn.ops import DISPATCHED, INTERPRETED
+
+# The Triton engine's cells (without importing triton here).
+KERNEL_CELLS = ("rnn_tanh", "rnn_relu", "gru")
 from conftest import on_cuda, requires_triton
 
-T, B, I, H = 3, 2, 3, 4
+T, B, I, H, P = 3, 2, 3, 4, 3
+
+# (id, cell, projection size or 0) of every layer the ops run.
+LAYERS = [(name, name, 0) for name in CELLS] + [("lstm_proj", "lstm", P)]
 
 
-def layer_args(cell, lengths, device, requires_grad, seed=0):
-    """The forward op's arguments for one small layer of ``cell``."""
-    gates = CELLS[cell].gates
+def layer_args(cell, proj, lengths, device, requires_grad, seed=0):
+    """The forward op's arguments for one small layer of ``cell`` (with a
+    projection of size ``proj`` if > 0)."""
+    description = CELLS[cell]
+    G = description.gates * H
     generator = torch.Generator().manual_seed(seed)
-    shapes = [(T, B, I), (B, H), (gates * H, I), (gates * H, H), (gates * H,), (gates * H,)]
-    x, h0, *weights = [torch.randn(s, generator=generator).to(device).requires_grad_(requires_grad)
-                       for s in shapes]
-    return (cell, x, [h0], *weights, None if lengths is None else torch.tensor(lengths), False,
-            True, "auto")
+    K = proj or H
+    states = [(B, K)] + [(B, H)] * (len(description.states) - 1)
+    shapes = [(T, B, I), (G, I), (G, K), (G,), (G,), *([(P, H)] if proj else []), *states]
+
+    def rand(shape):
+        return torch.randn(shape, generator=generator).to(device).requires_grad_(requires_grad)
+
+    x, w_ih, w_hh, b_ih, b_hh, *rest = [rand(s) for s in shapes]
+    w_hr = rest.pop(0) if proj else None
+    return (cell, x, rest, w_ih, w_hh, b_ih, b_hh, w_hr,
+            None if lengths is None else torch.tensor(lengths), False, True, "auto")
 
 
 def op_cases(names, device):
     """(id, op, args) for the forward and backward op of each cell."""
     forward, backward = (getattr(torch.ops.fastrnn, name).default for name in names)
     cases = []
-    for cell in CELLS:
+    for name, cell, proj in LAYERS:
+        if names != DISPATCHED and cell not in KERNEL_CELLS:
+            continue  # the Triton engine has no kernels for it
         for lengths in (None, [3, 1]):
-            tag = f"{cell}-{'lengths' if lengths else 'full'}"
-            args = layer_args(cell, lengths, device, requires_grad=True)
+            tag = f"{name}-{'lengths' if lengths else 'full'}"
+            args = layer_args(cell, proj, lengths, device, requires_grad=True)
             cases.append((f"{names[0]}-{tag}", forward, args))
-            plain = layer_args(cell, lengths, device, requires_grad=False)
+            plain = layer_args(cell, proj, lengths, device, requires_grad=False)
             output, h_n, workspace = forward(*plain)
-            _, x, hx, w_ih, w_hh, _, _, lens, reverse, _, strategy = plain
+            _, x, hx, w_ih, w_hh, _, _, w_hr, lens, reverse, _, strategy = plain
             upstream = [torch.randn_like(h) for h in h_n]
             cases.append((f"{names[1]}-{tag}", backward,
-                          (cell, torch.randn_like(output), upstream, x, hx, w_ih, w_hh, output,
-                           workspace, lens, reverse, True, strategy)))
-        inference = layer_args(cell, [3, 1], device, requires_grad=False)
-        cases.append((f"{names[0]}-{cell}-inference", forward, (*inference[:9], False, "auto")))
+                          (cell, torch.randn_like(output), upstream, x, hx, w_ih, w_hh, w_hr,
+                           output, workspace, lens, reverse, True, strategy)))
+        inference = layer_args(cell, proj, [3, 1], device, requires_grad=False)
+        cases.append((f"{names[0]}-{name}-inference", forward, (*inference[:10], False, "auto")))
     return cases
 
 
@@ -86,12 +102,12 @@ def test_backward_op_is_not_differentiated_silently():
     # Second derivatives come from the reference loop (create_graph=True on
     # the layer's outputs); the backward op itself refuses, rather than
     # returning gradients with no graph behind them.
-    plain = layer_args("gru", None, "cpu", requires_grad=False)
+    plain = layer_args("gru", 0, None, "cpu", requires_grad=False)
     output, h_n, workspace = torch.ops.fastrnn.layer_forward(*plain)
-    _, x, hx, w_ih, w_hh, _, _, lengths, reverse, _, strategy = plain
+    _, x, hx, w_ih, w_hh, _, _, w_hr, lengths, reverse, _, strategy = plain
     grad_output = torch.randn_like(output, requires_grad=True)
     grads = torch.ops.fastrnn.layer_backward("gru", grad_output, [torch.zeros_like(h_n[0])], x, hx,
-                                             w_ih, w_hh, output, workspace, lengths, reverse,
+                                             w_ih, w_hh, w_hr, output, workspace, lengths, reverse,
                                              True, strategy)
     with pytest.raises(RuntimeError, match="not differentiable"):
         grads[2].sum().backward()

@@ -4,10 +4,16 @@
 // name in layer.cpp's cell switch. A trait provides:
 //
 //   kGates        blocks of H rows stacked in weight_ih, weight_hh, the biases
-//   kStates       state tensors, each (B, H): the length of the ops' hx list
+//   kStates       state tensors: the length of the ops' hx list. The first, h,
+//                 is the output of each step and is multiplied by W_hh; a
+//                 second (the LSTM's c) is each unit's own and is updated in
+//                 place
+//   kProjects     whether h may be projected, h = W_hr m (P x H), after the
+//                 row function has written m
 //   kSaved        H-wide values each step saves for backward: the workspace
 //                 is (T, B, kSaved * H); 0 or at least kGates, as the
-//                 projection is written into its rows in training
+//                 projection is written into its rows in training. A second
+//                 state's new value is the last H of each row.
 //   kFoldedGates  leading gates whose hidden-side bias adds straight to the
 //                 pre-activation, and so joins the input projection; the
 //                 others' reach forward() as `bias`. When all fold, the input-
@@ -38,9 +44,10 @@ struct ForwardRow {
   const scalar_t* bias;  // hidden-side bias of gates kFoldedGates.., null if every gate folds
   const scalar_t* h;     // the state the step starts from
   scalar_t* saved;       // the step's workspace row in training, else null
-  scalar_t* out;         // the output row
-  scalar_t* next;        // the new state
+  scalar_t* out;         // the output row; null when h is projected (the sweep writes it)
+  scalar_t* next;        // the new state, or with a projection the m it projects
   int64_t n, H;
+  scalar_t* c = nullptr;  // the second state, updated in place (kStates == 2)
 };
 
 // Units [0, n) of one sequence's gradients at one step, pointers as above.
@@ -53,8 +60,12 @@ struct BackwardRow {
   const scalar_t* saved;     // the step's workspace row (null if kSaved is 0)
   scalar_t* grad_ih;         // input-side pre-activation gradients, every gate
   scalar_t* grad_hh;         // hidden-side ones: the same row as grad_ih if every gate folds
-  scalar_t* carry;           // the part of the earlier step's dh that bypasses W_hh
+  scalar_t* carry;           // the part of the earlier step's dh that bypasses W_hh,
+                             // or null where the sweep sets it
   int64_t n, H;
+  const scalar_t* c_prev = nullptr;  // the second state the step started from
+  scalar_t* dc = nullptr;            // its gradient: from the later step, in place to this one's
+  scalar_t* m = nullptr;             // with a projection: m of the step, for grad W_hr
 };
 
 // ---- tanh / ReLU RNN: h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh) ----
@@ -108,6 +119,7 @@ template <bool Relu>
 struct RnnCell {
   static constexpr int64_t kGates = 1;
   static constexpr int64_t kStates = 1;
+  static constexpr bool kProjects = false;
   static constexpr int64_t kSaved = 0;  // backward needs only the outputs
   static constexpr int64_t kFoldedGates = 1;
 
@@ -231,6 +243,7 @@ inline FASTRNN_MULTIVERSION void backward_f32(const float* grad_out, const float
 struct GruCell {
   static constexpr int64_t kGates = 3;
   static constexpr int64_t kStates = 1;
+  static constexpr bool kProjects = false;
   static constexpr int64_t kSaved = 4;  // r | z | n | W_hn h + b_hn
   static constexpr int64_t kFoldedGates = 2;
 
@@ -251,6 +264,125 @@ struct GruCell {
     } else {
       gru::backward_body(r.grad_out, r.h_prev, r.saved, r.dh, r.grad_ih, r.grad_hh, r.carry, r.n,
                          r.H);
+    }
+  }
+};
+
+// ---- LSTM, gate rows stacked i | f | g | o ----
+//   i = σ(W_ii x + b_ii + W_hi h + b_hi), f, o likewise, g = tanh(...)
+//   c' = f ⊙ c + i ⊙ g,  m = o ⊙ tanh(c'),  h' = m (or W_hr m with a projection)
+// Every hidden-side bias folds into the projection.
+
+namespace lstm {
+
+// Training (Save) finds the pre-activations in the workspace row's first 4H
+// entries and overwrites them with i | f | g | o, c' going to the row's
+// last H; inference reads them from p. c is updated in place; m goes to
+// next, and to out unless h is projected (out null).
+template <typename scalar_t, bool Save>
+FASTRNN_INLINE void forward_body(const scalar_t* __restrict p, const scalar_t* __restrict q,
+                                 scalar_t* __restrict gates, scalar_t* __restrict c,
+                                 scalar_t* __restrict out, scalar_t* __restrict next, int64_t n,
+                                 int64_t H) {
+  for (int64_t j = 0; j < n; ++j) {
+    const scalar_t* pre = Save ? gates : p;
+    const scalar_t i = sigmoid(pre[j] + q[j]);
+    const scalar_t f = sigmoid(pre[H + j] + q[H + j]);
+    const scalar_t g = cpu::tanh(pre[2 * H + j] + q[2 * H + j]);
+    const scalar_t o = sigmoid(pre[3 * H + j] + q[3 * H + j]);
+    const scalar_t c_new = f * c[j] + i * g;
+    const scalar_t m = o * cpu::tanh(c_new);
+    if constexpr (Save) {
+      gates[j] = i;
+      gates[H + j] = f;
+      gates[2 * H + j] = g;
+      gates[3 * H + j] = o;
+      gates[4 * H + j] = c_new;
+    }
+    c[j] = c_new;
+    next[j] = m;
+    if (out) {
+      out[j] = m;
+    }
+  }
+}
+
+template <typename scalar_t>
+FASTRNN_INLINE void forward_dispatch(const scalar_t* p, const scalar_t* q, scalar_t* saved,
+                                     scalar_t* c, scalar_t* out, scalar_t* next, int64_t n,
+                                     int64_t H) {
+  if (saved) {
+    forward_body<scalar_t, true>(p, q, saved, c, out, next, n, H);
+  } else {
+    forward_body<scalar_t, false>(p, q, nullptr, c, out, next, n, H);
+  }
+}
+
+inline FASTRNN_MULTIVERSION void forward_f32(const float* p, const float* q, float* saved,
+                                             float* c, float* out, float* next, int64_t n,
+                                             int64_t H) {
+  forward_dispatch(p, q, saved, c, out, next, n, H);
+}
+
+// From the gradient reaching m (grad_out + dh; with a projection dh alone,
+// already through W_hr) and dc from the later step: the gate pre-activation
+// gradients, dc of the earlier step (in place) and, with a projection, m.
+template <typename scalar_t>
+FASTRNN_INLINE void backward_body(const scalar_t* __restrict grad_out,
+                                  const scalar_t* __restrict saved,
+                                  const scalar_t* __restrict c_prev,
+                                  const scalar_t* __restrict dh, scalar_t* __restrict dc,
+                                  scalar_t* __restrict grad, scalar_t* __restrict m_out,
+                                  int64_t n, int64_t H) {
+  for (int64_t j = 0; j < n; ++j) {
+    const scalar_t i = saved[j], f = saved[H + j], g = saved[2 * H + j], o = saved[3 * H + j];
+    const scalar_t tc = cpu::tanh(saved[4 * H + j]);
+    const scalar_t dm = (grad_out ? grad_out[j] : scalar_t(0)) + dh[j];
+    const scalar_t dct = dc[j] + dm * o * (scalar_t(1) - tc * tc);
+    grad[j] = dct * g * i * (scalar_t(1) - i);
+    grad[H + j] = dct * c_prev[j] * f * (scalar_t(1) - f);
+    grad[2 * H + j] = dct * i * (scalar_t(1) - g * g);
+    grad[3 * H + j] = dm * tc * o * (scalar_t(1) - o);
+    dc[j] = dct * f;
+    if (m_out) {
+      m_out[j] = o * tc;
+    }
+  }
+}
+
+inline FASTRNN_MULTIVERSION void backward_f32(const float* grad_out, const float* saved,
+                                              const float* c_prev, const float* dh, float* dc,
+                                              float* grad, float* m_out, int64_t n, int64_t H) {
+  backward_body(grad_out, saved, c_prev, dh, dc, grad, m_out, n, H);
+}
+
+}  // namespace lstm
+
+struct LstmCell {
+  static constexpr int64_t kGates = 4;
+  static constexpr int64_t kStates = 2;
+  static constexpr bool kProjects = true;
+  static constexpr int64_t kSaved = 5;  // i | f | g | o | c
+  static constexpr int64_t kFoldedGates = 4;
+
+  template <typename scalar_t>
+  FASTRNN_INLINE static void forward(const ForwardRow<scalar_t>& r) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      lstm::forward_f32(r.proj, r.q, r.saved, r.c, r.out, r.next, r.n, r.H);
+    } else {
+      lstm::forward_dispatch(r.proj, r.q, r.saved, r.c, r.out, r.next, r.n, r.H);
+    }
+  }
+
+  template <typename scalar_t>
+  FASTRNN_INLINE static void backward(const BackwardRow<scalar_t>& r) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      lstm::backward_f32(r.grad_out, r.saved, r.c_prev, r.dh, r.dc, r.grad_hh, r.m, r.n, r.H);
+    } else {
+      lstm::backward_body(r.grad_out, r.saved, r.c_prev, r.dh, r.dc, r.grad_hh, r.m, r.n, r.H);
+    }
+    for (int64_t j = 0; r.carry && j < r.n; ++j) {
+      r.carry[j] = scalar_t(0);  // all of dh_{t-1} comes through W_hh
     }
   }
 };

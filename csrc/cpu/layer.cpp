@@ -11,8 +11,8 @@ namespace fastrnn::cpu {
 namespace {
 
 using ForwardOutputs = std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor>;
-using BackwardOutputs =
-    std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using BackwardOutputs = std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor,
+                                   at::Tensor, at::Tensor, at::Tensor>;
 
 bool present(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined();
@@ -63,18 +63,20 @@ Projection projection_target(bool save_workspace) {
 }
 
 template <typename Cell, typename scalar_t>
-ForwardOutputs forward_layer(const LayerSizes& s, const at::Tensor& input, const at::Tensor& hx,
+ForwardOutputs forward_layer(const LayerSizes& s, const at::Tensor& input, at::TensorList hx,
                              const at::Tensor& weight_ih, const at::Tensor& weight_hh,
                              const std::optional<at::Tensor>& bias_ih,
                              const std::optional<at::Tensor>& bias_hh,
+                             const std::optional<at::Tensor>& weight_hr,
                              const std::optional<at::Tensor>& lengths, bool reverse,
                              bool save_workspace) {
-  static_assert(Cell::kStates == 1, "the sweeps carry one state tensor");
+  static_assert(Cell::kStates == 1 || Cell::kStates == 2, "the sweeps carry one or two states");
   static_assert(Cell::kSaved == 0 || Cell::kSaved >= Cell::kGates,
                 "the projection is written into the workspace rows");
   constexpr int64_t kSaved = Cell::kSaved;
-  const int64_t T = s.T, B = s.B, H = s.H, G = s.G;
+  const int64_t T = s.T, B = s.B, H = s.H, G = s.G, K = s.K;
   const auto w_hh = weight_hh.contiguous();
+  const auto w_hr = present(weight_hr) ? weight_hr->contiguous() : at::Tensor();
   const std::optional<at::Tensor> bias = folded_bias<Cell>(bias_ih, bias_hh, H);
   const at::Tensor bias_rest = unfolded_bias<Cell>(bias_hh, input, H);
   const auto target = projection_target<Cell>(save_workspace);
@@ -104,8 +106,8 @@ ForwardOutputs forward_layer(const LayerSizes& s, const at::Tensor& input, const
   }
   const StepMap map(T, B, lengths, reverse);
   if (!output.defined()) {
-    output = map.has_lengths() ? at::zeros({T, B, H}, input.options())
-                               : at::empty({T, B, H}, input.options());
+    output = map.has_lengths() ? at::zeros({T, B, K}, input.options())
+                               : at::empty({T, B, K}, input.options());
   }
 
   const scalar_t* p = proj.defined() ? proj.const_data_ptr<scalar_t>() : nullptr;
@@ -114,14 +116,23 @@ ForwardOutputs forward_layer(const LayerSizes& s, const at::Tensor& input, const
   scalar_t* ws = target == Projection::kWorkspace && workspace.numel()
                      ? workspace.mutable_data_ptr<scalar_t>()
                      : nullptr;
-  auto state = sweep_forward<scalar_t>(
-      w_hh, hx, map, T,
+  OutputProjection<scalar_t> projection;
+  if (w_hr.defined()) {
+    projection = {w_hr.const_data_ptr<scalar_t>(), K};
+  }
+  const bool projects = projection.weight != nullptr;
+  auto states = sweep_forward<scalar_t>(
+      w_hh, hx[0], Cell::kStates == 2 ? hx[1] : at::Tensor(), projection, map, T, H,
       [&](int64_t row, int64_t j0, int64_t j1, const scalar_t* q, const scalar_t* h,
-          scalar_t* next) {
+          scalar_t* next, scalar_t* c) {
         Cell::template forward<scalar_t>(ForwardRow<scalar_t>{
-            p ? p + row * G + j0 : nullptr, q + j0, b ? b + j0 : nullptr, h + j0,
-            ws ? ws + row * kSaved * H + j0 : nullptr, out + row * H + j0, next + j0, j1 - j0,
-            H});
+            p ? p + row * G + j0 : nullptr, q + j0, b ? b + j0 : nullptr,
+            projects ? nullptr : h + j0, ws ? ws + row * kSaved * H + j0 : nullptr,
+            projects ? nullptr : out + row * K + j0, next + j0, j1 - j0, H,
+            c ? c + j0 : nullptr});
+      },
+      [&](int64_t row, int64_t p0, int64_t p1, const scalar_t* h) {
+        std::copy(h + p0, h + p1, out + row * K + p0);
       });
   if (target == Projection::kOutput) {
     // Positions past a sequence's end still hold their projection: they are zero.
@@ -129,54 +140,83 @@ ForwardOutputs forward_layer(const LayerSizes& s, const at::Tensor& input, const
       output.narrow(0, map.length(i), T - map.length(i)).select(1, i).zero_();
     }
   }
-  return {output, {state}, workspace};
+  return {output, states, workspace};
 }
 
 template <typename Cell, typename scalar_t>
 BackwardOutputs backward_layer(const LayerSizes& s, const at::Tensor& grad_output,
-                               const at::Tensor& grad_hy, const at::Tensor& input,
-                               const at::Tensor& hx, const at::Tensor& weight_ih,
-                               const at::Tensor& weight_hh, const at::Tensor& output,
-                               const at::Tensor& workspace,
+                               at::TensorList grad_hy, const at::Tensor& input,
+                               at::TensorList hx, const at::Tensor& weight_ih,
+                               const at::Tensor& weight_hh,
+                               const std::optional<at::Tensor>& weight_hr,
+                               const at::Tensor& output, const at::Tensor& workspace,
                                const std::optional<at::Tensor>& lengths, bool reverse,
                                bool input_requires_grad) {
-  static_assert(Cell::kStates == 1, "the sweeps carry one state tensor");
   constexpr int64_t kSaved = Cell::kSaved;
   // Every gate's hidden-side product adds straight to its pre-activation:
   // both sides have the same gradient, one tensor.
   constexpr bool kSharedGrads = Cell::kFoldedGates == Cell::kGates;
-  const int64_t T = s.T, B = s.B, H = s.H, G = s.G;
+  const int64_t T = s.T, B = s.B, H = s.H, G = s.G, K = s.K;
   const StepMap map(T, B, lengths, reverse);
   const auto out = output.contiguous();
-  const auto prev = previous_states(out, hx, map, reverse);
+  const auto prev = previous_states(out, hx[0], map, reverse);
   const auto ws = workspace.contiguous();
   const auto w_hh = weight_hh.contiguous();
+  const auto w_hr = present(weight_hr) ? weight_hr->contiguous() : at::Tensor();
   const auto go = grad_output.contiguous();
   // The sweep leaves padded positions alone: they must read zero.
-  auto make_grad = [&] {
-    return map.has_lengths() ? at::zeros({T, B, G}, input.options())
-                             : at::empty({T, B, G}, input.options());
+  auto make = [&](int64_t width) {
+    return map.has_lengths() ? at::zeros({T, B, width}, input.options())
+                             : at::empty({T, B, width}, input.options());
   };
-  at::Tensor grad_hh = make_grad();
-  at::Tensor grad_ih = kSharedGrads ? grad_hh : make_grad();
+  at::Tensor grad_hh = make(G);
+  at::Tensor grad_ih = kSharedGrads ? grad_hh : make(G);
+  // A second state's value after each step is the last H of its workspace row.
+  at::Tensor c_prev, dc;
+  if constexpr (Cell::kStates == 2) {
+    c_prev = previous_states(ws.narrow(2, (kSaved - 1) * H, H), hx[1], map, reverse);
+    dc = grad_hy[1].clone(at::MemoryFormat::Contiguous);
+  }
+  // With a projection: the gradient reaching h, and m, at every step.
+  at::Tensor grad_h, m;
+  GradProjection<scalar_t> projection;
+  if (w_hr.defined()) {
+    grad_h = make(K);
+    m = make(H);
+    projection = {w_hr.const_data_ptr<scalar_t>(), K, go.const_data_ptr<scalar_t>(),
+                  grad_h.mutable_data_ptr<scalar_t>()};
+  }
+  const bool projects = projection.weight != nullptr;
 
   const scalar_t* g = go.const_data_ptr<scalar_t>();
   const scalar_t* o = out.const_data_ptr<scalar_t>();
   const scalar_t* hp = prev.const_data_ptr<scalar_t>();
   const scalar_t* sv = kSaved > 0 ? ws.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* cp = c_prev.defined() ? c_prev.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* mp = m.defined() ? m.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* gi = grad_ih.mutable_data_ptr<scalar_t>();
   scalar_t* gh = grad_hh.mutable_data_ptr<scalar_t>();
-  auto grad_hx = sweep_backward<scalar_t>(
-      grad_hh, w_hh, grad_hy.clone(at::MemoryFormat::Contiguous), map,
-      [&](int64_t row, int64_t j0, int64_t j1, const scalar_t* dh, scalar_t* carry) {
+  auto grad_h0 = sweep_backward<scalar_t>(
+      grad_hh, w_hh, grad_hy[0].clone(at::MemoryFormat::Contiguous), dc, projection, map, H,
+      [&](int64_t row, int64_t j0, int64_t j1, const scalar_t* dh, scalar_t* carry,
+          scalar_t* dcb) {
         Cell::template backward<scalar_t>(BackwardRow<scalar_t>{
-            g + row * H + j0, dh + j0, o + row * H + j0, hp + row * H + j0,
+            projects ? nullptr : g + row * K + j0, dh + j0,
+            projects ? nullptr : o + row * K + j0, projects ? nullptr : hp + row * K + j0,
             sv ? sv + row * kSaved * H + j0 : nullptr, gi + row * G + j0, gh + row * G + j0,
-            carry + j0, j1 - j0, H});
+            carry ? carry + j0 : nullptr, j1 - j0, H, cp ? cp + row * H + j0 : nullptr,
+            dcb ? dcb + j0 : nullptr, mp ? mp + row * H + j0 : nullptr});
       });
-  auto [grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh] =
-      finish_backward(grad_ih, grad_hh, grad_hx, input, prev, weight_ih, input_requires_grad);
-  return {grad_input, {grad_h0}, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
+  auto [grad_input, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh] =
+      finish_backward(grad_ih, grad_hh, input, prev, weight_ih, input_requires_grad);
+  // grad W_hr = sum over steps of (gradient reaching h)^T m: one GEMM.
+  auto grad_w_hr = projects ? at::mm(grad_h.view({T * B, K}).t(), m.view({T * B, H}))
+                            : at::empty({0}, input.options());
+  std::vector<at::Tensor> grad_states{grad_h0};
+  if (dc.defined()) {
+    grad_states.push_back(dc);
+  }
+  return {grad_input, grad_states, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
 }
 
 // Calls f with the trait of the cell named `cell` (a default-constructed
@@ -192,6 +232,9 @@ auto with_cell(c10::string_view cell, const F& f) {
   if (cell == c10::string_view("gru")) {
     return f(GruCell{});
   }
+  if (cell == c10::string_view("lstm")) {
+    return f(LstmCell{});
+  }
   TORCH_CHECK(false, "fastrnn: unknown cell '", cell, "'");
 }
 
@@ -201,23 +244,32 @@ void check_state_count(c10::string_view cell, at::TensorList states, const char*
               "' has ", Cell::kStates, " state tensor(s), but ", name, " holds ", states.size());
 }
 
+template <typename Cell>
+void check_projection(c10::string_view cell, const std::optional<at::Tensor>& weight_hr) {
+  TORCH_CHECK(Cell::kProjects || !present(weight_hr), "fastrnn: cell '", cell,
+              "' takes no weight_hr");
+}
+
 }  // namespace
 
 ForwardOutputs layer_forward(c10::string_view cell, const at::Tensor& input, at::TensorList hx,
                              const at::Tensor& weight_ih, const at::Tensor& weight_hh,
                              const std::optional<at::Tensor>& bias_ih,
                              const std::optional<at::Tensor>& bias_hh,
+                             const std::optional<at::Tensor>& weight_hr,
                              const std::optional<at::Tensor>& lengths, bool reverse,
                              bool save_workspace, c10::string_view /*strategy*/) {
   return with_cell(cell, [&](auto trait) {
     using Cell = decltype(trait);
     check_state_count<Cell>(cell, hx, "hx");
-    const auto s = check_layer_args(input, hx[0], weight_ih, weight_hh, bias_ih, bias_hh, lengths,
-                                    Cell::kGates);
+    check_projection<Cell>(cell, weight_hr);
+    const auto s = check_layer_args(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+                                    lengths, Cell::kGates);
     ForwardOutputs result;
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::layer_forward", [&] {
-      result = forward_layer<Cell, scalar_t>(s, input, hx[0], weight_ih, weight_hh, bias_ih,
-                                             bias_hh, lengths, reverse, save_workspace);
+      result = forward_layer<Cell, scalar_t>(s, input, hx, weight_ih, weight_hh, bias_ih,
+                                             bias_hh, weight_hr, lengths, reverse,
+                                             save_workspace);
     });
     return result;
   });
@@ -226,6 +278,7 @@ ForwardOutputs layer_forward(c10::string_view cell, const at::Tensor& input, at:
 BackwardOutputs layer_backward(c10::string_view cell, const at::Tensor& grad_output,
                                at::TensorList grad_hy, const at::Tensor& input, at::TensorList hx,
                                const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                               const std::optional<at::Tensor>& weight_hr,
                                const at::Tensor& output, const at::Tensor& workspace,
                                const std::optional<at::Tensor>& lengths, bool reverse,
                                bool input_requires_grad, c10::string_view /*strategy*/) {
@@ -233,9 +286,10 @@ BackwardOutputs layer_backward(c10::string_view cell, const at::Tensor& grad_out
     using Cell = decltype(trait);
     check_state_count<Cell>(cell, hx, "hx");
     check_state_count<Cell>(cell, grad_hy, "grad_hy");
-    const auto s = check_layer_args(input, hx[0], weight_ih, weight_hh, std::nullopt,
-                                    std::nullopt, lengths, Cell::kGates);
-    check_grad_args(s, grad_output, grad_hy[0], output);
+    check_projection<Cell>(cell, weight_hr);
+    const auto s = check_layer_args(input, hx, weight_ih, weight_hh, std::nullopt, std::nullopt,
+                                    weight_hr, lengths, Cell::kGates);
+    check_grad_args(s, grad_output, grad_hy, hx, output);
     const int64_t saved = Cell::kSaved * s.H;
     TORCH_CHECK(workspace.sizes() == at::IntArrayRef({s.T, s.B, saved}),
                 "workspace must have shape [", s.T, ", ", s.B, ", ", saved, "], got ",
@@ -244,8 +298,8 @@ BackwardOutputs layer_backward(c10::string_view cell, const at::Tensor& grad_out
                 input.scalar_type(), ", got ", workspace.scalar_type());
     BackwardOutputs result;
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::layer_backward", [&] {
-      result = backward_layer<Cell, scalar_t>(s, grad_output, grad_hy[0], input, hx[0],
-                                              weight_ih, weight_hh, output, workspace, lengths,
+      result = backward_layer<Cell, scalar_t>(s, grad_output, grad_hy, input, hx, weight_ih,
+                                              weight_hh, weight_hr, output, workspace, lengths,
                                               reverse, input_requires_grad);
     });
     return result;

@@ -15,21 +15,24 @@
 namespace fastrnn::cpu {
 
 // Sizes of one layer in one direction. G is the number of gate rows (H for an
-// RNN, 3H for a GRU).
+// RNN, 3H for a GRU, 4H for an LSTM); K the width of h, which W_hh
+// multiplies: H, or P with a projection.
 struct LayerSizes {
-  int64_t T, B, I, H, G;
+  int64_t T, B, I, H, G, K;
 };
 
 // Checks the arguments every layer op takes and returns the layer's sizes.
 // Messages for dtype mismatches follow at::mm so that modules report what
 // torch.nn reports.
+// hx holds the states: h (B, K), then any others (B, H).
 LayerSizes check_layer_args(
     const at::Tensor& input,
-    const at::Tensor& hx,
+    at::TensorList hx,
     const at::Tensor& weight_ih,
     const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_ih,
     const std::optional<at::Tensor>& bias_hh,
+    const std::optional<at::Tensor>& weight_hr,
     const std::optional<at::Tensor>& lengths,
     int64_t gates);
 
@@ -37,7 +40,8 @@ LayerSizes check_layer_args(
 void check_grad_args(
     const LayerSizes& sizes,
     const at::Tensor& grad_output,
-    const at::Tensor& grad_hy,
+    at::TensorList grad_hy,
+    at::TensorList hx,
     const at::Tensor& output);
 
 // Where step s of sequence b sits in time. A sequence of length L is active
@@ -170,38 +174,38 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, co
 }
 
 // Block k of out = state W^T: rows [b0, min(b1, rows)), the columns of
-// units [j0, j1) of every gate (out: (B, G), state: (B, H), W: (G, H), all
+// units [j0, j1) of every gate (out: (B, G), state: (B, K), W: (G, K), all
 // contiguous; G is a whole number of gates of H rows each).
 template <typename scalar_t>
 inline void mm_block(scalar_t* out, const scalar_t* state, const scalar_t* weight, int64_t G,
-                     int64_t H, int64_t rows, const Block& k) {
+                     int64_t H, int64_t K, int64_t rows, const Block& k) {
   const int64_t n = std::min(k.b1, rows) - k.b0;
   if (n <= 0 || k.j1 <= k.j0) {
     return;
   }
-  state += k.b0 * H;
+  state += k.b0 * K;
   out += k.b0 * G;
-  // Column-major: out^T (units x n) = W[units] (units x H) state^T (H x n).
+  // Column-major: out^T (units x n) = W[units] (units x K) state^T (K x n).
   if (k.j0 == 0 && k.j1 == H) {  // all units: one product over every gate row
-    gemm<scalar_t>(true, false, G, n, H, weight, H, state, H, scalar_t(0), out, G);
+    gemm<scalar_t>(true, false, G, n, K, weight, K, state, K, scalar_t(0), out, G);
     return;
   }
   for (int64_t g = 0; g < G; g += H) {
-    gemm<scalar_t>(true, false, k.j1 - k.j0, n, H, weight + (g + k.j0) * H, H, state, H,
+    gemm<scalar_t>(true, false, k.j1 - k.j0, n, K, weight + (g + k.j0) * K, K, state, K,
                    scalar_t(0), out + g + k.j0, G);
   }
 }
 
-// Block k of carry += step W, rows limited to `rows` (carry: (B, H), step:
-// (B, G), W: (G, H)).
+// Block k of out = beta out + step W, rows limited to `rows` (out: (B, K),
+// step: (B, G), W: (G, K)): units [j0, j1) of K.
 template <typename scalar_t>
-inline void addmm_block(scalar_t* carry, const scalar_t* step, const scalar_t* weight, int64_t G,
-                        int64_t H, int64_t rows, const Block& k) {
+inline void addmm_block(scalar_t* out, const scalar_t* step, const scalar_t* weight, int64_t G,
+                        int64_t K, int64_t rows, const Block& k, scalar_t beta = 1) {
   const int64_t n = std::min(k.b1, rows) - k.b0;
   if (n > 0 && k.j1 > k.j0) {
-    // Column-major: carry^T[units] (units x n) += W^T[units] (units x G) step^T (G x n).
-    gemm<scalar_t>(false, false, k.j1 - k.j0, n, G, weight + k.j0, H, step + k.b0 * G, G,
-                   scalar_t(1), carry + k.b0 * H + k.j0, H);
+    // Column-major: out^T[units] (units x n) = W^T[units] (units x G) step^T (G x n) + beta out^T.
+    gemm<scalar_t>(false, false, k.j1 - k.j0, n, G, weight + k.j0, K, step + k.b0 * G, G, beta,
+                   out + k.b0 * K + k.j0, K);
   }
 }
 
@@ -218,24 +222,41 @@ inline void copy_units(const scalar_t* from, scalar_t* to, int64_t G, int64_t H,
   }
 }
 
+// The projection of a cell's output, h = m W_hr^T with W_hr (P, H), for the
+// sweeps; `weight` null without one (h is m itself).
+template <typename scalar_t>
+struct OutputProjection {
+  const scalar_t* weight = nullptr;
+  int64_t P = 0;
+};
+
 // The forward time loop every cell shares. Each step, each thread takes a
 // block of sequences x hidden units (parallel_blocks): it multiplies its
-// sequences' states by those units' rows of W_hh (every gate), then
-// row_fn(row, j0, j1, q_b, h_b, next_b) updates units [j0, j1) of sequence
-// b at time-major row `row` = t * B + b from q_b = (W_hh h_b) (G) and the
-// state h_b, writing the new state to next_b and the outputs. The state is
-// double-buffered: other threads may still read this step's state while
-// the next is written. A sequence past its end holds its state. Returns
-// the final state.
-template <typename scalar_t, typename RowFn>
-at::Tensor sweep_forward(const at::Tensor& weight_hh, const at::Tensor& hx, const StepMap& map,
-                         int64_t T, const RowFn& row_fn) {
-  const int64_t B = hx.size(0), H = hx.size(1), G = weight_hh.size(0);
+// sequences' states h_b (K wide: H, or P with a projection) by those units'
+// rows of W_hh (every gate), then row_fn(row, j0, j1, q_b, h_b, next_b, c_b)
+// updates units [j0, j1) of sequence b at time-major row `row` = t * B + b
+// from q_b = (W_hh h_b) (G) and the state h_b, writing the new state (or the
+// m it projects) to next_b and the outputs; c_b is the row of the second
+// state, updated in place (null without one). The state is double-buffered:
+// other threads may still read this step's state while the next is written.
+// With a projection a second pass over the P units of each step computes
+// h = m W_hr^T and hands each active row to out_fn(row, p0, p1, h_b). A
+// sequence past its end holds its states. Returns the final states.
+template <typename scalar_t, typename RowFn, typename OutFn>
+std::vector<at::Tensor> sweep_forward(const at::Tensor& weight_hh, const at::Tensor& hx,
+                                      const at::Tensor& cx,
+                                      const OutputProjection<scalar_t>& projection,
+                                      const StepMap& map, int64_t T, int64_t H,
+                                      const RowFn& row_fn, const OutFn& out_fn) {
+  const int64_t B = hx.size(0), K = hx.size(1), G = weight_hh.size(0), P = projection.P;
   auto state = hx.clone(at::MemoryFormat::Contiguous);
   auto hh = at::empty({B, G}, state.options());
   auto next = at::empty_like(state);
+  auto cell = cx.defined() ? cx.clone(at::MemoryFormat::Contiguous) : at::Tensor();
+  const at::Tensor m = projection.weight ? at::empty({B, H}, state.options()) : at::Tensor();
   const scalar_t* w = weight_hh.const_data_ptr<scalar_t>();
   scalar_t* q = hh.mutable_data_ptr<scalar_t>();
+  scalar_t* c = cell.defined() ? cell.mutable_data_ptr<scalar_t>() : nullptr;
   for (int64_t s = 0; s < T; ++s) {
     const int64_t rows = map.rows(s);
     if (rows == 0) {
@@ -243,74 +264,143 @@ at::Tensor sweep_forward(const at::Tensor& weight_hh, const at::Tensor& hx, cons
     }
     const scalar_t* h = state.const_data_ptr<scalar_t>();
     scalar_t* hn = next.mutable_data_ptr<scalar_t>();
-    parallel_blocks(B, H, G * H, [&](const Block& k) {
-      mm_block(q, h, w, G, H, rows, k);
+    scalar_t* dest = m.defined() ? m.mutable_data_ptr<scalar_t>() : hn;
+    parallel_blocks(B, H, G * K, [&](const Block& k) {
+      mm_block(q, h, w, G, H, K, rows, k);
       for (int64_t b = k.b0; b < k.b1; ++b) {
         if (map.active(s, b)) {
-          row_fn(map.time(s, b) * B + b, k.j0, k.j1, q + b * G, h + b * H, hn + b * H);
-        } else if (s == map.length(b)) {
+          row_fn(map.time(s, b) * B + b, k.j0, k.j1, q + b * G, h + b * K, dest + b * H,
+                 c ? c + b * H : nullptr);
+        } else if (!m.defined() && s == map.length(b)) {
           // First step past the end: after this copy both buffers hold it.
           std::copy(h + b * H + k.j0, h + b * H + k.j1, hn + b * H + k.j0);
         }
       }
     });
+    if (m.defined()) {
+      const scalar_t* mp = m.const_data_ptr<scalar_t>();
+      parallel_blocks(B, P, P * H, [&](const Block& k) {
+        mm_block(hn, mp, projection.weight, P, P, H, rows, k);
+        for (int64_t b = k.b0; b < k.b1; ++b) {
+          if (map.active(s, b)) {
+            out_fn(map.time(s, b) * B + b, k.j0, k.j1, hn + b * P);
+          } else if (b < rows || s == map.length(b)) {
+            // Held: the product overwrote it, or this is the first step past the end.
+            std::copy(h + b * P + k.j0, h + b * P + k.j1, hn + b * P + k.j0);
+          }
+        }
+      });
+    }
     std::swap(state, next);
   }
-  return state;
+  if (cell.defined()) {
+    return {state, cell};
+  }
+  return {state};
 }
 
+// The projection's part of the reverse sweep: W_hr (P, H), and per row
+// of the layer the upstream output gradient (T, B, P) and where the sweep
+// writes the total gradient reaching h (T, B, P), which grad W_hr needs.
+template <typename scalar_t>
+struct GradProjection {
+  const scalar_t* weight = nullptr;
+  int64_t P = 0;
+  const scalar_t* grad_out = nullptr;
+  scalar_t* grad_h = nullptr;
+};
+
 // The reverse sweep every cell shares. Steps run from last to first; a
-// sequence past its end at a step held its state, so its dh passes through.
-// Each step, each thread takes a block of sequences x hidden units [j0, j1)
-// (parallel_blocks): it first completes its block of dh with the previous
-// (later) step's product grad_hh_{t+1} W_hh, then for each active sequence
-// b row_fn(row, j0, j1, dh_b, carry_b) computes the cell's gradients of
-// those units at time-major row `row` = t * B + b: it writes their
-// hidden-side pre-activation gradients (every gate) to grad_hh[row] and to
-// carry_b the part of the previous step's dh that does not pass through
-// W_hh. A step's product needs every unit's gradients, so it runs at the
-// start of the next step, after the threads have met. grad_hh (T, B, G)
-// must be zero at padded positions. Returns the gradient of the initial
-// state.
+// sequence past its end at a step held its states, so their gradients pass
+// through. Each step, each thread takes a block of sequences x hidden units
+// [j0, j1) (parallel_blocks): it first completes its block of dh with the
+// previous (later) step's product grad_hh_{t+1} W_hh, then for each active
+// sequence b row_fn(row, j0, j1, dh_b, carry_b, dc_b) computes the cell's
+// gradients of those units at time-major row `row` = t * B + b: it writes
+// their hidden-side pre-activation gradients (every gate) to grad_hh[row]
+// and to carry_b the part of the previous step's dh that does not pass
+// through W_hh; dc_b, the second state's gradient (null without one), it
+// updates in place. With a projection, dh is P wide: it is completed and
+// summed with the output gradient over the P units first, then taken
+// through W_hr to the H units (dm), which row_fn gets as dh_b, with carry_b
+// null (h reaches the earlier step through W_hh alone). A step's product
+// needs every unit's gradients, so it runs at the start of the next step,
+// after the threads have met. grad_hh (T, B, G) must be zero at padded
+// positions. Returns the gradient of the initial h; dc ends as the initial
+// second state's.
 template <typename scalar_t, typename RowFn>
 at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::Tensor dh,
-                          const StepMap& map, const RowFn& row_fn) {
+                          at::Tensor& dc, const GradProjection<scalar_t>& projection,
+                          const StepMap& map, int64_t H, const RowFn& row_fn) {
   const int64_t T = grad_hh.size(0), B = grad_hh.size(1), G = grad_hh.size(2);
-  const int64_t H = dh.size(1);
+  const int64_t K = dh.size(1), P = projection.P;
+  const bool projects = projection.weight != nullptr;
   auto carry = at::empty_like(dh);
+  // With a projection: the step's gradient reaching h (B, P) and m (B, H).
+  const at::Tensor grad_step = projects ? at::zeros({B, P}, dh.options()) : at::Tensor();
+  const at::Tensor grad_m = projects ? at::empty({B, H}, dh.options()) : at::Tensor();
   // Running in reverse with lengths, a step's rows sit at different times:
   // they are gathered for the product, into one of two buffers (the step
   // before's product still reads the other).
   auto gathered = map.uniform_time() ? at::Tensor() : at::empty({2, B, G}, dh.options());
   scalar_t* gh = grad_hh.mutable_data_ptr<scalar_t>();
+  scalar_t* dcp = dc.defined() ? dc.mutable_data_ptr<scalar_t>() : nullptr;
   const scalar_t* w = weight_hh.const_data_ptr<scalar_t>();
   const scalar_t* pending = nullptr;  // the later step's grad_hh rows
   int64_t pending_rows = 0;
   for (int64_t s = T - 1; s >= 0; --s) {
     const int64_t rows = map.rows(s);
     if (rows == 0) {
-      continue;  // every sequence is past its end: dh passes through
+      continue;  // every sequence is past its end: the gradients pass through
     }
     scalar_t* dhp = dh.mutable_data_ptr<scalar_t>();
     scalar_t* cp = carry.mutable_data_ptr<scalar_t>();
     scalar_t* sb = gathered.defined() ? gathered.mutable_data_ptr<scalar_t>() + (s & 1) * B * G
                                       : nullptr;
-    parallel_blocks(B, H, G * H, [&](const Block& k) {
-      if (pending) {
+    if (projects) {
+      scalar_t* gs = grad_step.mutable_data_ptr<scalar_t>();
+      parallel_blocks(B, P, G * P, [&](const Block& k) {
+        if (pending) {
+          addmm_block(dhp, pending, w, G, P, pending_rows, k);
+        }
+        for (int64_t b = k.b0; b < k.b1; ++b) {
+          scalar_t* dhb = dhp + b * P;
+          if (!map.active(s, b)) {
+            std::copy(dhb + k.j0, dhb + k.j1, cp + b * P + k.j0);
+            std::fill(gs + b * P + k.j0, gs + b * P + k.j1, scalar_t(0));
+            continue;
+          }
+          const int64_t row = map.time(s, b) * B + b;
+          for (int64_t p = k.j0; p < k.j1; ++p) {
+            const scalar_t g = projection.grad_out[row * P + p] + dhb[p];
+            gs[b * P + p] = g;
+            projection.grad_h[row * P + p] = g;
+            cp[b * P + p] = scalar_t(0);
+          }
+        }
+      });
+    }
+    scalar_t* dm = projects ? grad_m.mutable_data_ptr<scalar_t>() : nullptr;
+    parallel_blocks(B, H, G * K, [&](const Block& k) {
+      if (projects) {
+        addmm_block(dm, grad_step.const_data_ptr<scalar_t>(), projection.weight, P, H, rows, k,
+                    scalar_t(0));
+      } else if (pending) {
         addmm_block(dhp, pending, w, G, H, pending_rows, k);
       }
       for (int64_t b = k.b0; b < k.b1; ++b) {
-        scalar_t* dhb = dhp + b * H;
-        scalar_t* cb = cp + b * H;
         if (!map.active(s, b)) {
-          std::copy(dhb + k.j0, dhb + k.j1, cb + k.j0);
+          if (!projects) {
+            std::copy(dhp + b * H + k.j0, dhp + b * H + k.j1, cp + b * H + k.j0);
+          }
           if (sb && b < rows) {
             copy_units<scalar_t>(nullptr, sb + b * G, G, H, k.j0, k.j1);
           }
           continue;
         }
         const int64_t row = map.time(s, b) * B + b;
-        row_fn(row, k.j0, k.j1, dhb, cb);
+        row_fn(row, k.j0, k.j1, projects ? dm + b * H : dhp + b * H,
+               projects ? nullptr : cp + b * H, dcp ? dcp + b * H : nullptr);
         if (sb) {
           copy_units<scalar_t>(gh + row * G, sb + b * G, G, H, k.j0, k.j1);
         }
@@ -322,15 +412,16 @@ at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::
   }
   if (pending) {
     scalar_t* dhp = dh.mutable_data_ptr<scalar_t>();
-    parallel_blocks(B, H, G * H, [&](const Block& k) {
-      addmm_block(dhp, pending, w, G, H, pending_rows, k);
+    parallel_blocks(B, K, G * K, [&](const Block& k) {
+      addmm_block(dhp, pending, w, G, K, pending_rows, k);
     });
   }
   return dh;
 }
 
-// One layer's gradients, in the order the backward ops return them.
-using LayerGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// A layer's input, weight and bias gradients: grad_input, grad_weight_ih,
+// grad_weight_hh, grad_bias_ih, grad_bias_hh.
+using LayerGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The batched half of backward: once the sweep has produced the
 // pre-activation gradients of every step, the weight, bias and input
@@ -338,8 +429,7 @@ using LayerGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
 // grad_ih / grad_hh: (T, B, G) gradients of the input-side and hidden-side
 // pre-activations (the same tensor for an RNN).
 LayerGrads finish_backward(
-    const at::Tensor& grad_ih, const at::Tensor& grad_hh, const at::Tensor& grad_hx,
-    const at::Tensor& input, const at::Tensor& prev_states, const at::Tensor& weight_ih,
-    bool input_requires_grad);
+    const at::Tensor& grad_ih, const at::Tensor& grad_hh, const at::Tensor& input,
+    const at::Tensor& prev_states, const at::Tensor& weight_ih, bool input_requires_grad);
 
 }  // namespace fastrnn::cpu

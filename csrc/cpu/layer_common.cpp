@@ -33,32 +33,56 @@ void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& input, 
 
 LayerSizes check_layer_args(
     const at::Tensor& input,
-    const at::Tensor& hx,
+    at::TensorList hx,
     const at::Tensor& weight_ih,
     const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_ih,
     const std::optional<at::Tensor>& bias_hh,
+    const std::optional<at::Tensor>& weight_hr,
     const std::optional<at::Tensor>& lengths,
     int64_t gates) {
   TORCH_CHECK(input.dim() == 3, "input must have 3 dimensions (T, B, input_size), got ",
               input.dim());
   TORCH_CHECK(weight_ih.dim() == 2, "weight_ih must have 2 dimensions, got ", weight_ih.dim());
   TORCH_CHECK(weight_hh.dim() == 2, "weight_hh must have 2 dimensions, got ", weight_hh.dim());
-  TORCH_CHECK(hx.dim() == 2, "hx must have 2 dimensions (B, hidden_size), got ", hx.dim());
-  const LayerSizes s{input.size(0), input.size(1), input.size(2), weight_hh.size(1),
-                     weight_hh.size(0)};
-  TORCH_CHECK(s.G == gates * s.H, "weight_hh must have shape [", gates * s.H, ", ", s.H,
-              "], got ", weight_hh.sizes());
+  for (const auto& h : hx) {
+    TORCH_CHECK(h.dim() == 2, "hx must hold 2-dimensional states (B, size), got ", h.dim(),
+                " dimensions");
+  }
+  const int64_t G = weight_hh.size(0), K = weight_hh.size(1);
+  TORCH_CHECK(G % gates == 0, "weight_hh must have a multiple of ", gates, " rows, got ",
+              weight_hh.sizes());
+  const LayerSizes s{input.size(0), input.size(1), input.size(2), G / gates, G, K};
+  const bool projects = weight_hr.has_value() && weight_hr->defined();
+  if (projects) {
+    TORCH_CHECK(weight_hr->dim() == 2 && weight_hr->size(0) == s.K && weight_hr->size(1) == s.H,
+                "weight_hr must have shape [", s.K, ", ", s.H, "], got ", weight_hr->sizes());
+    TORCH_CHECK(weight_hr->scalar_type() == weight_hh.scalar_type(), "weight_hr must have dtype ",
+                weight_hh.scalar_type(), ", got ", weight_hr->scalar_type());
+    check_same_device(*weight_hr, input, "weight_hr");
+  } else {
+    TORCH_CHECK(s.K == s.H, "weight_hh must have shape [", G, ", ", s.H, "], got ",
+                weight_hh.sizes());
+  }
   TORCH_CHECK(weight_ih.size(0) == s.G && weight_ih.size(1) == s.I,
               "weight_ih must have shape [", s.G, ", ", s.I, "], got ", weight_ih.sizes());
   check_same_dtype(input, weight_ih);
-  check_same_dtype(hx, weight_hh);
+  check_same_dtype(hx[0], weight_hh);
+  for (size_t i = 1; i < hx.size(); ++i) {
+    // As ATen's LSTM cell words it, where the cell state meets the gates.
+    TORCH_CHECK(hx[i].scalar_type() == weight_hh.scalar_type(),
+                "expected m1 and m2 to have the same dtype, but got: ", hx[i].dtype(), " != ",
+                weight_hh.dtype());
+  }
   TORCH_CHECK(weight_ih.scalar_type() == weight_hh.scalar_type(),
               "weight_ih and weight_hh must have the same dtype, got ", weight_ih.scalar_type(),
               " and ", weight_hh.scalar_type());
-  TORCH_CHECK(hx.size(0) == s.B && hx.size(1) == s.H, "hx must have shape [", s.B, ", ", s.H,
-              "], got ", hx.sizes());
-  check_same_device(hx, input, "hx");
+  for (size_t i = 0; i < hx.size(); ++i) {
+    const int64_t width = i == 0 ? s.K : s.H;
+    TORCH_CHECK(hx[i].size(0) == s.B && hx[i].size(1) == width, "hx[", i,
+                "] must have shape [", s.B, ", ", width, "], got ", hx[i].sizes());
+    check_same_device(hx[i], input, "hx");
+  }
   check_same_device(weight_ih, input, "weight_ih");
   check_same_device(weight_hh, input, "weight_hh");
   check_bias(bias_ih, input, s.G, "bias_ih");
@@ -78,17 +102,19 @@ LayerSizes check_layer_args(
   return s;
 }
 
-void check_grad_args(const LayerSizes& s, const at::Tensor& grad_output,
-                     const at::Tensor& grad_hy, const at::Tensor& output) {
-  TORCH_CHECK(output.sizes() == at::IntArrayRef({s.T, s.B, s.H}), "output must have shape [",
-              s.T, ", ", s.B, ", ", s.H, "], got ", output.sizes());
+void check_grad_args(const LayerSizes& s, const at::Tensor& grad_output, at::TensorList grad_hy,
+                     at::TensorList hx, const at::Tensor& output) {
+  TORCH_CHECK(output.sizes() == at::IntArrayRef({s.T, s.B, s.K}), "output must have shape [",
+              s.T, ", ", s.B, ", ", s.K, "], got ", output.sizes());
   TORCH_CHECK(grad_output.sizes() == output.sizes(), "grad_output must have shape ",
               output.sizes(), ", got ", grad_output.sizes());
-  TORCH_CHECK(grad_hy.sizes() == at::IntArrayRef({s.B, s.H}), "grad_hy must have shape [", s.B,
-              ", ", s.H, "], got ", grad_hy.sizes());
-  for (const at::Tensor* t : {&grad_output, &grad_hy}) {
-    TORCH_CHECK(t->scalar_type() == output.scalar_type(), "gradients must have dtype ",
-                output.scalar_type(), ", got ", t->scalar_type());
+  TORCH_CHECK(grad_output.scalar_type() == output.scalar_type(), "gradients must have dtype ",
+              output.scalar_type(), ", got ", grad_output.scalar_type());
+  for (size_t i = 0; i < grad_hy.size(); ++i) {
+    TORCH_CHECK(grad_hy[i].sizes() == hx[i].sizes(), "grad_hy[", i, "] must have shape ",
+                hx[i].sizes(), ", got ", grad_hy[i].sizes());
+    TORCH_CHECK(grad_hy[i].scalar_type() == output.scalar_type(), "gradients must have dtype ",
+                output.scalar_type(), ", got ", grad_hy[i].scalar_type());
   }
 }
 
@@ -170,9 +196,8 @@ at::Tensor previous_states(const at::Tensor& output, const at::Tensor& hx, const
 }
 
 LayerGrads finish_backward(const at::Tensor& grad_ih, const at::Tensor& grad_hh,
-                           const at::Tensor& grad_hx, const at::Tensor& input,
-                           const at::Tensor& prev_states, const at::Tensor& weight_ih,
-                           bool input_requires_grad) {
+                           const at::Tensor& input, const at::Tensor& prev_states,
+                           const at::Tensor& weight_ih, bool input_requires_grad) {
   const int64_t rows = input.size(0) * input.size(1);
   const auto d_ih = grad_ih.view({rows, grad_ih.size(2)});
   const auto d_hh = grad_hh.view({rows, grad_hh.size(2)});
@@ -182,7 +207,7 @@ LayerGrads finish_backward(const at::Tensor& grad_ih, const at::Tensor& grad_hh,
   auto grad_b_hh = grad_hh.is_same(grad_ih) ? grad_b_ih.clone() : d_hh.sum(0);
   auto grad_input = input_requires_grad ? at::mm(d_ih, weight_ih).view(input.sizes())
                                         : at::empty({0}, input.options());
-  return {grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
+  return {grad_input, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
 }
 
 }  // namespace fastrnn::cpu

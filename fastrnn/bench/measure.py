@@ -23,9 +23,12 @@ import torch
 import fastrnn
 from fastrnn.cells import CELLS as DESCRIPTIONS
 
-# Benchmarked cells: (its description, the torch.nn module, fastrnn's).
-CELLS = {"rnn": (DESCRIPTIONS["rnn_tanh"], torch.nn.RNN, fastrnn.RNN),
-         "gru": (DESCRIPTIONS["gru"], torch.nn.GRU, fastrnn.GRU)}
+# Benchmarked cells: (its description, the torch.nn module, fastrnn's, the
+# projection size as a fraction of the hidden size or 0).
+CELLS = {"rnn": (DESCRIPTIONS["rnn_tanh"], torch.nn.RNN, fastrnn.RNN, 0),
+         "gru": (DESCRIPTIONS["gru"], torch.nn.GRU, fastrnn.GRU, 0),
+         "lstm": (DESCRIPTIONS["lstm"], torch.nn.LSTM, fastrnn.LSTM, 0),
+         "lstm_proj": (DESCRIPTIONS["lstm"], torch.nn.LSTM, fastrnn.LSTM, 0.5)}
 MODES = ("forward", "forward_backward")
 PROVIDERS = ("fastrnn", "torch", "reference")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -49,11 +52,19 @@ class Case:
         """The benchmark's layers take inputs as wide as their hidden state."""
         return self.hidden
 
+    @property
+    def proj_size(self) -> int:
+        """The LSTM's projection size (``proj_size``), 0 for none."""
+        return int(CELLS[self.cell][3] * self.hidden)
+
     def flops(self) -> float:
-        """Multiply-adds x 2 of the layer's GEMMs: the input projection and the
-        recurrent product each step; backward does twice forward's."""
+        """Multiply-adds x 2 of the layer's GEMMs: the input projection, the
+        recurrent product each step and the output projection if any;
+        backward does twice forward's."""
         gates = CELLS[self.cell][0].gates * self.hidden
-        forward = 2.0 * self.steps * self.batch * gates * (self.input_size + self.hidden)
+        state = self.proj_size or self.hidden
+        per_row = gates * (self.input_size + state) + self.proj_size * self.hidden
+        forward = 2.0 * self.steps * self.batch * per_row
         return forward if self.mode == "forward" else 3.0 * forward
 
 
@@ -68,11 +79,11 @@ def make_call(provider: str, case: Case, device: torch.device,
               backend: str = "auto") -> Callable[[], None]:
     """A callable running ``case`` once with ``provider``'s implementation;
     fastrnn's under ``fastrnn.use_backend(backend)``."""
-    _, torch_cls, fast_cls = CELLS[case.cell]
+    _, torch_cls, fast_cls, _ = CELLS[case.cell]
     dtype = DTYPES[case.dtype]
     generator = torch.manual_seed(0)
-    module = torch_cls(case.input_size, case.hidden) if provider == "torch" else \
-        fast_cls(case.input_size, case.hidden)
+    extra = {"proj_size": case.proj_size} if case.proj_size else {}
+    module = (torch_cls if provider == "torch" else fast_cls)(case.input_size, case.hidden, **extra)
     module.to(device=device, dtype=dtype)
     x = torch.randn(case.steps, case.batch, case.input_size, generator=generator).to(device, dtype)
     backend = "reference" if provider == "reference" else backend
@@ -81,9 +92,10 @@ def make_call(provider: str, case: Case, device: torch.device,
 
     def call() -> None:
         with fastrnn.use_backend(backend), torch.set_grad_enabled(training):
-            output, h_n = module(x)
+            output, states = module(x)
+            outputs = (output, *(states if isinstance(states, tuple) else (states,)))
             if training:
-                torch.autograd.backward((output, h_n), (torch.ones_like(output), torch.ones_like(h_n)))
+                torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
 
     return call
 

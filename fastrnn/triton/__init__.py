@@ -12,6 +12,8 @@ under the Triton interpreter (``TRITON_INTERPRET=1`` set before import):
 how they are tested without a GPU.
 """
 
-from fastrnn.triton.engine import STRATEGIES, layer_backward, layer_forward, plan, use_strategy
+from fastrnn.triton.engine import (KERNEL_CELLS, STRATEGIES, layer_backward, layer_forward, plan,
+                                   use_strategy)
 
-__all__ = ["STRATEGIES", "use_strategy", "plan", "layer_forward", "layer_backward"]
+__all__ = ["KERNEL_CELLS", "STRATEGIES", "use_strategy", "plan", "layer_forward",
+           "layer_backward"]

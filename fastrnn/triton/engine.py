@@ -37,6 +37,8 @@ from fastrnn.triton.split import split_bwd_kernel, split_fwd_kernel
 from fastrnn.triton.tile import tile_bwd_kernel, tile_fwd_kernel
 
 STRATEGIES = ("auto", "tile", "split", "stepwise")
+# The cells this engine has kernels for (``fastrnn.backends.TRITON_CELLS``).
+KERNEL_CELLS = ("rnn_tanh", "rnn_relu", "gru")
 
 # Largest zero-padded hidden size whose W_hh one tile program keeps in
 # registers, by (product form, gates): "gemv" for one-row tiles and float64,
@@ -279,13 +281,16 @@ def _lengths(lengths: Tensor | None, T: int, B: int, device: torch.device) -> Te
     return lengths.to(device=device, dtype=torch.int32)
 
 
-def _check(cell: Cell, x: Tensor, hx: list[Tensor], w_ih: Tensor, w_hh: Tensor) -> None:
+def _check(cell: Cell, x: Tensor, hx: list[Tensor], w_ih: Tensor, w_hh: Tensor,
+           w_hr: Tensor | None) -> None:
     if len(hx) != len(cell.states):
         raise RuntimeError(f"fastrnn: a {cell.name} layer takes {len(cell.states)} state tensors, "
                            f"got {len(hx)}")
-    if len(hx) != 1:
-        raise RuntimeError(f"fastrnn: the Triton engine has no kernels for {cell.name}, a cell "
-                           "with more than one state tensor")
+    if cell.name not in KERNEL_CELLS:
+        raise RuntimeError(f"fastrnn: the Triton engine has no kernels for {cell.name} yet; "
+                           "use fastrnn.use_backend('reference') for it on this device")
+    if w_hr is not None:
+        raise RuntimeError(f"fastrnn: a {cell.name} layer takes no weight_hr")
     h0 = hx[0]
     if x.dim() != 3 or h0.dim() != 2 or w_ih.dim() != 2 or w_hh.dim() != 2:
         raise RuntimeError("fastrnn: expected input (T, B, I), hx (B, H), weight_ih (G, I), weight_hh (G, H)")
@@ -338,14 +343,14 @@ def _launcher(kernel, grid, constexprs: dict, **args):
 
 
 def layer_forward(cell: str, input: Tensor, hx: list[Tensor], weight_ih: Tensor, weight_hh: Tensor,
-                  bias_ih: Tensor | None, bias_hh: Tensor | None, lengths: Tensor | None,
-                  reverse: bool, save_workspace: bool,
+                  bias_ih: Tensor | None, bias_hh: Tensor | None, weight_hr: Tensor | None,
+                  lengths: Tensor | None, reverse: bool, save_workspace: bool,
                   strategy: str) -> tuple[Tensor, list[Tensor], Tensor]:
     """One layer's forward (``fastrnn::layer_forward``): (output (T, B, H), [h_n],
     workspace (T, B, saved * H), or (0,) without ``save_workspace``), all in
     the state dtype, launched by ``strategy``."""
     desc = CELLS[cell]
-    _check(desc, input, hx, weight_ih, weight_hh)
+    _check(desc, input, hx, weight_ih, weight_hh, weight_hr)
     H = hx[0].shape[1]
     proj = _project(input, weight_ih, _input_bias(desc, bias_ih, bias_hh, H))
     # The unfolded gates' b_hh, which the kernels add inside the loop.
@@ -428,15 +433,17 @@ def previous_states(output: Tensor, h0: Tensor, lengths: Tensor | None, reverse:
 
 
 def layer_backward(cell: str, grad_output: Tensor, grad_hy: list[Tensor], input: Tensor,
-                   hx: list[Tensor], weight_ih: Tensor, weight_hh: Tensor, output: Tensor,
-                   workspace: Tensor, lengths: Tensor | None, reverse: bool,
-                   input_requires_grad: bool, strategy: str):
+                   hx: list[Tensor], weight_ih: Tensor, weight_hh: Tensor,
+                   weight_hr: Tensor | None, output: Tensor, workspace: Tensor,
+                   lengths: Tensor | None, reverse: bool, input_requires_grad: bool,
+                   strategy: str):
     """One layer's backward (``fastrnn::layer_backward``): (grad_input, [grad_hx],
-    grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh); grad_input is
-    empty unless ``input_requires_grad``. ``output`` and ``workspace`` are
-    what forward returned (with ``save_workspace``)."""
+    grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_weight_hr
+    (empty: no cell here projects)); grad_input is empty unless
+    ``input_requires_grad``. ``output`` and ``workspace`` are what forward
+    returned (with ``save_workspace``)."""
     desc = CELLS[cell]
-    _check(desc, input, hx, weight_ih, weight_hh)
+    _check(desc, input, hx, weight_ih, weight_hh, weight_hr)
     T, B, _ = input.shape
     H = hx[0].shape[1]
     if workspace.shape != (T, B, desc.saved * H):
@@ -513,7 +520,8 @@ def _weight_grads(dp_ih: Tensor, dp_hh: Tensor, grad_h0: Tensor, x: Tensor, h0: 
         grad_x = (dp_ih2 @ w_ih.to(compute)).view(T, B, I).to(x.dtype)
     else:
         grad_x = x.new_empty(0)
-    return grad_x, [grad_h0.to(h0.dtype)], grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh
+    return (grad_x, [grad_h0.to(h0.dtype)], grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh,
+            w_hh.new_empty(0))
 
 
 # The engine's kernels for the ops ``fastrnn.ops`` defines: the device-
