@@ -13,6 +13,7 @@ import pytest
 for _tool in ("matplotlib", "tqdm", "pytest_benchmark"):  # the `bench` extra
     pytest.importorskip(_tool)
 
+from fastrnn.bench import measure  # noqa: E402
 from fastrnn.bench.__main__ import main  # noqa: E402
 
 BATCHES, HIDDEN, STEPS = [1, 3], [4, 6], [2]
@@ -43,7 +44,8 @@ def test_command_writes_table_records_and_plot(run, capsys):
     records = data["records"]
     assert data["meta"]["gemm_flops"] > 0 and data["meta"]["torch"]
     expected = {(cell, batch, hidden, steps, mode, provider)
-                for cell in ("rnn", "gru") for batch in BATCHES for hidden in HIDDEN for steps in STEPS
+                for cell in measure.CELLS for batch in BATCHES for hidden in HIDDEN
+                for steps in STEPS
                 for mode in ("forward", "forward_backward") for provider in ("fastrnn", "torch", "reference")}
     got = {(r["cell"], r["batch"], r["hidden"], r["steps"], r["mode"], r["provider"]) for r in records}
     assert got == expected
@@ -67,7 +69,7 @@ def test_pytest_benchmark_suite_runs():
     env = dict(os.environ, FASTRNN_BENCH_GRID="quick")
     result = subprocess.run(
         [sys.executable, "-m", "pytest", os.path.join(ROOT, "bench"), "-q", "-p", "no:cacheprovider",
-         "-k", "not backward and not gru"],
+         "-k", "not backward"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "3 passed" in result.stdout
+    assert f"{3 * len(measure.CELLS)} passed" in result.stdout

@@ -1,6 +1,6 @@
 """torch.compile(fullgraph=True) over fastrnn modules: no graph break, same numbers.
 
-torch.nn's RNN and GRU break the graph; fastrnn's engine ops are custom
+torch.nn's RNN, GRU and LSTM break the graph; fastrnn's engine ops are custom
 operators with fake implementations, so tracing needs no data and the whole
 model, forward and backward, is one graph. Each compiled module is compared
 with the eager torch.nn module, forward and every gradient.
@@ -16,16 +16,20 @@ from conftest import (
     HIDDEN_SIZE,
     INPUT_SIZE,
     KINDS,
+    LSTM_KINDS,
     LENGTHS,
     SEQ_LEN,
     TRITON_DEVICE,
     assert_results_close,
     forward_backward,
     make_pair,
+    make_state,
     requires_triton,
 )
 
-CELLS = {"RNNCell": (nn.RNNCell, fastrnn.RNNCell), "GRUCell": (nn.GRUCell, fastrnn.GRUCell)}
+CELLS = {"RNNCell": (nn.RNNCell, fastrnn.RNNCell), "GRUCell": (nn.GRUCell, fastrnn.GRUCell),
+         "LSTMCell": (nn.LSTMCell, fastrnn.LSTMCell)}
+MODULES = {**KINDS, **LSTM_KINDS}
 
 
 @pytest.fixture(autouse=True)
@@ -41,15 +45,15 @@ def compiled(module, backend="aot_eager", dynamic=None):
     return module
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", sorted(MODULES))
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_module_compiles_to_one_graph(kind, batch_first):
-    torch_cls, fast_cls, extra = KINDS[kind]
+    torch_cls, fast_cls, extra = MODULES[kind]
     reference, fast = make_pair(torch_cls, fast_cls, INPUT_SIZE, HIDDEN_SIZE, num_layers=2,
                                 bidirectional=True, batch_first=batch_first, **extra)
     shape = (BATCH, SEQ_LEN, INPUT_SIZE) if batch_first else (SEQ_LEN, BATCH, INPUT_SIZE)
     x = torch.randn(shape)
-    hx = torch.randn(4, BATCH, HIDDEN_SIZE)
+    hx = make_state(kind, (4, BATCH), torch.float32)
     expected = forward_backward(reference, x, hx)
     assert_results_close(forward_backward(compiled(fast), x, hx), expected, torch.float32)
 
@@ -57,7 +61,7 @@ def test_module_compiles_to_one_graph(kind, batch_first):
 @pytest.mark.parametrize("kind", sorted(CELLS))
 def test_cell_compiles_to_one_graph(kind):
     reference, fast = make_pair(*CELLS[kind], INPUT_SIZE, HIDDEN_SIZE)
-    x, hx = torch.randn(BATCH, INPUT_SIZE), torch.randn(BATCH, HIDDEN_SIZE)
+    x, hx = torch.randn(BATCH, INPUT_SIZE), make_state(kind, (BATCH,), torch.float32)
     assert_results_close(forward_backward(compiled(fast), x, hx),
                          forward_backward(reference, x, hx), torch.float32)
 
@@ -132,11 +136,11 @@ def engine_ops_called(fn):
     return {event.name for event in profile.events() if event.name.startswith("fastrnn::")}
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", sorted(MODULES))
 def test_compiled_module_follows_a_backend_change(kind):
     """The engine is the one in force at each call, not the one at tracing:
     the compiled function guards on the backend setting."""
-    _, fast_cls, extra = KINDS[kind]
+    _, fast_cls, extra = MODULES[kind]
     module = compiled(fast_cls(INPUT_SIZE, HIDDEN_SIZE, **extra))
     x = torch.randn(SEQ_LEN, BATCH, INPUT_SIZE)
     with fastrnn.use_backend("reference"):

@@ -14,7 +14,9 @@ import torch.nn as nn
 import fastrnn
 import fastrnn.autograd
 from conftest import (BATCH, CELL_IDS, CELL_KINDS, CELLS, HIDDEN_SIZE, INPUT_SIZE, KINDS, LENGTHS, SEQ_LEN,
-                      TRITON_DEVICE, apply_function, device_param, make_args, make_pair, requires_triton)
+                      TRITON_DEVICE, apply_function, device_param, flatten_outputs, make_args, make_pair,
+                      requires_triton)
+from conftest import LSTM_CELL_KINDS, LSTM_KINDS, make_state
 
 # Engines the Functions and modules run on here: (backend, device).
 ENGINES = [pytest.param("cpp", "cpu", id="cpp"),
@@ -47,11 +49,12 @@ def second_derivatives(module, x, hx, lengths=None, seed=5):
     for fixed random u, v, w: a Hessian-vector product of the module."""
     device = next(module.parameters()).device
     x = x.detach().to(device).requires_grad_()
-    hx = hx.detach().to(device).requires_grad_()
-    leaves = [x, hx, *module.parameters()]
+    states = hx if isinstance(hx, tuple) else (hx,)  # an LSTM's (h, c)
+    states = tuple(h.detach().to(device).requires_grad_() for h in states)
+    leaves = [x, *states, *module.parameters()]
     inputs = x if lengths is None else nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
-    result = module(inputs, hx)
-    outputs = [result] if isinstance(result, torch.Tensor) else list(result)
+    result = module(inputs, states if isinstance(hx, tuple) else states[0])
+    outputs = flatten_outputs(result)
     outputs = [o.data if isinstance(o, nn.utils.rnn.PackedSequence) else o for o in outputs]
     generator = torch.Generator().manual_seed(seed)
     rand = lambda t: torch.randn(t.shape, dtype=t.dtype, generator=generator).to(t.device)  # noqa: E731
@@ -101,6 +104,36 @@ def test_cell_second_derivatives_match_torch_nn(kind, backend, device):
     expected = second_derivatives(reference, x, hx)
     with fastrnn.use_backend(backend):
         got = second_derivatives(candidate.to(device), x, hx)
+    assert_same_derivatives(got, expected)
+
+
+@pytest.mark.parametrize("kind", list(LSTM_KINDS))
+@pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (2, True)], ids=["1layer", "2layers-bidir"])
+@pytest.mark.parametrize("packed", [False, True], ids=["batched", "packed"])
+def test_lstm_second_derivatives_match_torch_nn(kind, num_layers, bidirectional, packed):
+    # The C++ engine (the Triton one has no LSTM kernels yet).
+    torch_cls, fast_cls, extra = LSTM_KINDS[kind]
+    reference, candidate = make_pair(torch_cls, fast_cls, INPUT_SIZE, HIDDEN_SIZE, num_layers=num_layers,
+                                     bidirectional=bidirectional, dtype=torch.float64, **extra)
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(SEQ_LEN, BATCH, INPUT_SIZE, dtype=torch.float64, generator=generator)
+    hx = make_state(kind, (num_layers * (1 + bidirectional), BATCH), torch.float64, generator)
+    lengths = LENGTHS if packed else None
+    expected = second_derivatives(reference, x, hx, lengths)
+    with fastrnn.use_backend("cpp"):
+        got = second_derivatives(candidate, x, hx, lengths)
+    assert_same_derivatives(got, expected)
+
+
+def test_lstm_cell_second_derivatives_match_torch_nn():
+    reference, candidate = make_pair(*LSTM_CELL_KINDS["LSTMCell"][:2], INPUT_SIZE, HIDDEN_SIZE,
+                                     dtype=torch.float64)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(BATCH, INPUT_SIZE, dtype=torch.float64, generator=generator)
+    hx = make_state("LSTMCell", (BATCH,), torch.float64, generator)
+    expected = second_derivatives(reference, x, hx)
+    with fastrnn.use_backend("cpp"):
+        got = second_derivatives(candidate, x, hx)
     assert_same_derivatives(got, expected)
 
 

@@ -87,6 +87,10 @@ def test_sentiment():
     check_run(load("sentiment").main(SHORT))
 
 
+def test_forecasting():
+    check_run(load("forecasting").main(SHORT))
+
+
 @pytest.mark.parametrize("cell", ["gru", "rnn"])
 def test_truncated_bptt(cell):
     check_run(load("truncated_bptt").main(SHORT + ["--cell", cell]))
@@ -120,7 +124,8 @@ def test_build_models_copies_weights():
         assert torch.equal(fast[key], reference[key]), key
 
 
-@pytest.mark.parametrize("script", ["regression", "char_rnn", "sentiment", "truncated_bptt"])
+@pytest.mark.parametrize("script", ["regression", "char_rnn", "sentiment", "truncated_bptt",
+                                    "forecasting"])
 def test_script_prints_matching_losses(script):
     """Each example runs as a script and prints both loss curves, which agree."""
     env = dict(os.environ, OMP_NUM_THREADS="1")

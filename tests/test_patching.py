@@ -7,7 +7,7 @@ import torch.nn as nn
 import fastrnn
 from conftest import BATCH, HIDDEN_SIZE, INPUT_SIZE, SEQ_LEN, assert_results_close, forward_backward
 
-NAMES = ("RNN", "GRU", "RNNCell", "GRUCell")
+NAMES = ("RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell")
 ORIGINALS = {name: getattr(nn, name) for name in NAMES}
 
 
@@ -58,10 +58,14 @@ class Model(nn.Module):
         super().__init__()
         self.rnn = nn.RNN(INPUT_SIZE, HIDDEN_SIZE, nonlinearity="relu", bidirectional=True)
         self.cell = nn.GRUCell(2 * HIDDEN_SIZE, HIDDEN_SIZE)
+        self.lstm = nn.LSTM(HIDDEN_SIZE, HIDDEN_SIZE, proj_size=3)
+        self.lstm_cell = nn.LSTMCell(3, HIDDEN_SIZE)
 
     def forward(self, x):
         output, _ = self.rnn(x)
-        return self.cell(output[-1])
+        h = self.cell(output[-1])
+        output, _ = self.lstm(h[None].expand(4, -1, -1))
+        return self.lstm_cell(output[-1])[1]
 
 
 def test_convert_keeps_parameters_hooks_and_numbers():
@@ -76,6 +80,7 @@ def test_convert_keeps_parameters_hooks_and_numbers():
 
     assert fastrnn.convert(model) is model
     assert type(model.rnn) is fastrnn.RNN and type(model.cell) is fastrnn.GRUCell
+    assert type(model.lstm) is fastrnn.LSTM and type(model.lstm_cell) is fastrnn.LSTMCell
     assert all(p is params[name] for name, p in model.named_parameters())
     assert not model.training and not model.rnn.training
     assert_results_close(forward_backward(model, x), expected, torch.float32)
