@@ -104,6 +104,28 @@ def train_each(models: dict[str, torch.nn.Module],
     return losses, seconds
 
 
+def train_minibatches(model: torch.nn.Module, generator: torch.Generator, count: int,
+                      loss_of: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
+                      epochs: int, batch_size: int, lr: float) -> list[float]:
+    """Adam over ``count`` examples in shuffled minibatches, ``epochs`` times;
+    ``loss_of(model, indices)`` is the mean loss of the examples at
+    ``indices``. Returns the mean training loss of every epoch."""
+    device = next(model.parameters()).device
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    epoch_losses = []
+    for _ in range(epochs):
+        order = torch.randperm(count, generator=generator).to(device)
+        total = 0.0
+        for batch in order.split(batch_size):
+            loss = loss_of(model, batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+        epoch_losses.append(total / count)
+    return epoch_losses
+
+
 def print_losses(losses: Losses, seconds: dict[str, float] | None = None, label: str = "epoch",
                  every: int = 1) -> float:
     """Print the two loss curves side by side (every ``every``-th row, the

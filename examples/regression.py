@@ -83,19 +83,10 @@ def main(argv=None) -> common.Losses:
         device, args.seed)
 
     def train(model, generator):
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-        epoch_losses = []
-        for _ in range(args.epochs):
-            order = torch.randperm(args.samples, generator=generator).to(device)
-            total = 0.0
-            for batch in order.split(args.batch_size):
-                loss = nn.functional.mse_loss(model(x_train[batch]), y_train[batch])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(batch)
-            epoch_losses.append(total / args.samples)
-        return epoch_losses
+        return common.train_minibatches(
+            model, generator, args.samples,
+            lambda model, batch: nn.functional.mse_loss(model(x_train[batch]), y_train[batch]),
+            args.epochs, args.batch_size, args.lr)
 
     print(f"RNN regression: {args.samples} sequences of {args.seq_len} steps, "
           f"hidden {args.hidden_size}, {args.epochs} epochs on {device}")

@@ -39,18 +39,20 @@ class _RecurrentModule(nn.RNNBase):
         return (torch.zeros(self.num_layers * directions, batch, self.hidden_size,
                             dtype=input.dtype, device=input.device),)
 
-    def _batched_states(self, states: tuple[Tensor, ...], is_batched: bool) -> tuple[Tensor, ...]:
-        """torch.nn's rank check of a given state; unbatched states gain their batch dim."""
-        (hx,) = states
+    def _batched_states(self, hx, is_batched: bool):
+        """torch.nn's rank check of a given hx; an unbatched one gains its batch dim."""
         if not is_batched:
             if hx.dim() != 2:
                 raise RuntimeError(
                     f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor")
-            return (hx.unsqueeze(1),)
+            return hx.unsqueeze(1)
         if hx.dim() != 3:
             raise RuntimeError(
                 f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor")
-        return states
+        return hx
+
+    def _check_state_count(self, states: tuple[Tensor, ...]) -> None:
+        """Raises as torch.nn's op does for a state of the wrong arity."""
 
     def flatten_parameters(self) -> None:
         """Does nothing: fastrnn's engines read the parameters where they are."""
@@ -79,7 +81,7 @@ class _RecurrentModule(nn.RNNBase):
             if not is_batched:
                 input = input.unsqueeze(batch_dim)
             if hx is not None:
-                hx = self._from_states(self._batched_states(self._states(hx), is_batched))
+                hx = self._batched_states(hx, is_batched)
             batch = input.size(batch_dim)
         if hx is None:
             hx = self._from_states(self._zero_states(batch, input))
@@ -87,6 +89,7 @@ class _RecurrentModule(nn.RNNBase):
             hx = self.permute_hidden(hx, sorted_indices)
         self.check_forward_args(input, hx, batch_sizes)
         states = self._states(hx)
+        self._check_state_count(states)
         _check_devices(input, states, self._flat_weights)
 
         if packed:
@@ -198,14 +201,19 @@ class LSTM(_RecurrentModule):
         h = c if self.proj_size == 0 else c.new_zeros(*c.shape[:2], self.proj_size)
         return h, c
 
-    def _batched_states(self, states: tuple[Tensor, ...], is_batched: bool) -> tuple[Tensor, ...]:
-        h, c = states
+    def _batched_states(self, hx, is_batched: bool):
+        # Indexed as torch.nn indexes it, so that a hx of the wrong arity
+        # fails as it does there.
         rank = 3 if is_batched else 2
-        if h.dim() != rank or c.dim() != rank:
+        if hx[0].dim() != rank or hx[1].dim() != rank:
             shape = "batched 3-D" if is_batched else "unbatched 2-D"
             raise RuntimeError(f"For {shape} input, hx and cx should also be {rank}-D but got "
-                               f"({h.dim()}-D, {c.dim()}-D) tensors")
-        return states if is_batched else (h.unsqueeze(1), c.unsqueeze(1))
+                               f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+        return hx if is_batched else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+
+    def _check_state_count(self, states: tuple[Tensor, ...]) -> None:
+        if len(states) != 2:
+            raise RuntimeError("lstm expects two hidden states")
 
 
 def _cell_inputs(cell: nn.RNNCellBase, name: str, input: Tensor,
@@ -214,7 +222,7 @@ def _cell_inputs(cell: nn.RNNCellBase, name: str, input: Tensor,
     (None: zeros); returns batched (input, states) and whether input was batched."""
     if input.dim() not in (1, 2):
         raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
-    for index, h in enumerate(states or ()):
+    for index, h in enumerate(() if states is None else states):
         if h.dim() not in (1, 2):
             what = "hidden" if count == 1 else f"hx[{index}]"
             raise ValueError(f"{name}: Expected {what} to be 1D or 2D, got {h.dim()}D instead")
@@ -226,7 +234,15 @@ def _cell_inputs(cell: nn.RNNCellBase, name: str, input: Tensor,
                             device=input.device)
         states = (zeros,) * count
     elif not is_batched:
-        states = tuple(h.unsqueeze(0) for h in states)
+        # Indexed as torch.nn's cells index it (a longer tuple loses its tail).
+        states = tuple(states[i].unsqueeze(0) for i in range(count))
+    if count > 1:
+        # What ATen's lstm_cell (the only cell with two states) checks first.
+        if not isinstance(states, (tuple, list)):
+            raise TypeError("lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, "
+                            f"not {type(states).__name__}")
+        if len(states) != count:
+            raise RuntimeError("lstm_cell expects two hidden states")
     if input.size(1) != cell.weight_ih.size(1):
         raise RuntimeError(
             f"input has inconsistent input_size: got {input.size(1)} expected {cell.weight_ih.size(1)}")

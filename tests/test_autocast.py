@@ -13,10 +13,22 @@ import torch
 import torch.nn as nn
 
 import fastrnn
-from conftest import TOLERANCES, TRITON_DEVICE, needs_cuda, requires_triton
+from conftest import PROJ_SIZE, TOLERANCES, TRITON_DEVICE, flatten_outputs, needs_cuda, requires_triton
 
 MODULES = {"RNN": (nn.RNN, fastrnn.RNN), "GRU": (nn.GRU, fastrnn.GRU)}
-CELLS = {"RNNCell": (nn.RNNCell, fastrnn.RNNCell), "GRUCell": (nn.GRUCell, fastrnn.GRUCell)}
+# The LSTMs on the C++ engine (the Triton engine has no LSTM kernels yet):
+# (classes, constructor kwargs).
+LSTMS = {"LSTM": ((nn.LSTM, fastrnn.LSTM), {}),
+         "LSTM_proj": ((nn.LSTM, fastrnn.LSTM), {"proj_size": PROJ_SIZE})}
+CELLS = {"RNNCell": (nn.RNNCell, fastrnn.RNNCell), "GRUCell": (nn.GRUCell, fastrnn.GRUCell),
+         "LSTMCell": (nn.LSTMCell, fastrnn.LSTMCell)}
+
+
+def _leaves(hx, convert=lambda t: t):
+    """Fresh leaves of ``convert(hx)``: one tensor, or a tuple's (an LSTM's (h, c))."""
+    if isinstance(hx, tuple):
+        return tuple(convert(h).clone().requires_grad_() for h in hx)
+    return convert(hx).clone().requires_grad_()
 
 
 def _check(classes, args, x, device_type, dtype, hx=None, **kwargs):
@@ -27,27 +39,27 @@ def _check(classes, args, x, device_type, dtype, hx=None, **kwargs):
     exact.load_state_dict({k: v.to(dtype).float() for k, v in fast.state_dict().items()})
 
     # A float32 initial state given under autocast is rounded like the input.
-    hx_fast = None if hx is None else hx.clone().requires_grad_()
+    hx_fast = None if hx is None else _leaves(hx)
     x_fast = x.clone().requires_grad_()
     with torch.autocast(device_type, dtype=dtype):
-        outputs = fast(x_fast, hx_fast)
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        outputs = flatten_outputs(fast(x_fast, hx_fast))
     assert all(out.dtype == dtype for out in outputs)
     sum(out.float().sum() for out in outputs).backward()
 
     x_exact = x.to(dtype).float().requires_grad_()
-    hx_exact = None if hx is None else hx.to(dtype).float().requires_grad_()
-    expected = exact(x_exact, hx_exact)
-    expected = expected if isinstance(expected, tuple) else (expected,)
+    hx_exact = None if hx is None else _leaves(hx, lambda h: h.to(dtype).float())
+    expected = flatten_outputs(exact(x_exact, hx_exact))
     sum(out.sum() for out in expected).backward()
 
     tol = TOLERANCES[dtype]
+    assert len(outputs) == len(expected)
     for got, want in zip(outputs, expected):
         torch.testing.assert_close(got.float(), want, **tol)
     torch.testing.assert_close(x_fast.grad, x_exact.grad, **tol)
     if hx is not None:
-        assert hx_fast.grad.dtype == torch.float32
-        torch.testing.assert_close(hx_fast.grad, hx_exact.grad, **tol)
+        for got, want in zip(flatten_outputs(hx_fast), flatten_outputs(hx_exact), strict=True):
+            assert got.grad.dtype == torch.float32
+            torch.testing.assert_close(got.grad, want.grad, **tol)
     for (name, p), q in zip(fast.named_parameters(), exact.parameters()):
         assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, name
         # Weight gradients sum over every step and sequence.
@@ -65,9 +77,21 @@ def test_cpu_bfloat16_modules(kind, hx_given):
 
 
 @pytest.mark.parametrize("hx_given", [False, True], ids=["no_hx", "hx"])
+@pytest.mark.parametrize("kind", sorted(LSTMS))
+def test_cpu_bfloat16_lstm(kind, hx_given):
+    classes, kwargs = LSTMS[kind]
+    width = kwargs.get("proj_size", 0) or 16
+    hx = (torch.randn(4, 3, width), torch.randn(4, 3, 16)) if hx_given else None
+    _check(classes, (6, 16), torch.randn(12, 3, 6), "cpu", torch.bfloat16, hx=hx,
+           num_layers=2, bidirectional=True, **kwargs)
+
+
+@pytest.mark.parametrize("hx_given", [False, True], ids=["no_hx", "hx"])
 @pytest.mark.parametrize("kind", sorted(CELLS))
 def test_cpu_bfloat16_cells(kind, hx_given):
     hx = torch.randn(3, 16) if hx_given else None
+    if hx_given and kind == "LSTMCell":
+        hx = (hx, torch.randn(3, 16))
     _check(CELLS[kind], (6, 16), torch.randn(3, 6), "cpu", torch.bfloat16, hx=hx)
 
 
@@ -90,6 +114,23 @@ def test_autocast_off_inside_keeps_float32():
         with torch.autocast("cpu", enabled=False):
             output, h_n = gru(torch.randn(4, 2, 6))
     assert output.dtype == h_n.dtype == torch.float32
+
+
+@pytest.mark.parametrize("proj_size", [0, PROJ_SIZE], ids=["LSTM", "LSTM_proj"])
+def test_autocast_off_inside_keeps_float32_lstm(proj_size):
+    torch.manual_seed(0)
+    lstm = fastrnn.LSTM(6, 16, proj_size=proj_size)
+    x = torch.randn(4, 2, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(t.dtype == torch.bfloat16 for t in flatten_outputs(lstm(x)))
+        with torch.autocast("cpu", enabled=False):
+            outputs = flatten_outputs(lstm(x))
+    assert [t.dtype for t in outputs] == [torch.float32] * 3
+    # and the float32 numbers are torch.nn's
+    reference = nn.LSTM(6, 16, proj_size=proj_size)
+    reference.load_state_dict(lstm.state_dict())
+    for got, want in zip(outputs, flatten_outputs(reference(x)), strict=True):
+        torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
 
 
 @requires_triton

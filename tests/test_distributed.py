@@ -1,5 +1,6 @@
 """DistributedDataParallel over fastrnn modules: 2 CPU processes (gloo) train
-like one process on the same global batch."""
+like one process on the same global batch; a GRU with an RNNCell, and an LSTM
+with proj_size and an LSTMCell (whose single-process run is also torch.nn's)."""
 
 import os
 import socket
@@ -30,6 +31,26 @@ class Model(nn.Module):
         return self.head(self.cell(output[:, -1]))
 
 
+class LSTMModel(nn.Module):
+    """A 2-layer bidirectional LSTM with a projection (4 wide, so 8 out) and
+    an LSTMCell; ``namespace`` torch.nn builds the same model from torch.nn's."""
+
+    def __init__(self, namespace=fastrnn):
+        super().__init__()
+        self.rnn = namespace.LSTM(3, 8, num_layers=2, batch_first=True, bidirectional=True,
+                                  proj_size=4)
+        self.cell = namespace.LSTMCell(8, 8)
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x):
+        output, (h_n, c_n) = self.rnn(x)
+        h, c = self.cell(output[:, -1], (h_n[-1].repeat(1, 2), c_n[-1]))
+        return self.head(torch.cat([h, c], 1))
+
+
+MODELS = {"GRU": Model, "LSTM": LSTMModel}
+
+
 def _batches():
     generator = torch.Generator().manual_seed(7)
     return [(torch.randn(GLOBAL_BATCH, SEQ_LEN, 3, generator=generator),
@@ -47,12 +68,12 @@ def _train(model, batches, shard=slice(None)):
     return grads
 
 
-def _worker(rank, port, path):
+def _worker(rank, port, path, kind="GRU"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         torch.manual_seed(0)
-        model = nn.parallel.DistributedDataParallel(Model())
+        model = nn.parallel.DistributedDataParallel(MODELS[kind]())
         # DDP averages gradients over ranks: with equal shards that is the
         # gradient of the mean loss over the global batch.
         grads = _train(model, _batches(), slice(rank, None, WORLD))
@@ -87,3 +108,26 @@ def test_ddp_matches_single_process(tmp_path):
     # The run changed the parameters, so the comparison covered real steps.
     torch.manual_seed(0)
     assert not torch.equal(Model().rnn.weight_hh_l0, model.rnn.weight_hh_l0)
+
+
+def test_ddp_matches_single_process_lstm(tmp_path):
+    path = tmp_path / "rank0.pt"
+    mp.spawn(_worker, args=(_free_port(), str(path), "LSTM"), nprocs=WORLD, join=True)
+    distributed = torch.load(path)
+
+    torch.manual_seed(0)
+    model = LSTMModel()
+    # torch.nn's model on the same initial parameters, trained the same way.
+    reference = LSTMModel(nn)
+    reference.load_state_dict(model.state_dict())
+    grads = _train(model, _batches())
+    expected_grads = _train(reference, _batches())
+    for got, want, expected in zip(distributed["grads"], grads, expected_grads, strict=True):
+        assert_close(want, expected, torch.float32)
+        assert_close(got, want, torch.float32)
+    for got, want, expected in zip(distributed["params"], model.parameters(),
+                                   reference.parameters(), strict=True):
+        assert_close(want.detach(), expected.detach(), torch.float32)
+        assert_close(got.detach(), want.detach(), torch.float32)
+    torch.manual_seed(0)
+    assert not torch.equal(LSTMModel().rnn.weight_hr_l0, model.rnn.weight_hr_l0)

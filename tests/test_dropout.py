@@ -1,4 +1,5 @@
-"""Inter-layer dropout of fastrnn.RNN / fastrnn.GRU.
+"""Inter-layer dropout of fastrnn.RNN / fastrnn.GRU / fastrnn.LSTM (with and
+without proj_size).
 
 torch.nn on CPU applies ``dropout`` to the time-major ``(T, B, D*H)`` output
 of every layer but the last. With the same RNG state before the call, the
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from conftest import (
-    KINDS,
+    ALL_MODULE_KINDS as KINDS,
     BATCH,
     HIDDEN_SIZE,
     INPUT_SIZE,
@@ -20,8 +21,10 @@ from conftest import (
     assert_close,
     assert_results_close,
     device_param,
+    flatten_outputs,
     forward_backward,
     make_pair,
+    make_state,
 )
 
 kind_param = pytest.mark.parametrize("kind", list(KINDS))
@@ -59,15 +62,14 @@ def test_eval_mode_is_deterministic_and_ignores_dropout(kind, bidirectional):
     reference.eval()
     candidate.eval()
     x = batched_input()
-    out_a, h_a = candidate(x)
-    out_b, h_b = candidate(x)
-    assert torch.equal(out_a, out_b) and torch.equal(h_a, h_b)
-    out_0, h_0 = no_dropout(x)
-    assert_close(out_a, out_0)
-    assert_close(h_a, h_0)
-    out_ref, h_ref = reference(x)
-    assert_close(out_a, out_ref)
-    assert_close(h_a, h_ref)
+    # (output, h_n), or an LSTM's (output, h_n, c_n)
+    got_a = flatten_outputs(candidate(x))
+    got_b = flatten_outputs(candidate(x))
+    assert all(torch.equal(a, b) for a, b in zip(got_a, got_b))
+    for a, b in zip(got_a, flatten_outputs(no_dropout(x)), strict=True):
+        assert_close(a, b)
+    for a, b in zip(got_a, flatten_outputs(reference(x)), strict=True):
+        assert_close(a, b)
 
 
 @kind_param
@@ -76,13 +78,15 @@ def test_train_mode_calls_differ(kind, bidirectional):
     _, candidate = build_pair(kind, bidirectional)
     candidate.train()
     x = batched_input()
-    out_a, h_a = candidate(x)
-    out_b, h_b = candidate(x)
+    out_a, *states_a = flatten_outputs(candidate(x))
+    out_b, *states_b = flatten_outputs(candidate(x))
     assert not torch.allclose(out_a, out_b)
-    # The first layer is never dropped out, so its final state is unaffected.
+    # The first layer is never dropped out, so its final state is unaffected
+    # (an LSTM's h_n and c_n alike).
     num_dirs = 2 if bidirectional else 1
-    assert_close(h_a[:num_dirs], h_b[:num_dirs])
-    assert not torch.allclose(h_a[num_dirs:], h_b[num_dirs:])
+    for h_a, h_b in zip(states_a, states_b, strict=True):
+        assert_close(h_a[:num_dirs], h_b[:num_dirs])
+        assert not torch.allclose(h_a[num_dirs:], h_b[num_dirs:])
 
 
 @kind_param
@@ -106,8 +110,8 @@ def test_train_mode_matches_torch_with_same_seed(kind, bidirectional, input_kind
     num_states = 3 * (2 if bidirectional else 1)
     hx = None
     if hx_given:
-        hx_shape = (num_states, HIDDEN_SIZE) if input_kind == "unbatched" else (num_states, BATCH, HIDDEN_SIZE)
-        hx = torch.randn(hx_shape, dtype=DTYPE, generator=torch.Generator().manual_seed(4))
+        leading = (num_states,) if input_kind == "unbatched" else (num_states, BATCH)
+        hx = make_state(kind, leading, DTYPE, torch.Generator().manual_seed(4))
 
     def run(module):
         torch.manual_seed(2024)
@@ -140,8 +144,8 @@ def test_train_mode_gradients_flow(kind, bidirectional, input_kind, device):
 
     # module.backward path through .grad as well
     candidate.zero_grad()
-    output, h_n = candidate(x)
-    (output.square().sum() + h_n.sum()).backward()
+    output, *states = flatten_outputs(candidate(x))
+    (output.square().sum() + sum(h.sum() for h in states)).backward()
     for name, param in candidate.named_parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
 
@@ -156,9 +160,8 @@ def test_dropout_one_layer_is_noop(kind):
         )
     candidate.train()
     x = batched_input()
-    out_a, h_a = candidate(x)
-    out_b, h_b = candidate(x)
-    assert torch.equal(out_a, out_b) and torch.equal(h_a, h_b)
-    out_ref, h_ref = reference(x)
-    assert_close(out_a, out_ref)
-    assert_close(h_a, h_ref)
+    got_a = flatten_outputs(candidate(x))
+    got_b = flatten_outputs(candidate(x))
+    assert all(torch.equal(a, b) for a, b in zip(got_a, got_b))
+    for a, b in zip(got_a, flatten_outputs(reference(x)), strict=True):
+        assert_close(a, b)

@@ -1,4 +1,9 @@
-"""Invalid arguments raise exactly what torch.nn raises (type and message)."""
+"""Invalid arguments raise exactly what torch.nn raises (type and message).
+
+LSTM (with and without proj_size) and LSTMCell take the same cases with
+(h_0, c_0) for hx; where fastrnn's exception differs from torch.nn's the case
+is an expected failure (strict) that says how.
+"""
 
 import numpy as np
 import pytest
@@ -13,10 +18,12 @@ from conftest import (
     INPUT_SIZE,
     LENGTHS,
     MODULES,
+    PROJ_SIZE,
     SEQ_LEN,
     assert_results_close,
     assert_same_exception,
     capture_warnings,
+    flatten_outputs,
     forward_backward,
     make_pair,
 )
@@ -297,3 +304,212 @@ def test_all_on_meta_gives_torch_shapes(name):
         return [(t.shape, t.dtype, t.device) for t in outputs]
 
     assert described(candidate(*args)) == described(reference(*args))
+
+
+# ---------------------------------------------------------------------------
+# LSTM and LSTMCell: the cases above with (h_0, c_0) for hx
+# ---------------------------------------------------------------------------
+
+# name -> (torch.nn class, fastrnn class, projection size)
+LSTMS = {"LSTM": (nn.LSTM, fastrnn.LSTM, 0), "LSTM_proj": (nn.LSTM, fastrnn.LSTM, PROJ_SIZE)}
+LSTM_CELLS = {"LSTMCell": (nn.LSTMCell, fastrnn.LSTMCell, 0)}
+
+
+def lstm_state(hx, proj=0, hidden=H):
+    """The (h, c) an LSTM is given where the cases above give ``hx``: c is
+    ``hx``, h the same with a projection's width (P + hx's excess over the
+    hidden size); lists and arrays paired with a copy, anything else as it is."""
+    if isinstance(hx, torch.Tensor):
+        h = hx if not proj else torch.randn(*hx.shape[:-1], hx.shape[-1] - hidden + proj,
+                                            dtype=hx.dtype, device=hx.device)
+        return h, hx.clone()
+    if isinstance(hx, np.ndarray):
+        return hx, hx.copy()
+    if isinstance(hx, list):
+        return hx, list(hx)
+    return hx
+
+
+def lstm_call(args, proj=0, hidden=H):
+    """A case's call arguments with its hx (the second) as an LSTM's state."""
+    return args[:1] + tuple(lstm_state(h, proj, hidden) for h in args[1:])
+
+
+ONEDNN = ("without a projection torch.nn's CPU LSTM runs oneDNN, whose dtype errors name its "
+          "own internals ('get_mkldnn_dtype: unsupported data type', 'could not create a "
+          "primitive descriptor'); fastrnn raises ATen's matmul dtype error")
+PACKED_UNCHECKED = ("torch.nn's LSTM.forward skips check_forward_args for a PackedSequence, so "
+                    "its error comes from the ATen kernel (a matmul shape or dtype message, "
+                    "'Expected more hidden states in stacked_rnn', IndexError); fastrnn checks "
+                    "the state as for unpacked input")
+# (kind, case) -> why fastrnn's exception differs from torch.nn's
+LSTM_FORWARD_DIFFERENCES = {
+    ("LSTM", "hx_float64_module_float32"): ONEDNN,
+    ("LSTM", "hx_float64_unbatched"): ONEDNN,
+    ("LSTM", "packed_hx_wrong_hidden"): PACKED_UNCHECKED,
+    ("LSTM_proj", "packed_hx_wrong_hidden"): PACKED_UNCHECKED,
+    ("LSTM", "packed_hx_wrong_num_states"): PACKED_UNCHECKED,
+    ("LSTM_proj", "packed_hx_wrong_num_states"): PACKED_UNCHECKED,
+    ("LSTM", "packed_hx_2d"): PACKED_UNCHECKED,
+    ("LSTM_proj", "packed_hx_2d"): PACKED_UNCHECKED,
+    ("LSTM", "packed_float64_module_float32"): PACKED_UNCHECKED,
+    ("LSTM_proj", "packed_float64_module_float32"): PACKED_UNCHECKED,
+}
+
+
+def with_differences(pairs, differences):
+    for pair in pairs:
+        reason = differences.get(pair)
+        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+        yield pytest.param(*pair, marks=marks, id="-".join(pair))
+
+
+def lstm_constructor_params():
+    for case_id, (only, args, kwargs) in CONSTRUCTOR_CASES.items():
+        if only is None:
+            for name in LSTMS:
+                yield pytest.param(name, args, kwargs, id=f"{name}-{case_id}")
+
+
+@pytest.mark.parametrize("name, args, kwargs", list(lstm_constructor_params()))
+def test_lstm_constructor_errors(name, args, kwargs):
+    torch_cls, fast_cls, proj = LSTMS[name]
+    kwargs = {**kwargs, "proj_size": proj} if proj else kwargs
+    assert_same_exception(lambda: torch_cls(*args, **kwargs), lambda: fast_cls(*args, **kwargs))
+
+
+@pytest.mark.parametrize("name", list(LSTMS))
+@pytest.mark.parametrize("num_layers, dropout", [(1, 0.5), (1, 1.0), (2, 0.5), (1, 0.0)])
+def test_lstm_dropout_warning_parity(name, num_layers, dropout):
+    torch_cls, fast_cls, proj = LSTMS[name]
+    kwargs = dict(num_layers=num_layers, dropout=dropout, proj_size=proj)
+    expected = capture_warnings(lambda: torch_cls(I, H, **kwargs))
+    got = capture_warnings(lambda: fast_cls(I, H, **kwargs))
+    assert got == expected
+    if num_layers == 1 and dropout > 0:
+        assert expected and expected[0][0] is UserWarning
+
+
+@pytest.mark.parametrize("name, case", list(with_differences(
+    [(name, case) for name in LSTMS for case in FORWARD_CASES], LSTM_FORWARD_DIFFERENCES)))
+def test_lstm_forward_errors(name, case):
+    kwargs, make_args = FORWARD_CASES[case]
+    torch_cls, fast_cls, proj = LSTMS[name]
+    reference, candidate = make_pair(torch_cls, fast_cls, I, H, num_layers=2, proj_size=proj,
+                                     **kwargs)
+    torch.manual_seed(0)
+    args = lstm_call(make_args(), proj)
+    assert_same_exception(lambda: reference(*args), lambda: candidate(*args))
+
+
+# hx given as something else than (h, c): case -> (states leading shape, hx builder)
+STATE_COUNT_CASES = {
+    "bare_tensor_2_states": lambda s: torch.randn(2, *s),
+    "bare_tensor_1_state": lambda s: torch.randn(1, *s),
+    "bare_tensor_3_states": lambda s: torch.randn(3, *s),
+    "one_tuple": lambda s: (torch.randn(s),),
+    "three_tuple": lambda s: (torch.randn(s),) * 3,
+}
+@pytest.mark.parametrize("name", ["LSTM", "LSTMCell"])
+@pytest.mark.parametrize("case", list(STATE_COUNT_CASES))
+def test_lstm_state_count_errors(name, case):
+    # A 2-layer LSTM's state is (2, B, H) per tensor; an LSTMCell's (B, H).
+    torch_cls, fast_cls, _ = {**LSTMS, **LSTM_CELLS}[name]
+    cell = name == "LSTMCell"
+    reference, candidate = make_pair(torch_cls, fast_cls, I, H, **({} if cell else {"num_layers": 2}))
+    torch.manual_seed(0)
+    x = torch.randn(B, I) if cell else torch.randn(T, B, I)
+    hx = STATE_COUNT_CASES[case]((B, H) if not cell else (H,))
+    if cell and isinstance(hx, tuple):
+        hx = tuple(torch.randn(B, H) for _ in hx)
+    assert_same_exception(lambda: reference(x, hx), lambda: candidate(x, hx))
+
+
+@pytest.mark.parametrize("name", list(LSTMS))
+def test_lstm_packed_input_with_oversized_hx_behaves_like_torch(name):
+    torch_cls, fast_cls, proj = LSTMS[name]
+    reference, candidate = make_pair(torch_cls, fast_cls, I, H, num_layers=2, proj_size=proj,
+                                     dtype=torch.float64)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    hx = lstm_state(torch.randn(2, B + 1, H, dtype=torch.float64), proj)
+    expected = forward_backward(reference, x, hx, lengths=LENGTHS)
+    got = forward_backward(candidate, x, hx, lengths=LENGTHS)
+    assert_results_close(got, expected, torch.float64)
+
+
+@pytest.mark.parametrize("name", list(LSTMS))
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time_first", "batch_first"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["unidir", "bidir"])
+@pytest.mark.parametrize("hx_given", [False, True], ids=["hx_none", "hx_given"])
+def test_lstm_zero_batch(name, batch_first, bidirectional, hx_given):
+    torch_cls, fast_cls, proj = LSTMS[name]
+    reference, candidate = make_pair(torch_cls, fast_cls, I, H, num_layers=2, proj_size=proj,
+                                     batch_first=batch_first, bidirectional=bidirectional)
+    x = torch.randn(0, T, I) if batch_first else torch.randn(T, 0, I)
+    args = (x,)
+    if hx_given:
+        args = (x, lstm_state(torch.randn(2 * (2 if bidirectional else 1), 0, H), proj))
+    expected = flatten_outputs(reference(*args))
+    got = flatten_outputs(candidate(*args))
+    assert [(t.shape, t.dtype) for t in got] == [(t.shape, t.dtype) for t in expected]
+
+
+@pytest.mark.parametrize("case", list(CELL_CASES))
+def test_lstm_cell_errors(case):
+    kwargs, make_args = CELL_CASES[case]
+    reference, candidate = make_pair(nn.LSTMCell, fastrnn.LSTMCell, I, H, **kwargs)
+    torch.manual_seed(0)
+    args = lstm_call(make_args())
+    assert_same_exception(lambda: reference(*args), lambda: candidate(*args))
+
+
+@pytest.mark.parametrize("hx_given", [False, True], ids=["hx_none", "hx_given"])
+def test_lstm_cell_zero_batch(hx_given):
+    reference, candidate = make_pair(nn.LSTMCell, fastrnn.LSTMCell, I, H)
+    args = (torch.randn(0, I),) + ((lstm_state(torch.randn(0, H)),) if hx_given else ())
+    expected = reference(*args)
+    got = candidate(*args)
+    assert [(t.shape, t.dtype) for t in got] == [(t.shape, t.dtype) for t in expected]
+
+
+ARG_LSTMS = {"LSTM": (nn.LSTM, fastrnn.LSTM, 0), "LSTM_proj": (nn.LSTM, fastrnn.LSTM, 4),
+             **LSTM_CELLS}
+BAD_INPUT_DIFFERENCES = {("LSTM", "hx_float16_unbatched"): ONEDNN}
+
+
+def make_lstm_pair(name, dtype=torch.float32):
+    torch_cls, fast_cls, proj = ARG_LSTMS[name]
+    kwargs = {} if name == "LSTMCell" else {"num_layers": ARG_LAYERS, "proj_size": proj}
+    return make_pair(torch_cls, fast_cls, ARG_I, ARG_H, dtype=dtype, **kwargs)
+
+
+def lstm_shapes(name, batched=True):
+    return shapes("GRUCell" if name == "LSTMCell" else "GRU", batched)
+
+
+@pytest.mark.usefixtures("intra_op_threads")
+@pytest.mark.parametrize("name, case", list(with_differences(
+    [(name, case) for name in ARG_LSTMS for case in BAD_INPUT_CASES], BAD_INPUT_DIFFERENCES)))
+def test_lstm_bad_input(name, case):
+    dtype, device, batched, build = BAD_INPUT_CASES[case]
+    reference, candidate = make_lstm_pair(name, dtype)
+    reference.to(device)
+    candidate.to(device)
+    args = lstm_call(build(*lstm_shapes(name, batched)), ARG_LSTMS[name][2], ARG_H)
+    assert_same_exception(lambda: reference(*args), lambda: candidate(*args))
+
+
+@pytest.mark.usefixtures("intra_op_threads")
+@pytest.mark.parametrize("name", list(ARG_LSTMS))
+def test_lstm_all_on_meta_gives_torch_shapes(name):
+    reference, candidate = make_lstm_pair(name)
+    reference.to("meta")
+    candidate.to("meta")
+    xs, hs = lstm_shapes(name)
+    x = torch.randn(xs, device="meta")
+    hx = lstm_state(torch.randn(hs, device="meta"), ARG_LSTMS[name][2], ARG_H)
+
+    def described(outputs):
+        return [(t.shape, t.dtype, t.device) for t in flatten_outputs(outputs)]
+
+    assert described(candidate(x, hx)) == described(reference(x, hx))

@@ -4,7 +4,9 @@ and an infinite initial state of a length-0 sequence.
 
 Every result is compared with torch.nn's (with torch.nn's own accuracy for
 the ill-conditioned cases), NaN and infinities where torch.nn has them, on
-both engines and, for the Triton engine, every strategy.
+both engines and, for the Triton engine, every strategy. LSTM (with and
+without proj_size, Inf and NaN in h_0 and in c_0) and LSTMCell run on the C++
+engine and the reference loop (the Triton engine has no LSTM kernels yet).
 """
 
 import copy
@@ -13,17 +15,23 @@ import importlib
 import pytest
 import torch
 import torch.nn as nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastrnn
 from conftest import (
+    ALL_MODULE_KINDS,
     CELL_KINDS,
     KINDS,
+    LSTM_CELL_KINDS,
+    LSTM_KINDS,
+    PROJ_SIZE,
     TOLERANCES,
     TRITON_DEVICE,
     assert_close,
     device_param,
     forward_backward,
     make_pair,
+    make_state,
 )
 
 I, H, B, T = 5, 6, 3, 4
@@ -52,8 +60,10 @@ def assert_matches_torch(got, expected, dtype, exact=None):
     """
     assert sorted(got) == sorted(expected)
     keys = list(expected)
-    if exact is not None and any(exact[k].abs().max() > torch.finfo(dtype).max for k in ("output", "h_n")):
-        keys = ["output", "h_n"]
+    # An LSTM's forward results include c_n.
+    forward_keys = [k for k in ("output", "h_n", "c_n") if k in expected]
+    if exact is not None and any(exact[k].abs().max() > torch.finfo(dtype).max for k in forward_keys):
+        keys = forward_keys
     for key in keys:
         value = expected[key]
         tol = dict(TOLERANCES[dtype])
@@ -121,22 +131,52 @@ def triton_strategy(name):
     return importlib.import_module("fastrnn.triton").use_strategy(name)
 
 
+def in_h(index, value):
+    """An LSTM case: ``value`` at ``index`` of h_0."""
+    return lambda m, x, hx: (x, (put(hx[0], index, value), hx[1]))
+
+
+def in_c(index, value):
+    """An LSTM case: ``value`` at ``index`` of c_0."""
+    return lambda m, x, hx: (x, (hx[0], put(hx[1], index, value)))
+
+
+# EXTREME_CASES for an LSTM, whose hx is (h_0, c_0): the hx cases in h_0 (its
+# index 3 within the projection's 5), and the same in c_0.
+LSTM_EXTREME_CASES = {
+    **{name: case for name, case in EXTREME_CASES.items() if not name.startswith("hx_")},
+    "hx_pos_inf": in_h((0, 1, 0), INF),
+    "hx_neg_inf": in_h((1, 2, 3), -INF),
+    "hx_nan": in_h((1, 2, 3), NAN),
+    "cx_pos_inf": in_c((0, 1, 0), INF),
+    "cx_neg_inf": in_c((1, 2, 3), -INF),
+    "cx_nan": in_c((1, 2, 3), NAN),
+}
+# An LSTM's inputs scaled by 1e4 are ill-conditioned too: its weight_ih
+# gradients sum terms 1e4 times their size (seen, LSTM_proj, packed: torch.nn
+# float32 off the float64 result by 1.2e-3, the reference loop by 4e-5).
+LSTM_ILL_CONDITIONED = ILL_CONDITIONED | {"input_x1e4", "input_minus_x1e4"}
+
+
 def run_extreme_case(kind, dtype, case, layout, device="cpu"):
-    torch_cls, fast_cls, kwargs = KINDS[kind]
+    torch_cls, fast_cls, kwargs = ALL_MODULE_KINDS[kind]
     extra = LAYOUTS[layout]
     directions = 2 if extra.get("bidirectional") else 1
     reference, candidate = make_pair(torch_cls, fast_cls, I, H, num_layers=LAYERS, dtype=dtype,
                                      **kwargs, **extra)
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(6, B, I, dtype=dtype, generator=gen)
-    hx = torch.randn(LAYERS * directions, B, H, dtype=dtype, generator=gen)
-    x, hx = EXTREME_CASES[case]([reference, candidate], x, hx)
+    hx = make_state(kind, (LAYERS * directions, B), dtype, gen, hidden=H)
+    cases = LSTM_EXTREME_CASES if kind in LSTM_KINDS else EXTREME_CASES
+    x, hx = cases[case]([reference, candidate], x, hx)
     lengths = PACKED_LENGTHS if layout == "bidirectional_packed" else None
     expected = forward_backward(reference, x, hx, lengths=lengths)
     got = on_cpu(forward_backward(candidate.to(device), x, hx, lengths=lengths))
     exact = None
-    if dtype == torch.float32 and case in ILL_CONDITIONED:
-        exact = forward_backward(copy.deepcopy(reference).double(), x.double(), hx.double(),
+    ill_conditioned = LSTM_ILL_CONDITIONED if kind in LSTM_KINDS else ILL_CONDITIONED
+    if dtype == torch.float32 and case in ill_conditioned:
+        hx = tuple(h.double() for h in hx) if isinstance(hx, tuple) else hx.double()
+        exact = forward_backward(copy.deepcopy(reference).double(), x.double(), hx,
                                  lengths=lengths, upstream_dtype=dtype)
     assert_matches_torch(got, expected, dtype, exact)
 
@@ -148,6 +188,20 @@ def run_extreme_case(kind, dtype, case, layout, device="cpu"):
 @device_param
 def test_extreme_values(kind, dtype, case, layout, device):
     run_extreme_case(kind, dtype, case, layout, device)
+
+
+@pytest.mark.parametrize("kind", list(LSTM_KINDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", list(LSTM_EXTREME_CASES))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_lstm_extreme_values(kind, dtype, case, layout, backend):
+    # On CPU tensors: the C++ engine and the reference loop (the Triton
+    # engine has no LSTM kernels yet).
+    if backend == "cpp" and not fastrnn.cpp.available():
+        pytest.skip("needs the C++ engine")
+    with fastrnn.use_backend(backend):
+        run_extreme_case(kind, dtype, case, layout)
 
 
 def on_cpu(result):
@@ -211,6 +265,35 @@ def test_cell_extreme_values(kind, dtype, case, device):
     x, hx = CELL_EXTREME_CASES[case]([reference, candidate], x, hx)
     assert_matches_torch(on_cpu(forward_backward(candidate.to(device), x, hx)),
                          forward_backward(reference, x, hx), dtype)
+
+
+# LSTMCell: the same with (h, c), Inf and NaN in either.
+LSTM_CELL_EXTREME_CASES = {
+    **{name: case for name, case in CELL_EXTREME_CASES.items() if not name.startswith("hx_")},
+    "hx_pos_inf": in_h((0, 2), INF),
+    "hx_nan": in_h((2, 5), NAN),
+    "cx_pos_inf": in_c((0, 2), INF),
+    "cx_neg_inf": in_c((1, 4), -INF),
+    "cx_nan": in_c((2, 5), NAN),
+}
+
+
+@pytest.mark.parametrize("kind", list(LSTM_CELL_KINDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", list(LSTM_CELL_EXTREME_CASES))
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_lstm_cell_extreme_values(kind, dtype, case, backend):
+    if backend == "cpp" and not fastrnn.cpp.available():
+        pytest.skip("needs the C++ engine")
+    torch_cls, fast_cls, kwargs = LSTM_CELL_KINDS[kind]
+    reference, candidate = make_pair(torch_cls, fast_cls, I, H, dtype=dtype, **kwargs)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(B, I, dtype=dtype, generator=gen)
+    hx = make_state(kind, (B,), dtype, gen, hidden=H)
+    x, hx = LSTM_CELL_EXTREME_CASES[case]([reference, candidate], x, hx)
+    with fastrnn.use_backend(backend):
+        got = forward_backward(candidate, x, hx)
+    assert_matches_torch(got, forward_backward(reference, x, hx), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
@@ -277,3 +360,70 @@ def test_zero_length_sequence_in_a_layer(backend, reverse):
     expected_grads = torch.autograd.grad(expected_output.sum() + expected_h.sum(), alone)
     for got, expected in zip(grads[2:], expected_grads[2:]):
         assert_close(got.cpu(), expected)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("proj", [0, PROJ_SIZE], ids=["no_proj", "proj"])
+def test_lstm_zero_length_sequence_in_a_layer(backend, reverse, proj):
+    """An LSTM layer with a length-0 entry whose h_0 and c_0 are infinite:
+    zero outputs, (h_n, c_n) = (h_0, c_0), their gradients passed straight
+    through, no NaN in the weight gradients, and the other sequences as
+    torch.nn's."""
+    if backend == "cpp" and not fastrnn.cpp.available():
+        pytest.skip("needs the C++ engine")
+    gen = torch.Generator().manual_seed(9)
+    K = proj or H
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    x, h0, c0 = rand(T, 3, I), rand(3, K), rand(3, H)
+    weights = [rand(4 * H, I), rand(4 * H, K), rand(4 * H), rand(4 * H)]
+    w_hr = rand(proj, H) if proj else None
+    h0[1], c0[1] = INF, INF
+    leaves = [t.requires_grad_() for t in (x, h0, c0, *weights)]
+    if proj:
+        leaves.append(w_hr.requires_grad_())
+    lengths = torch.tensor([T, 0, 2])
+    with fastrnn.use_backend(backend):
+        output, (h_n, c_n) = fastrnn.functional.layer("lstm", x, (h0, c0), *weights, lengths=lengths,
+                                                      reverse=reverse, w_hr=w_hr)
+    assert torch.equal(output[:, 1], torch.zeros(T, K, dtype=torch.float64))
+    assert torch.equal(h_n[1], h0[1]) and torch.equal(c_n[1], c0[1])
+    grads = torch.autograd.grad(output.sum() + h_n.sum() + c_n.sum(), leaves)
+    assert torch.equal(grads[1][1], torch.ones(K, dtype=torch.float64))
+    assert torch.equal(grads[2][1], torch.ones(H, dtype=torch.float64))
+    assert all(torch.isfinite(g).all() for g in grads[3:])
+
+    # torch.nn over the other two sequences (packed, reversed by flipping
+    # each sequence in time), with the same weights.
+    keep = torch.tensor([0, 2])
+    module = nn.LSTM(I, H, proj_size=proj, dtype=torch.float64)
+    with torch.no_grad():
+        for name, value in zip(["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0",
+                                "weight_hr_l0"], [*weights, w_hr]):
+            if value is not None:
+                getattr(module, name).copy_(value)
+    kept_lengths = lengths[keep]
+    xs = x.detach()[:, keep]
+    if reverse:
+        xs = torch.stack([torch.cat([xs[:n, b].flip(0), xs[n:, b]]) for b, n in
+                          enumerate(kept_lengths.tolist())], 1)
+    xs.requires_grad_()
+    states = (h0.detach()[keep].unsqueeze(0).requires_grad_(),
+              c0.detach()[keep].unsqueeze(0).requires_grad_())
+    packed_out, (ref_h, ref_c) = module(pack_padded_sequence(xs, kept_lengths), states)
+    ref_out, _ = pad_packed_sequence(packed_out, total_length=T)
+    if reverse:
+        ref_out = torch.stack([torch.cat([ref_out[:n, b].flip(0), ref_out[n:, b]]) for b, n in
+                               enumerate(kept_lengths.tolist())], 1)
+    assert_close(output[:, keep], ref_out)
+    assert_close(h_n[keep], ref_h[0])
+    assert_close(c_n[keep], ref_c[0])
+    expected_grads = torch.autograd.grad(ref_out.sum() + ref_h.sum() + ref_c.sum(),
+                                         [*states, *module.parameters()])
+    assert_close(grads[1][keep], expected_grads[0][0])
+    assert_close(grads[2][keep], expected_grads[1][0])
+    for got, expected in zip(grads[3:], expected_grads[2:], strict=True):
+        assert_close(got, expected)

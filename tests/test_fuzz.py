@@ -1,11 +1,12 @@
 """Property-based parity fuzzing of fastrnn against torch.nn.
 
 Hypothesis draws a module configuration (kind, sizes, layers, directions,
-bias, batch_first, dropout, train/eval, dtype) and an input form (unbatched,
-batched, packed with unsorted or sorted lengths, with or without hx, in a
-contiguous or a permuted memory layout). Both modules get the same weights,
-inputs and upstream gradients; outputs, h_n and every gradient (input, hx,
-each parameter) must agree.
+bias, batch_first, dropout, train/eval, dtype; an LSTM's proj_size) and an
+input form (unbatched, batched, packed with unsorted or sorted lengths, with
+or without hx, in a contiguous or a permuted memory layout). Both modules get the same weights,
+inputs and upstream gradients; outputs, h_n (an LSTM's c_n too) and every
+gradient (input, hx, each parameter) must agree. LSTM and LSTMCell are drawn
+on the default engine only: the Triton engine has no LSTM kernels yet.
 
 In CI the examples are few and derandomized, so a run is reproducible. For a
 longer, randomized hunt set
@@ -27,13 +28,18 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastrnn
 import fastrnn.backends
-from conftest import CELL_KINDS, KINDS, TRITON_DEVICE, assert_results_close, forward_backward, make_pair
+from conftest import (CELL_KINDS, KINDS, LSTM_CELL_KINDS, LSTM_KINDS, TRITON_DEVICE, assert_results_close,
+                      forward_backward, make_pair)
 
 pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 ALL_KINDS = {**KINDS, **CELL_KINDS}
+# The LSTMs run on the C++ engine only (the Triton engine has no LSTM kernels
+# yet); their proj_size is drawn, so one kind stands for both.
+LSTM_FUZZ_KINDS = {"LSTM": LSTM_KINDS["LSTM"], **LSTM_CELL_KINDS}
+FUZZ_KINDS = {**ALL_KINDS, **LSTM_FUZZ_KINDS}
 
 CPP_EXAMPLES = os.environ.get("FASTRNN_FUZZ_EXAMPLES")
 TRITON_EXAMPLES = os.environ.get("FASTRNN_FUZZ_TRITON_EXAMPLES")
@@ -78,16 +84,22 @@ class Case:
     # Inputs stored with their dimensions in reverse order (dense, not contiguous).
     permuted: bool
     seed: int
+    # An LSTM's projection (0: none), below hidden_size.
+    proj_size: int = 0
 
     @property
     def is_cell(self):
-        return self.kind in CELL_KINDS
+        return self.kind in CELL_KINDS or self.kind in LSTM_CELL_KINDS
+
+    @property
+    def is_lstm(self):
+        return self.kind in LSTM_FUZZ_KINDS
 
 
 @st.composite
 def cases(draw, kinds, max_seq_len, max_batch, max_size, max_layers):
     kind = draw(st.sampled_from(list(kinds)))
-    is_cell = kind in CELL_KINDS
+    is_cell = kind in CELL_KINDS or kind in LSTM_CELL_KINDS
     dtype = draw(st.sampled_from([torch.float64, torch.float32]))
     input_size = draw(st.integers(1, max_size))
     hidden_size = draw(st.integers(1, max_size))
@@ -118,8 +130,12 @@ def cases(draw, kinds, max_seq_len, max_batch, max_size, max_layers):
         lengths = tuple(lengths)
     permuted = draw(st.booleans())
     seed = draw(st.integers(0, 2**31 - 1))
+    proj_size = 0
+    if kind == "LSTM" and hidden_size > 1 and draw(st.booleans()):
+        proj_size = draw(st.integers(1, hidden_size - 1))
     return Case(kind, dtype, input_size, hidden_size, num_layers, bidirectional, bias, batch_first,
-                dropout, training, input_kind, seq_len, batch, lengths, hx_given, permuted, seed)
+                dropout, training, input_kind, seq_len, batch, lengths, hx_given, permuted, seed,
+                proj_size)
 
 
 class PackSorted(nn.Module):
@@ -137,8 +153,10 @@ class PackSorted(nn.Module):
 
 
 def build_pair(case):
-    torch_cls, fast_cls, extra = ALL_KINDS[case.kind]
+    torch_cls, fast_cls, extra = FUZZ_KINDS[case.kind]
     kwargs = dict(bias=case.bias, dtype=case.dtype, **extra)
+    if case.proj_size:
+        kwargs["proj_size"] = case.proj_size
     if not case.is_cell:
         kwargs.update(num_layers=case.num_layers, bidirectional=case.bidirectional,
                       batch_first=case.batch_first, dropout=case.dropout)
@@ -169,7 +187,13 @@ def make_inputs(case):
             x_shape = (B, T, I) if case.batch_first else (T, B, I)
             hx_shape = (states, B, H)
     x = random_tensor(x_shape, case, generator)
-    hx = random_tensor(hx_shape, case, generator) if case.hx_given else None
+    hx = None
+    if case.hx_given and case.is_lstm:
+        # (h, c): h is proj_size wide with a projection.
+        h_shape = (*hx_shape[:-1], case.proj_size or H)
+        hx = random_tensor(h_shape, case, generator), random_tensor(hx_shape, case, generator)
+    elif case.hx_given:
+        hx = random_tensor(hx_shape, case, generator)
     return x, hx
 
 
@@ -184,7 +208,10 @@ def run(module, case, x, hx, device=None):
     lengths = case.lengths if case.input_kind == "packed" else None
     if device is not None:
         x = x.to(device)
-        hx = None if hx is None else hx.to(device)
+        if isinstance(hx, tuple):
+            hx = tuple(h.to(device) for h in hx)
+        elif hx is not None:
+            hx = hx.to(device)
     # Same global RNG state for both modules: identical dropout masks in training.
     torch.manual_seed(case.seed)
     result = forward_backward(module, x, hx, lengths=lengths, batch_first=case.batch_first,
@@ -212,6 +239,19 @@ def test_fuzz_modules_default_engine(case):
 @fuzz_settings(CPP_EXAMPLES, ci_examples=50)
 @given(case=cases(CELL_KINDS, max_seq_len=1, max_batch=6, max_size=12, max_layers=1))
 def test_fuzz_cells_default_engine(case):
+    check_case(case)
+
+
+@fuzz_settings(CPP_EXAMPLES, ci_examples=100)
+@given(case=cases({"LSTM": LSTM_KINDS["LSTM"]}, max_seq_len=8, max_batch=6, max_size=12,
+                  max_layers=3))
+def test_fuzz_lstm_default_engine(case):
+    check_case(case)
+
+
+@fuzz_settings(CPP_EXAMPLES, ci_examples=30)
+@given(case=cases(LSTM_CELL_KINDS, max_seq_len=1, max_batch=6, max_size=12, max_layers=1))
+def test_fuzz_lstm_cells_default_engine(case):
     check_case(case)
 
 

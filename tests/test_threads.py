@@ -1,5 +1,6 @@
 """Modules used from several Python threads at once give the results of
-running them one after the other (and those are torch.nn's)."""
+running them one after the other (and those are torch.nn's); RNN and GRU, and
+LSTM (with and without proj_size) with LSTMCell."""
 
 import copy
 from concurrent.futures import ThreadPoolExecutor
@@ -9,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import fastrnn
-from conftest import assert_close, make_pair
+from conftest import assert_close, flatten_outputs, make_pair
 
 pytestmark = pytest.mark.usefixtures("intra_op_threads")  # see conftest
 
@@ -18,6 +19,13 @@ THREAD_SPECS = [
     (nn.GRU, fastrnn.GRU, 3, 24, dict(bidirectional=True)),
     (nn.RNN, fastrnn.RNN, 8, 40, dict(nonlinearity="relu", batch_first=True)),
     (nn.GRU, fastrnn.GRU, 6, 20, dict(num_layers=2)),
+]
+# LSTM jobs: with and without a projection, and a cell (inputs (batch, I)).
+LSTM_THREAD_SPECS = [
+    (nn.LSTM, fastrnn.LSTM, 5, 16, dict(num_layers=2, proj_size=6)),
+    (nn.LSTM, fastrnn.LSTM, 3, 24, dict(bidirectional=True)),
+    (nn.LSTMCell, fastrnn.LSTMCell, 8, 20, dict()),
+    (nn.LSTM, fastrnn.LSTM, 6, 20, dict(batch_first=True, bidirectional=True, proj_size=4)),
 ]
 THREAD_ITERATIONS = 12
 
@@ -28,20 +36,32 @@ def thread_job(module, inputs):
     params = list(module.parameters())
     for x in inputs:
         x = x.clone().requires_grad_(True)
-        output, h_n = module(x)
-        grads = torch.autograd.grad(output.square().sum() + h_n.sum(), [x] + params)
-        results.append([output.detach(), h_n.detach(), *grads])
+        # (output, h_n); an LSTM's (output, h_n, c_n), an LSTMCell's (h, c)
+        output, *states = flatten_outputs(module(x))
+        loss = output.square().sum() + sum(h.sum() for h in states)
+        grads = torch.autograd.grad(loss, [x] + params)
+        results.append([output.detach(), *(h.detach() for h in states), *grads])
     return results
 
 
 def test_threads_give_sequential_results(intra_op_threads):
+    check_threads(THREAD_SPECS, intra_op_threads)
+
+
+def test_lstm_threads_give_sequential_results(intra_op_threads):
+    check_threads(LSTM_THREAD_SPECS, intra_op_threads)
+
+
+def check_threads(specs, intra_op_threads):
     torch.set_num_threads(intra_op_threads)  # the usual setting, as an application has it
     # Modules and inputs are made up front: the global RNG is shared by threads.
     jobs = []
-    for index, (torch_cls, fast_cls, input_size, hidden, kwargs) in enumerate(THREAD_SPECS):
+    for index, (torch_cls, fast_cls, input_size, hidden, kwargs) in enumerate(specs):
         reference, candidate = make_pair(torch_cls, fast_cls, input_size, hidden, seed=index, **kwargs)
         gen = torch.Generator().manual_seed(100 + index)
         shape = (6, 10, input_size) if kwargs.get("batch_first") else (10, 6, input_size)
+        if torch_cls is nn.LSTMCell:
+            shape = (6, input_size)
         inputs = [torch.randn(shape, generator=gen) for _ in range(THREAD_ITERATIONS)]
         jobs.append((reference, candidate, inputs))
 

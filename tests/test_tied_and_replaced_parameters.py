@@ -1,18 +1,22 @@
 """Parameters shared across directions and layers, and parameters replaced
-by new (non-contiguous) ones: outputs and gradients as torch.nn's."""
+by new (non-contiguous) ones: outputs and gradients as torch.nn's; RNN, GRU,
+LSTM (with and without proj_size, whose weight_hr is replaced too) and their
+cells."""
 
 import pytest
 import torch
 import torch.nn as nn
 
 from conftest import (
-    CELL_KINDS,
-    KINDS,
+    ALL_CELL_KINDS as CELL_KINDS,
+    ALL_MODULE_KINDS as KINDS,
     assert_close,
     assert_results_close,
     assert_same_exception,
+    flatten_outputs,
     forward_backward,
     make_pair,
+    make_state,
     tie,
 )
 
@@ -30,19 +34,22 @@ def test_tied_parameters(kind):
                                      dtype=torch.float64, **kwargs)
     tie(reference)
     tie(candidate)
+    if kwargs.get("proj_size"):
+        for m in (reference, candidate):  # the projection shared across layers too
+            m.weight_hr_l1 = m.weight_hr_l0
     names = [n for n, _ in reference.named_parameters()]
     assert [n for n, _ in candidate.named_parameters()] == names
     assert "weight_hh_l1" not in names  # deduplicated: its gradient accumulates into weight_hh_l0
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(T, B, I, dtype=torch.float64, generator=gen)
-    hx = torch.randn(S, B, H, dtype=torch.float64, generator=gen)
+    hx = make_state(kind, (S, B), torch.float64, gen, hidden=H)
     expected = forward_backward(reference, x, hx)
     got = forward_backward(candidate, x, hx)
     assert_results_close(got, expected, torch.float64)
     # Through .grad as well, the way an optimizer sees it.
     for m in (reference, candidate):
-        out, h_n = m(x)
-        (out.square().sum() + h_n.sum()).backward()
+        out, *states = flatten_outputs(m(x))
+        (out.square().sum() + sum(h.sum() for h in states)).backward()
     for (name, p), q in zip(candidate.named_parameters(), reference.parameters()):
         assert_close(p.grad, q.grad, msg=name)
 
@@ -64,6 +71,12 @@ def test_replaced_parameters(kind):
         # A transposed (non-contiguous) parameter.
         setattr(m, "weight_ih" + suffix, nn.Parameter(new_ih.clone().t()))
     assert not candidate.get_parameter("weight_ih" + suffix).is_contiguous()
+    if hasattr(reference, "weight_hr_l0"):
+        # An LSTM's projection, transposed as well.
+        new_hr = torch.randn(reference.weight_hr_l0.shape[::-1], dtype=torch.float64, generator=gen)
+        for m in (reference, candidate):
+            m.weight_hr_l0 = nn.Parameter(new_hr.clone().t())
+        assert not candidate.weight_hr_l0.is_contiguous()
     x = torch.randn((B, I) if is_cell else (T, B, I), dtype=torch.float64, generator=gen)
     expected = forward_backward(reference, x)
     got = forward_backward(candidate, x)

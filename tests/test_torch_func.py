@@ -1,14 +1,16 @@
 """torch.func over the modules and cells: ``functional_call`` with other
-parameters (tied ones too) and ``torch.func.grad``, as torch.nn's."""
+parameters (tied ones too) and ``torch.func.grad``, as torch.nn's; RNN,
+GRU, LSTM (with and without proj_size) and their cells."""
 
 import pytest
 import torch
 
 from conftest import (
-    CELL_KINDS,
-    KINDS,
+    ALL_CELL_KINDS as CELL_KINDS,
+    ALL_MODULE_KINDS as KINDS,
     assert_close,
     assert_results_close,
+    flatten_outputs,
     forward_backward,
     make_pair,
     random_like_shape,
@@ -32,7 +34,8 @@ def test_torch_func_grad(kind):
     gen = torch.Generator().manual_seed(10)
     params = {n: p.detach().clone() for n, p in reference.named_parameters()}
     x = torch.randn((B, I) if is_cell else (T, B, I), dtype=torch.float64, generator=gen)
-    weight = torch.randn((B, H) if is_cell else (T, B, 2 * H), dtype=torch.float64, generator=gen)
+    width = kwargs.get("proj_size", 0) or H  # an LSTM's output is proj_size wide with one
+    weight = torch.randn((B, H) if is_cell else (T, B, 2 * width), dtype=torch.float64, generator=gen)
 
     def loss(module):
         def f(p, x):
@@ -68,8 +71,7 @@ def test_functional_call(kind, tied):
 
     def run(module):
         leaves = {n: t.clone().requires_grad_(True) for n, t in params.items()}
-        outputs = torch.func.functional_call(module, leaves, (x,))
-        outputs = list(outputs) if isinstance(outputs, tuple) else [outputs]
+        outputs = flatten_outputs(torch.func.functional_call(module, leaves, (x,)))
         upstream_gen = torch.Generator().manual_seed(9)
         upstream = [random_like_shape(o.shape, o.dtype, upstream_gen).to(o.device) for o in outputs]
         grads = torch.autograd.grad(outputs, list(leaves.values()), upstream)

@@ -1,5 +1,6 @@
 """Zero sizes: cells with input or hidden size 0, and batch 0 through
-backward, giving torch.nn's outputs and (empty or zero) gradients.
+backward, giving torch.nn's outputs and (empty or zero) gradients; RNN, GRU,
+LSTM (with and without proj_size) and their cells.
 
 Zero-batch forward shapes (and the sizes torch.nn refuses) are in test_errors.
 """
@@ -7,7 +8,9 @@ Zero-batch forward shapes (and the sizes torch.nn refuses) are in test_errors.
 import pytest
 import torch
 
-from conftest import CELL_KINDS, KINDS, assert_results_close, forward_backward, make_pair
+from conftest import ALL_CELL_KINDS as CELL_KINDS
+from conftest import ALL_MODULE_KINDS as KINDS
+from conftest import assert_results_close, forward_backward, make_pair, make_state
 
 I, H, B, T = 5, 6, 3, 4
 LAYERS = 2
@@ -28,7 +31,9 @@ def test_cell_zero_sizes(kind, sizes, call):
         (n, p.shape) for n, p in reference.named_parameters()]
     batch = 0 if call == "batch_0" else B
     x = torch.randn(input_size) if call == "unbatched" else torch.randn(batch, input_size)
-    hx = torch.randn(batch, hidden_size) if call in ("batched_hx", "batch_0") else None
+    hx = None
+    if call in ("batched_hx", "batch_0"):
+        hx = make_state(kind, (batch,), torch.float32, hidden=hidden_size)
     expected = forward_backward(reference, x, hx)
     got = forward_backward(candidate, x, hx)
     assert_results_close(got, expected, torch.float32)
@@ -44,7 +49,7 @@ def test_zero_batch_backward(kind, batch_first, hx_given):
     reference, candidate = make_pair(torch_cls, fast_cls, I, H, num_layers=LAYERS,
                                      bidirectional=True, batch_first=batch_first, **kwargs)
     x = torch.randn(0, T, I) if batch_first else torch.randn(T, 0, I)
-    hx = torch.randn(2 * LAYERS, 0, H) if hx_given else None
+    hx = make_state(kind, (2 * LAYERS, 0), torch.float32, hidden=H) if hx_given else None
     expected = forward_backward(reference, x, hx)
     got = forward_backward(candidate, x, hx)
     assert_results_close(got, expected, torch.float32)
@@ -54,6 +59,7 @@ def test_zero_batch_backward(kind, batch_first, hx_given):
 def test_cell_zero_batch_backward(kind):
     torch_cls, fast_cls, kwargs = CELL_KINDS[kind]
     reference, candidate = make_pair(torch_cls, fast_cls, I, H, **kwargs)
-    expected = forward_backward(reference, torch.randn(0, I), torch.randn(0, H))
-    got = forward_backward(candidate, torch.randn(0, I), torch.randn(0, H))
+    hx = make_state(kind, (0,), torch.float32, hidden=H)
+    expected = forward_backward(reference, torch.randn(0, I), hx)
+    got = forward_backward(candidate, torch.randn(0, I), hx)
     assert_results_close(got, expected, torch.float32)

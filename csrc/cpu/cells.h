@@ -28,6 +28,7 @@
 
 #include "math.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -278,8 +279,10 @@ namespace lstm {
 // Training (Save) finds the pre-activations in the workspace row's first 4H
 // entries and overwrites them with i | f | g | o, c' going to the row's
 // last H; inference reads them from p. c is updated in place; m goes to
-// next, and to out unless h is projected (out null).
-template <typename scalar_t, bool Save>
+// next, and to out unless h is projected (Out false: the sweep writes it).
+// The variants are template arguments, so that each loop is branch-free and
+// vectorises.
+template <typename scalar_t, bool Save, bool Out>
 FASTRNN_INLINE void forward_body(const scalar_t* __restrict p, const scalar_t* __restrict q,
                                  scalar_t* __restrict gates, scalar_t* __restrict c,
                                  scalar_t* __restrict out, scalar_t* __restrict next, int64_t n,
@@ -301,7 +304,7 @@ FASTRNN_INLINE void forward_body(const scalar_t* __restrict p, const scalar_t* _
     }
     c[j] = c_new;
     next[j] = m;
-    if (out) {
+    if constexpr (Out) {
       out[j] = m;
     }
   }
@@ -311,10 +314,14 @@ template <typename scalar_t>
 FASTRNN_INLINE void forward_dispatch(const scalar_t* p, const scalar_t* q, scalar_t* saved,
                                      scalar_t* c, scalar_t* out, scalar_t* next, int64_t n,
                                      int64_t H) {
-  if (saved) {
-    forward_body<scalar_t, true>(p, q, saved, c, out, next, n, H);
+  if (saved && out) {
+    forward_body<scalar_t, true, true>(p, q, saved, c, out, next, n, H);
+  } else if (saved) {
+    forward_body<scalar_t, true, false>(p, q, saved, c, nullptr, next, n, H);
+  } else if (out) {
+    forward_body<scalar_t, false, true>(p, q, nullptr, c, out, next, n, H);
   } else {
-    forward_body<scalar_t, false>(p, q, nullptr, c, out, next, n, H);
+    forward_body<scalar_t, false, false>(p, q, nullptr, c, nullptr, next, n, H);
   }
 }
 
@@ -324,10 +331,11 @@ inline FASTRNN_MULTIVERSION void forward_f32(const float* p, const float* q, flo
   forward_dispatch(p, q, saved, c, out, next, n, H);
 }
 
-// From the gradient reaching m (grad_out + dh; with a projection dh alone,
-// already through W_hr) and dc from the later step: the gate pre-activation
-// gradients, dc of the earlier step (in place) and, with a projection, m.
-template <typename scalar_t>
+// From the gradient reaching m and dc from the later step: the gate
+// pre-activation gradients and dc of the earlier step (in place). Without a
+// projection the gradient reaching m is grad_out + dh; with one (Projected)
+// dh alone, already taken through W_hr, and m is written for grad W_hr.
+template <typename scalar_t, bool Projected>
 FASTRNN_INLINE void backward_body(const scalar_t* __restrict grad_out,
                                   const scalar_t* __restrict saved,
                                   const scalar_t* __restrict c_prev,
@@ -337,23 +345,37 @@ FASTRNN_INLINE void backward_body(const scalar_t* __restrict grad_out,
   for (int64_t j = 0; j < n; ++j) {
     const scalar_t i = saved[j], f = saved[H + j], g = saved[2 * H + j], o = saved[3 * H + j];
     const scalar_t tc = cpu::tanh(saved[4 * H + j]);
-    const scalar_t dm = (grad_out ? grad_out[j] : scalar_t(0)) + dh[j];
+    scalar_t dm = dh[j];
+    if constexpr (!Projected) {
+      dm += grad_out[j];
+    }
     const scalar_t dct = dc[j] + dm * o * (scalar_t(1) - tc * tc);
     grad[j] = dct * g * i * (scalar_t(1) - i);
     grad[H + j] = dct * c_prev[j] * f * (scalar_t(1) - f);
     grad[2 * H + j] = dct * i * (scalar_t(1) - g * g);
     grad[3 * H + j] = dm * tc * o * (scalar_t(1) - o);
     dc[j] = dct * f;
-    if (m_out) {
+    if constexpr (Projected) {
       m_out[j] = o * tc;
     }
+  }
+}
+
+template <typename scalar_t>
+FASTRNN_INLINE void backward_dispatch(const scalar_t* grad_out, const scalar_t* saved,
+                                      const scalar_t* c_prev, const scalar_t* dh, scalar_t* dc,
+                                      scalar_t* grad, scalar_t* m_out, int64_t n, int64_t H) {
+  if (m_out) {
+    backward_body<scalar_t, true>(nullptr, saved, c_prev, dh, dc, grad, m_out, n, H);
+  } else {
+    backward_body<scalar_t, false>(grad_out, saved, c_prev, dh, dc, grad, nullptr, n, H);
   }
 }
 
 inline FASTRNN_MULTIVERSION void backward_f32(const float* grad_out, const float* saved,
                                               const float* c_prev, const float* dh, float* dc,
                                               float* grad, float* m_out, int64_t n, int64_t H) {
-  backward_body(grad_out, saved, c_prev, dh, dc, grad, m_out, n, H);
+  backward_dispatch(grad_out, saved, c_prev, dh, dc, grad, m_out, n, H);
 }
 
 }  // namespace lstm
@@ -379,10 +401,11 @@ struct LstmCell {
     if constexpr (std::is_same_v<scalar_t, float>) {
       lstm::backward_f32(r.grad_out, r.saved, r.c_prev, r.dh, r.dc, r.grad_hh, r.m, r.n, r.H);
     } else {
-      lstm::backward_body(r.grad_out, r.saved, r.c_prev, r.dh, r.dc, r.grad_hh, r.m, r.n, r.H);
+      lstm::backward_dispatch(r.grad_out, r.saved, r.c_prev, r.dh, r.dc, r.grad_hh, r.m, r.n,
+                              r.H);
     }
-    for (int64_t j = 0; r.carry && j < r.n; ++j) {
-      r.carry[j] = scalar_t(0);  // all of dh_{t-1} comes through W_hh
+    if (r.carry) {
+      std::fill(r.carry, r.carry + r.n, scalar_t(0));  // all of dh_{t-1} comes through W_hh
     }
   }
 };
