@@ -181,11 +181,18 @@ class LSTM(_RecurrentModule):
 
     _rank_error = "LSTM: Expected input to be 2D or 3D, got {}D instead"
 
-    # torch.nn's own: the cell state's expected size, the check of both
-    # states and their permutation, so that messages match word for word.
-    get_expected_cell_size = nn.LSTM.get_expected_cell_size
-    check_forward_args = nn.LSTM.check_forward_args
-    permute_hidden = nn.LSTM.permute_hidden
+    # The next three are torch.nn.LSTM's own, so that messages match word for word.
+    def get_expected_cell_size(self, input: Tensor, batch_sizes: Tensor | None):
+        """The shape c_0 must have: (D * num_layers, N, hidden_size)."""
+        return nn.LSTM.get_expected_cell_size(self, input, batch_sizes)
+
+    def check_forward_args(self, input: Tensor, hidden, batch_sizes: Tensor | None) -> None:
+        """torch.nn.LSTM's checks of the input and of both states' shapes."""
+        nn.LSTM.check_forward_args(self, input, hidden, batch_sizes)
+
+    def permute_hidden(self, hx, permutation: Tensor | None):
+        """(h, c) with their batch dimension permuted (packed input's order)."""
+        return nn.LSTM.permute_hidden(self, hx, permutation)
 
     def __init__(self, *args, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
