@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 
 from fastrnn import backends, ops, reference
-from fastrnn.cells import CELLS
 from fastrnn.settings import settings
 
 # Where each of the Function's inputs sits: the cell's states come last, as

@@ -18,7 +18,6 @@ float64. ``fastrnn.autograd`` registers the ops' autograd.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from fastrnn.cells import CELLS
 

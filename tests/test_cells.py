@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 import fastrnn
+import fastrnn.cells
 from conftest import (BATCH, HIDDEN_SIZE, INPUT_SIZE, assert_results_close, dtype_id,
                       forward_backward, make_pair, make_state)
 from conftest import ALL_CELL_KINDS as CELL_KINDS
@@ -47,3 +48,22 @@ def test_cell_unrolled_sequence(kind):
         h_ref = reference(x, h_ref)
         h_new = candidate(x, h_new)
         torch.testing.assert_close(h_new, h_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not fastrnn.cpp.available(), reason="needs the C++ engine")
+@pytest.mark.parametrize("name", list(fastrnn.cells.CELLS))
+def test_cpp_engine_agrees_with_the_cell_descriptions(name):
+    # The C++ traits restate each description's sizes: the gates, the state
+    # count and the workspace width must be the same on both sides.
+    description = fastrnn.cells.CELLS[name]
+    T, B, I, H = 3, 2, 4, 5
+    G = description.gates * H
+    x, w_ih, w_hh = torch.randn(T, B, I), torch.randn(G, I), torch.randn(G, H)
+    states = [torch.randn(B, H) for _ in description.states]
+    output, finals, workspace = torch.ops.fastrnn.layer_forward(
+        name, x, states, w_ih, w_hh, None, None, None, None, False, True, "auto")
+    assert output.shape == (T, B, H) and len(finals) == len(description.states)
+    assert workspace.shape == (T, B, description.saved * H)
+    with pytest.raises(RuntimeError, match="state tensor"):
+        torch.ops.fastrnn.layer_forward(name, x, states + [states[0]], w_ih, w_hh, None, None,
+                                        None, None, False, True, "auto")
