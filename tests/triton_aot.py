@@ -28,7 +28,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastrnn.cells import CELLS
+from fastrnn.triton.engine import KERNEL_CELLS as CELLS
 from fastrnn.triton import engine
 
 ARCHS = (80, 90)
