@@ -144,22 +144,14 @@ def train_text(args, device):
                                     args.hidden_size, args.num_layers),
         device, args.seed)
 
+    def loss_of(model, batch):
+        window = windows[batch]
+        scores, _ = model(window[:, :-1])
+        return loss_fn(scores, window[:, 1:])
+
     def train(model, generator):
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-        epoch_losses = []
-        for _ in range(args.epochs):
-            order = torch.randperm(count, generator=generator).to(device)
-            total = 0.0
-            for batch in order.split(args.batch_size):
-                window = windows[batch]
-                scores, _ = model(window[:, :-1])
-                loss = loss_fn(scores, window[:, 1:])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(batch)
-            epoch_losses.append(total / count)
-        return epoch_losses
+        return common.train_minibatches(model, generator, count, loss_of, args.epochs,
+                                        args.batch_size, args.lr)
 
     print(f"\nGRU on {Path(args.text).name}: {len(text)} characters, {len(vocab)} distinct, "
           f"{count} windows of {args.seq_len}, hidden {args.hidden_size}, "
