@@ -42,16 +42,11 @@ def use_backend(name: str) -> Iterator[None]:
         yield
 
 
-def resolve(device: torch.device, cell: str | None = None) -> str:
-    """The engine that runs layers of ``cell`` on ``device`` now: "cpp", "triton"
-    or "reference"."""
+def resolve(device: torch.device) -> str:
+    """The engine that runs layers on ``device`` now: "cpp", "triton" or "reference"."""
     name = settings.backend
     if name == "auto":
-        engine = _auto_engine(device.type)
-        if engine == "triton" and cell is not None and not _triton_has(cell):
-            _warn_missing_kernels(cell, device.type)
-            return "reference"
-        return engine
+        return _auto_engine(device.type)
     problem = _forced_engine_problem(name, str(device))
     if problem is not None:
         raise RuntimeError(problem)
@@ -86,17 +81,6 @@ def _forced_engine_problem(name: str, device: str) -> str | None:
         if reason is not None:
             return f"fastrnn backend 'triton' cannot run tensors on {device}: {reason}"
     return None
-
-
-@torch.compiler.assume_constant_result
-def _triton_has(cell: str) -> bool:
-    return cell in triton_engine.KERNEL_CELLS
-
-
-@functools.cache
-def _warn_missing_kernels(cell: str, device_type: str) -> None:
-    warnings.warn(f"fastrnn: the Triton engine has no {cell} kernels yet; {cell} layers on "
-                  f"{device_type} run the slow reference loop.", RuntimeWarning, stacklevel=3)
 
 
 @functools.cache

@@ -78,7 +78,7 @@ def layer(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tens
                                                 for t in (x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr)]
         with torch.autocast(x.device.type, enabled=False):
             return layer(cell, x, tuple(hx), w_ih, w_hh, b_ih, b_hh, lengths, reverse, w_hr)
-    engine = backends.resolve(x.device, cell)
+    engine = backends.resolve(x.device)
     if engine == "reference":
         return reference.layer(cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse, w_hr)
     return _engine_layer(engine, cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse, w_hr)

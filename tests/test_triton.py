@@ -15,14 +15,18 @@ import fastrnn.autograd
 import fastrnn.functional
 import fastrnn.ops
 import fastrnn.reference
-from conftest import (CELLS, KINDS, TRITON_DEVICE, apply_function, apply_reference, assert_close,
-                      assert_results_close, cell_name, forward_backward, make_args, make_pair,
+from conftest import (ALL_MODULE_KINDS, CELLS, KINDS, TRITON_DEVICE, apply_function, assert_close,
+                      assert_results_close, forward_backward, make_args, make_pair, make_state,
                       needs_cuda)
 from fastrnn.cells import CELLS as ALL_CELL_DESCRIPTIONS
 
 # The cells the Triton engine has kernels for (fastrnn.triton.KERNEL_CELLS;
 # not imported here, so that collecting this file needs no triton).
-CELL_DESCRIPTIONS = {name: ALL_CELL_DESCRIPTIONS[name] for name in ("rnn_tanh", "rnn_relu", "gru")}
+CELL_DESCRIPTIONS = {name: ALL_CELL_DESCRIPTIONS[name]
+                     for name in ("rnn_tanh", "rnn_relu", "gru", "lstm")}
+# The layers under test: (cell, projection: a fraction of H, 0 for none).
+LAYERS = {"rnn_tanh": ("rnn_tanh", 0), "rnn_relu": ("rnn_relu", 0), "gru": ("gru", 0),
+          "lstm": ("lstm", 0), "lstm_proj": ("lstm", 1 / 3)}
 
 triton_engine = pytest.importorskip("fastrnn.triton")
 engine = triton_engine.engine
@@ -48,82 +52,114 @@ def lengths_for(T, B, packed):
     return [T] + [1 + (7 * b) % T for b in range(1, B)]
 
 
-def apply_layer(nonlinearity, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
-    """The engine's layer function, as the modules call it."""
-    if nonlinearity is None:
-        return fastrnn.functional.gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
-    return fastrnn.functional.rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, nonlinearity)
+def layer_args(layer, T, B, I, H, bias, dtype, seed):
+    """Random float64 (x, states, w_ih, w_hh, b_ih, b_hh, w_hr) for one layer
+    of LAYERS[layer] (w_hr None without a projection), at torch.nn's initial
+    scale, which keeps long recurrences contractive, so float32 rounding is
+    not amplified step after step."""
+    cell, fraction = LAYERS[layer]
+    description = CELL_DESCRIPTIONS[cell]
+    P = max(1, int(H * fraction)) if fraction else 0
+    K = P or H
+    G = description.gates * H
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=0.5):
+        return torch.randn(*shape, dtype=torch.float64, generator=generator) * scale
+
+    weight = 1 / H ** 0.5
+    x = rand(T, B, I)
+    states = [rand(B, K if k == 0 else H) for k in range(len(description.states))]
+    weights = [rand(G, I, scale=weight), rand(G, K, scale=weight),
+               rand(G, scale=weight) if bias else None, rand(G, scale=weight) if bias else None,
+               rand(P, H, scale=weight) if P else None]
+    return x, states, weights
 
 
-def run_layer(fn, nonlinearity, args, lengths, reverse, upstream):
-    output, h_n = fn(nonlinearity, *args, lengths, reverse)
-    leaves = [a for a in args if a is not None]
-    grads = torch.autograd.grad((output, h_n), leaves, upstream(output, h_n))
-    return [output, h_n, *grads]
+def run_layer(fn, cell, x, states, weights, lengths, reverse, generator):
+    """Outputs, final states and the gradients of every input of ``fn``
+    (fastrnn.functional.layer or the reference loop) under random upstream
+    gradients on all of its outputs."""
+    w_ih, w_hh, b_ih, b_hh, w_hr = weights
+    output, finals = fn(cell, x, tuple(states), w_ih, w_hh, b_ih, b_hh, lengths, reverse, w_hr=w_hr)
+    results = [output, *finals]
+    leaves = [t for t in (x, *states, *weights) if t is not None]
+    upstream = [torch.randn(t.shape, dtype=torch.float64, generator=generator).to(t) for t in results]
+    return [*results, *torch.autograd.grad(results, leaves, upstream)]
 
 
-def check_layer(strategy, cell, T, B, H, packed, reverse, dtype, I=5, bias=True):
-    _, gates, nonlinearity = cell
-    x, h0, w_ih, w_hh, b_ih, b_hh, lengths = make_args(
-        gates, T, B, I, H, bias=bias, lengths=lengths_for(T, B, packed), dtype=torch.float64, seed=T + B + H)
-    # torch.nn's initial scale keeps long recurrences contractive, so float32
-    # rounding is not amplified step after step.
-    with torch.no_grad():
-        for w in (w_ih, w_hh, b_ih, b_hh):
-            if w is not None:
-                w.mul_(2 / H ** 0.5)
-    generator = torch.Generator().manual_seed(11)
+def check_layer(strategy, layer, T, B, H, packed, reverse, dtype, I=5, bias=True):
+    """The Triton engine's layer (fastrnn.functional.layer under ``strategy``)
+    against the float64 reference loop: outputs, final states, every gradient."""
+    cell = LAYERS[layer][0]
+    x, states, weights = layer_args(layer, T, B, I, H, bias, dtype, seed=T + B + H)
+    lengths = lengths_for(T, B, packed)
+    lengths = None if lengths is None else torch.tensor(lengths)
 
-    def upstream(output, h_n):
-        return [torch.randn(t.shape, dtype=torch.float64, generator=generator).to(t) for t in (output, h_n)]
+    def prepare(t, device, to_dtype):
+        return None if t is None else t.detach().to(device, to_dtype).requires_grad_()
 
-    args = [None if t is None else t.detach().to(TRITON_DEVICE, dtype).requires_grad_()
-            for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    got_args = [prepare(t, TRITON_DEVICE, dtype) for t in (x, *states, *weights)]
+    n = len(states)
     with fastrnn.use_backend("triton"), triton_engine.use_strategy(strategy):
-        got = run_layer(apply_layer, nonlinearity, args, lengths, reverse, upstream)
-    reference_args = [None if t is None else t.detach().cpu().double().requires_grad_() for t in args]
-    generator.manual_seed(11)
-    expected = run_layer(apply_reference, nonlinearity, reference_args, lengths, reverse, upstream)
-    names = ["output", "h_n", "grad_x", "grad_h0", "grad_w_ih", "grad_w_hh", "grad_b_ih", "grad_b_hh"]
-    assert len(got) == len(expected) == (8 if bias else 6)
+        got = run_layer(fastrnn.functional.layer, cell, got_args[0], got_args[1:1 + n],
+                        got_args[1 + n:], lengths, reverse, torch.Generator().manual_seed(11))
+    # The reference runs in float64 on the same (rounded) values.
+    ref_args = [prepare(t, "cpu", torch.float64) for t in got_args]
+    expected = run_layer(fastrnn.reference.layer, cell, ref_args[0], ref_args[1:1 + n],
+                         ref_args[1 + n:], lengths, reverse, torch.Generator().manual_seed(11))
+    names = (["output", *[f"{s}_n" for s in CELL_DESCRIPTIONS[cell].states], "grad_x"]
+             + [f"grad_{s}0" for s in CELL_DESCRIPTIONS[cell].states]
+             + [name for name, t in zip(["grad_w_ih", "grad_w_hh", "grad_b_ih", "grad_b_hh",
+                                          "grad_w_hr"], weights) if t is not None])
+    assert len(got) == len(expected) == len(names)
     for name, a, b in zip(names, got, expected):
         assert a.dtype == dtype and a.device.type == TRITON_DEVICE.type, name
         assert_close(a.cpu().double(), b, dtype, msg=name)
 
 
-def tile_fits(cell, H, B, dtype):
+def tile_fits(layer, H, B, dtype):
+    """Whether the tile strategy holds this layer's weights (the engine's rule, restated)."""
+    cell, fraction = LAYERS[layer]
+    gates = CELL_DESCRIPTIONS[cell].gates
     form = "gemv" if B == 1 or dtype == torch.float64 else ("fp32" if dtype == torch.float32 else "half")
-    return max(16, 1 << (H - 1).bit_length()) <= engine.TILE_MAX_BLOCK_H[(form, cell[1])]
+    limit = engine.TILE_MAX_BLOCK_H[(form, gates)]
+    block_h = max(16, 1 << (H - 1).bit_length())
+    if not fraction:
+        return block_h <= limit
+    P = max(1, int(H * fraction))
+    block_p = max(16, 1 << (P - 1).bit_length())
+    return block_h <= limit and (gates + 1) * block_h * block_p <= gates * limit ** 2
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("cell", CELLS, ids=[c[0] for c in CELLS])
+@pytest.mark.parametrize("layer", list(LAYERS))
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("packed,reverse", [(False, False), (True, True)], ids=["full", "lengths-reverse"])
-def test_layer_matches_reference(strategy, cell, shape, packed, reverse):
+def test_layer_matches_reference(strategy, layer, shape, packed, reverse):
     T, B, H = shape
-    if strategy == "tile" and not tile_fits(cell, H, B, torch.float32):
+    if strategy == "tile" and not tile_fits(layer, H, B, torch.float32):
         with pytest.raises(RuntimeError, match="tile"), fastrnn.use_backend("triton"), \
                 triton_engine.use_strategy("tile"):
-            check_layer(strategy, cell, T, B, H, packed, reverse, torch.float32)
+            check_layer(strategy, layer, T, B, H, packed, reverse, torch.float32)
         return
-    check_layer(strategy, cell, T, B, H, packed, reverse, torch.float32)
+    check_layer(strategy, layer, T, B, H, packed, reverse, torch.float32)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("cell", CELLS, ids=[c[0] for c in CELLS])
+@pytest.mark.parametrize("layer", list(LAYERS))
 @pytest.mark.parametrize("packed,reverse", [(False, True), (True, False)], ids=["reverse", "lengths"])
-def test_layer_matches_reference_float64(strategy, cell, packed, reverse):
-    check_layer(strategy, cell, 9, 3, 13, packed, reverse, torch.float64)
+def test_layer_matches_reference_float64(strategy, layer, packed, reverse):
+    check_layer(strategy, layer, 9, 3, 13, packed, reverse, torch.float64)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("cell", CELLS, ids=[c[0] for c in CELLS])
+@pytest.mark.parametrize("layer", list(LAYERS))
 @pytest.mark.parametrize("shape", [(9, 3, 13), (9, 1, 13)], ids=["T9-B3-H13", "T9-B1-H13"])
-def test_layer_without_bias_matches_reference(strategy, cell, shape):
+def test_layer_without_bias_matches_reference(strategy, layer, shape):
     """No biases: the kernels are compiled without the in-loop bias (B_HH None)."""
     T, B, H = shape
-    check_layer(strategy, cell, T, B, H, True, True, torch.float32, bias=False)
+    check_layer(strategy, layer, T, B, H, True, True, torch.float32, bias=False)
 
 
 def layer_op(direction):
@@ -133,61 +169,68 @@ def layer_op(direction):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("cell", list(CELL_DESCRIPTIONS))
+@pytest.mark.parametrize("layer", list(LAYERS))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_inference_saves_no_workspace(strategy, cell, bias):
-    """save_workspace=False: an empty workspace and the same output and h_n,
-    bit for bit, as the training forward, which saves (T, B, saved * H)."""
+def test_inference_saves_no_workspace(strategy, layer, bias):
+    """save_workspace=False: an empty workspace and the same output and final
+    states, bit for bit, as the training forward, which saves (T, B, saved * H)."""
+    cell = LAYERS[layer][0]
     description = CELL_DESCRIPTIONS[cell]
     T, B, H, I = 7, 3, 13, 5
-    x, h0, w_ih, w_hh, b_ih, b_hh, _ = make_args(description.gates, T, B, I, H, bias=bias,
-                                                 lengths=None, dtype=torch.float32, seed=2,
-                                                 requires_grad=False)
+    x, states, weights = layer_args(layer, T, B, I, H, bias, torch.float32, seed=2)
+    x, *states = [t.float().to(TRITON_DEVICE) for t in (x, *states)]
+    weights = [None if t is None else t.float().to(TRITON_DEVICE) for t in weights]
+    w_ih, w_hh, b_ih, b_hh, w_hr = weights
     lengths = torch.tensor([7, 2, 5])
-    args = [None if t is None else t.to(TRITON_DEVICE) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
-    x, h0, w_ih, w_hh, b_ih, b_hh = args
     results = {}
     for save in (True, False):
-        results[save] = layer_op("forward")(cell, x, [h0], w_ih, w_hh, b_ih, b_hh, None, lengths,
+        results[save] = layer_op("forward")(cell, x, states, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
                                             True, save, strategy)
-    (output, (h_n,), workspace), (output_inf, (h_n_inf,), workspace_inf) = results[True], results[False]
+    (output, finals, workspace), (output_inf, finals_inf, workspace_inf) = results[True], results[False]
     assert workspace.shape == (T, B, description.saved * H)
     assert workspace_inf.shape == (0,)
-    assert torch.equal(output, output_inf) and torch.equal(h_n, h_n_inf)
-    expected, (expected_h,) = fastrnn.reference.layer(cell, x.cpu().double(), (h0.cpu().double(),),
-                                                      *[None if t is None else t.cpu().double()
-                                                        for t in (w_ih, w_hh, b_ih, b_hh)],
-                                                      lengths, True)
+    assert torch.equal(output, output_inf)
+    assert all(torch.equal(a, b) for a, b in zip(finals, finals_inf))
+    double = [None if t is None else t.cpu().double() for t in weights]
+    expected, expected_finals = fastrnn.reference.layer(
+        cell, x.cpu().double(), tuple(t.cpu().double() for t in states), *double[:4], lengths,
+        True, w_hr=double[4])
     assert_close(output_inf.cpu().double(), expected, torch.float32)
-    assert_close(h_n_inf.cpu().double(), expected_h, torch.float32)
+    for a, b in zip(finals_inf, expected_finals, strict=True):
+        assert_close(a.cpu().double(), b, torch.float32)
 
 
 @pytest.mark.parametrize("cell", [name for name, c in CELL_DESCRIPTIONS.items() if c.saved])
 def test_backward_needs_the_workspace(cell):
     # Cells that save values per step: backward refuses an inference workspace.
-    description = CELL_DESCRIPTIONS[cell]
-    x, h0, w_ih, w_hh, b_ih, b_hh, _ = make_args(description.gates, 3, 2, 4, 8, bias=True,
-                                                 lengths=None, dtype=torch.float32, seed=1,
-                                                 requires_grad=False)
-    x, h0, w_ih, w_hh, b_ih, b_hh = [t.to(TRITON_DEVICE) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
-    output, _, workspace = layer_op("forward")(cell, x, [h0], w_ih, w_hh, b_ih, b_hh, None, None,
+    x, states, (w_ih, w_hh, b_ih, b_hh, _) = layer_args(cell, 3, 2, 4, 8, True, torch.float32, seed=1)
+    x, *states = [t.float().to(TRITON_DEVICE) for t in (x, *states)]
+    w_ih, w_hh, b_ih, b_hh = [t.float().to(TRITON_DEVICE) for t in (w_ih, w_hh, b_ih, b_hh)]
+    output, _, workspace = layer_op("forward")(cell, x, states, w_ih, w_hh, b_ih, b_hh, None, None,
                                                False, False, "auto")
     with pytest.raises(RuntimeError, match="workspace"):
-        layer_op("backward")(cell, torch.ones_like(output), [torch.ones_like(h0)], x, [h0], w_ih,
-                             w_hh, None, output, workspace, None, False, True, "auto")
+        layer_op("backward")(cell, torch.ones_like(output), [torch.ones_like(h) for h in states],
+                             x, states, w_ih, w_hh, None, output, workspace, None, False, True,
+                             "auto")
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("cell", CELLS, ids=[c[0] for c in CELLS])
+@pytest.mark.parametrize("layer", list(LAYERS))
 @pytest.mark.parametrize("lengths,reverse", [(None, False), ([2, 4, 1], True)], ids=["full", "lengths-reverse"])
-def test_gradcheck(strategy, cell, lengths, reverse):
-    _, gates, nonlinearity = cell
-    x, h0, w_ih, w_hh, b_ih, b_hh, lengths_t = make_args(
-        gates, T=4, B=3, I=3, H=4, bias=True, lengths=lengths, dtype=torch.float64, seed=7)
-    inputs = [t.detach().to(TRITON_DEVICE).requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+def test_gradcheck(strategy, layer, lengths, reverse):
+    cell = LAYERS[layer][0]
+    x, states, weights = layer_args(layer, 4, 3, 3, 4 if layer != "lstm_proj" else 6, True,
+                                    torch.float64, seed=7)
+    n = len(states)
+    lengths_t = None if lengths is None else torch.tensor(lengths)
+    inputs = [t.detach().to(TRITON_DEVICE).requires_grad_()
+              for t in (x, *states, *weights) if t is not None]
 
-    def fn(*tensors):
-        return apply_function(nonlinearity, *tensors, lengths_t, reverse)
+    def fn(x, *tensors):
+        state, (w_ih, w_hh, b_ih, b_hh, *w_hr) = tensors[:n], tensors[n:]
+        output, finals = fastrnn.autograd.layer(cell, x, state, w_ih, w_hh, b_ih, b_hh, lengths_t,
+                                                reverse, w_hr=w_hr[0] if w_hr else None)
+        return output, *finals
 
     # The interpreter makes a full numerical Jacobian slow (a minute per case);
     # fast mode checks random projections of it instead.
@@ -198,31 +241,32 @@ def test_gradcheck(strategy, cell, lengths, reverse):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
-@pytest.mark.parametrize("cell", CELLS, ids=[c[0] for c in CELLS])
-def test_low_precision_keeps_float32_state(strategy, dtype, cell):
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_low_precision_keeps_float32_state(strategy, dtype, layer):
     """Half inputs and weights, float32 state and accumulation: the result is
     within the half type's rounding of the exact computation on the same
     (rounded) inputs, over 37 steps."""
-    check_layer(strategy, cell, 37, 3, 40, True, False, dtype)
+    check_layer(strategy, layer, 37, 3, 40, True, False, dtype)
 
 
 @pytest.mark.parametrize("strategy", ["auto", *STRATEGIES])
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind", list(ALL_MODULE_KINDS))
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["unidir", "bidir"])
 @pytest.mark.parametrize("input_kind", ["batched", "packed"])
 def test_modules_match_torch_nn(strategy, kind, bidirectional, input_kind):
     """Two-layer modules on the Triton engine against torch.nn (float64)."""
-    torch_cls, fast_cls, extra = KINDS[kind]
+    torch_cls, fast_cls, extra = ALL_MODULE_KINDS[kind]
     reference, candidate = make_pair(torch_cls, fast_cls, 7, 13, num_layers=2, batch_first=True,
                                      bidirectional=bidirectional, dtype=torch.float64, **extra)
     candidate.to(TRITON_DEVICE)
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(5, 9, 7, dtype=torch.float64, generator=generator)
-    hx = torch.randn(2 * (2 if bidirectional else 1), 5, 13, dtype=torch.float64, generator=generator)
+    hx = make_state(kind, (2 * (2 if bidirectional else 1), 5), torch.float64, generator, hidden=13)
     lengths = [9, 3, 7, 1, 5] if input_kind == "packed" else None
     expected = forward_backward(reference, x, hx, lengths=lengths, batch_first=True)
+    device_hx = tuple(h.to(TRITON_DEVICE) for h in hx) if isinstance(hx, tuple) else hx.to(TRITON_DEVICE)
     with fastrnn.use_backend("triton"), triton_engine.use_strategy(strategy):
-        got = forward_backward(candidate, x.to(TRITON_DEVICE), hx.to(TRITON_DEVICE), lengths=lengths,
+        got = forward_backward(candidate, x.to(TRITON_DEVICE), device_hx, lengths=lengths,
                                batch_first=True)
     assert_results_close({k: v.cpu() for k, v in got.items()}, expected, torch.float64)
 
@@ -238,6 +282,11 @@ def test_auto_strategy_by_shape():
     assert chosen("gru", 8, 256) == "split"
     assert chosen("rnn_tanh", 32, 1024) == "split"
     assert chosen("gru", 512, 64) == "stepwise"
+    assert chosen("lstm", 8, 32) == "tile"
+    assert chosen("lstm", 8, 64) == "split"
+    # W_hh (4H, P) and W_hr (P, H) together within the tile's budget, or not
+    assert engine.plan("lstm", 8, 32, torch.float32, torch.device("cuda"), projection=16).strategy == "tile"
+    assert engine.plan("lstm", 8, 32, torch.float32, torch.device("cuda"), projection=31).strategy == "split"
     # too many batch tiles x column blocks to be co-resident on 132 SMs
     assert chosen("gru", 200, 2048) == "stepwise"
     with triton_engine.use_strategy("tile"), pytest.raises(RuntimeError, match="tile"):
@@ -277,27 +326,30 @@ def test_sequence_length_is_not_specialised(kernel):
 
 
 @needs_cuda
-@pytest.mark.parametrize("cell", CELLS, ids=[c[0] for c in CELLS])
-def test_split_grid_barrier_on_gpu(cell):
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_split_grid_barrier_on_gpu(layer):
     """The persistent split launch with its grid barrier (compiled out under
-    the interpreter) over a shape that spreads across many SMs."""
-    plan = engine.plan(cell_name(cell[2]), 8, 512, torch.float32, TRITON_DEVICE)
+    the interpreter) over a shape that spreads across many SMs; with a
+    projection, two barriers per step."""
+    cell, fraction = LAYERS[layer]
+    plan = engine.plan(cell, 8, 512, torch.float32, TRITON_DEVICE, projection=int(512 * fraction))
     assert plan.grid_sync
-    check_layer("split", cell, 64, 8, 512, True, True, torch.float32)
+    check_layer("split", layer, 64, 8, 512, True, True, torch.float32)
 
 
 @needs_cuda
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("kind", ["RNN_tanh", "GRU"])
+@pytest.mark.parametrize("kind", ["RNN_tanh", "GRU", "LSTM", "LSTM_proj"])
 def test_split_grid_barrier_stress_on_two_streams(kind):
     """Two persistent split launches at once, on two streams, over long
     sequences: each meets its grid barrier at every one of 4096 steps. Both
     must finish (the timeout turns a hang into a failure) and match cuDNN,
     forward and backward."""
     T, B, H, I = 4096, 64, 256, 32
-    torch_cls, fast_cls, extra = KINDS[kind]
-    cell = "gru" if kind == "GRU" else "rnn_tanh"
-    assert engine.plan(cell, B, H, torch.float32, TRITON_DEVICE).grid_sync
+    torch_cls, fast_cls, extra = ALL_MODULE_KINDS[kind]
+    cell = {"GRU": "gru", "RNN_tanh": "rnn_tanh"}.get(kind, "lstm")
+    assert engine.plan(cell, B, H, torch.float32, TRITON_DEVICE,
+                       projection=extra.get("proj_size", 0)).grid_sync
     reference, fast = make_pair(torch_cls, fast_cls, I, H, **extra)
     reference.to(TRITON_DEVICE)
     fast.to(TRITON_DEVICE)
@@ -312,14 +364,25 @@ def test_split_grid_barrier_stress_on_two_streams(kind):
             with torch.cuda.stream(stream):
                 results.append(fast(x))
         torch.cuda.synchronize()
-        grads = [torch.autograd.grad(output.sum() + h_n.sum(), [x, fast.weight_hh_l0])
+        grads = [torch.autograd.grad(output.sum() + summed(h_n), [x, fast.weight_hh_l0])
                  for x, (output, h_n) in zip(xs, results)]
     for x, (output, h_n), got in zip(xs, results, grads):
         expected_output, expected_h = reference(x)
-        expected = torch.autograd.grad(expected_output.sum() + expected_h.sum(), [x, reference.weight_hh_l0])
+        expected = torch.autograd.grad(expected_output.sum() + summed(expected_h),
+                                       [x, reference.weight_hh_l0])
         # 4096 steps of float32 rounding in two reduction orders: 1e-4.
-        for a, b in zip([output, h_n, *got], [expected_output, expected_h, *expected]):
+        for a, b in zip([output, *flatten(h_n), *got],
+                        [expected_output, *flatten(expected_h), *expected]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def flatten(states):
+    """A module's final states as a list: (h_n, c_n) for an LSTM, [h_n] otherwise."""
+    return list(states) if isinstance(states, tuple) else [states]
+
+
+def summed(states):
+    return sum(t.sum() for t in flatten(states))
 
 
 @needs_cuda
@@ -330,10 +393,10 @@ def test_no_recompile_across_sequence_lengths():
         device = torch.cuda.current_device()
         return [len(kernel.device_caches[device][0]) for kernel in (tile_fwd_kernel, tile_bwd_kernel)]
 
-    check_layer("tile", CELLS[0], 5, 3, 13, False, False, torch.float32)
+    check_layer("tile", "rnn_tanh", 5, 3, 13, False, False, torch.float32)
     before = compiled()
     for T in (6, 50, 333):
-        check_layer("tile", CELLS[0], T, 3, 13, False, False, torch.float32)
+        check_layer("tile", "rnn_tanh", T, 3, 13, False, False, torch.float32)
     assert compiled() == before
 
 
@@ -422,7 +485,7 @@ def test_split_grid_fits_the_mps_share_of_the_sms(monkeypatch):
 
 
 @needs_cuda
-@pytest.mark.parametrize("kind", ["RNN_tanh", "GRU"])
-def test_split_without_cooperative_launch_on_gpu(kind, monkeypatch):
+@pytest.mark.parametrize("layer", ["rnn_tanh", "gru", "lstm", "lstm_proj"])
+def test_split_without_cooperative_launch_on_gpu(layer, monkeypatch):
     monkeypatch.setattr(engine, "_COOPERATIVE_LAUNCH", False)
-    check_layer("split", next(c for c in CELLS if c[0] == kind), 33, 8, 512, True, True, torch.float32)
+    check_layer("split", layer, 33, 8, 512, True, True, torch.float32)

@@ -28,6 +28,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from fastrnn.cells import CELLS as CELL_DESCRIPTIONS
 from fastrnn.triton.engine import KERNEL_CELLS as CELLS
 from fastrnn.triton import engine
 
@@ -41,27 +42,37 @@ HIDDEN = (13, 32, 40, 64, 100, 128, 256, 512, 1024, 2048)
 # Pointer arguments by role: the float32/float64 state (outputs and their
 # gradients included), int32, or else the layer's own dtype.
 _STATE_ARGS = {"WS", "STATE", "CARRY", "DP_IH", "DP_HH", "DP_STEP", "Q", "OUT", "H_N", "GRAD_HN",
-               "GRAD_H0", "GRAD_OUT", "PREV"}
+               "GRAD_H0", "GRAD_OUT", "PREV", "C0", "C_N", "C", "M", "HR", "GRAD_CN", "GRAD_C0",
+               "PREV_C", "DC", "DH", "DM", "DH_STEP", "UNPROJECTED"}
 _INT_ARGS = {"LENGTHS", "BARRIER"}
-_SCALAR_ARGS = {"T", "B", "H", "reverse", "step_begin", "step_end"}
+_SCALAR_ARGS = {"T", "B", "H", "K", "reverse", "step_begin", "step_end"}
 _TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
                torch.float64: "fp64"}
+
+
+def projections(cell: str, H: int) -> tuple[int, ...]:
+    """The projection sizes tried for a layer of ``cell`` with hidden size H:
+    none, and for a cell that projects, about half of H and H - 1."""
+    if not CELL_DESCRIPTIONS[cell].projects:
+        return (0,)
+    return (0, *sorted({max(1, H // 2), H - 1}))
 
 
 @functools.cache
 def shipped_configs() -> list[tuple]:
     """Unique (kernel, constexprs, dtype) the planner launches on a GPU, for
-    layers with and without biases, saving the workspace (training) or not."""
+    layers with and without biases and projections, saving the workspace
+    (training) or not."""
     device = torch.device("cuda")
     seen = {}
     for cell in CELLS:
         for dtype in DTYPES:
             for B in BATCHES:
-                for H in HIDDEN:
+                for H, P in ((H, P) for H in HIDDEN for P in projections(cell, H)):
                     for strategy in engine.STRATEGIES:
                         with engine.use_strategy(strategy):
                             try:
-                                plan = engine.plan(cell, B, H, dtype, device)
+                                plan = engine.plan(cell, B, H, dtype, device, projection=P)
                             except RuntimeError:  # the strategy cannot run this shape
                                 continue
                         # A split also runs step by step where the device cannot

@@ -3,18 +3,23 @@
 A cell is a pair of ``@triton.jit`` functions, called once per step on a
 (rows, units) block of every gate:
 
-- ``<cell>_update(p, q, b, h) -> (h_new, saved)``: p and q are tuples of
-  the gates' input-side (x W_ih^T + b_ih + the folded gates' b_hh) and
-  hidden-side (h W_hh^T) pre-activations, b the tuple of the other gates'
-  b_hh (empty without biases), which the cell adds where its math puts them
-  (``with_bias``); ``saved`` is the tuple of the ``saved`` values backward
-  reads (``fastrnn.cells``).
-- ``<cell>_grad(g, saved, h, h_prev) -> (dp_ih, dp_hh, skip)``: from the
-  gradient g reaching the step's output h, the step's saved values and the
-  state it started from, the gates' pre-activation gradients on the input
-  side and on the hidden side (the rows of W_hh's product), and the part
-  of the previous state's gradient that skips that product, as a tuple of
-  one block or none (a jit function cannot return None).
+- ``<cell>_update(p, q, b, h, c) -> (h_new, c_new, saved)``: p and q are
+  tuples of the gates' input-side (x W_ih^T + b_ih + the folded gates' b_hh)
+  and hidden-side (h W_hh^T) pre-activations, b the tuple of the other
+  gates' b_hh (empty without biases), which the cell adds where its math
+  puts them (``with_bias``); c the cell state, a tuple of one block for a
+  cell with two states (the LSTM's) or none, and c_new likewise; ``saved``
+  is the tuple of the ``saved`` values backward reads (``fastrnn.cells``).
+  h_new is the step's output before any projection (the LSTM's o tanh c).
+- ``<cell>_grad(g, saved, h, h_prev, dc, c_prev) -> (dp_ih, dp_hh, skip,
+  dc_prev)``: from the gradient g reaching the step's (unprojected) output
+  h, the step's saved values, the state it started from and, for a cell
+  state, the gradient dc reaching it from later steps and its value before
+  the step (tuples of one block or none), the gates' pre-activation
+  gradients on the input side and on the hidden side (the rows of W_hh's
+  product), the part of the previous state's gradient that skips that
+  product (one block or none: a jit function cannot return None) and the
+  previous cell state's gradient (one block or none).
   A cell reads what it needs: the kernels compile out the loads it ignores.
 
 ``update`` and ``grad`` dispatch on the constexpr cell name (the
@@ -99,6 +104,41 @@ def gru_grad(g, saved, h, h_prev):
 
 
 @triton.jit
+def lstm_update(p, q, c):
+    """One LSTM step, gates i | f | g | o (every b_hh folded into p), from the
+    cell state c[0]: (o tanh c', c'). Saves i | f | g | o | c'."""
+    i = tl.sigmoid(p[0] + q[0])
+    f = tl.sigmoid(p[1] + q[1])
+    g = tanh(p[2] + q[2])
+    o = tl.sigmoid(p[3] + q[3])
+    c_new = f * c[0] + i * g
+    return o * tanh(c_new), c_new, (i, f, g, o, c_new)
+
+
+@triton.jit
+def lstm_grad(dm, saved, dc, c_prev):
+    """Gate gradients from dm reaching o tanh c (after the projection's
+    transpose), dc[0] reaching c from later steps, the saved i | f | g | o | c
+    and c_prev[0]; the same on both sides. Returns them and dc_prev = dc' f."""
+    i, f, g, o, c = saved[0], saved[1], saved[2], saved[3], saved[4]
+    tc = tanh(c)
+    dc_total = dc[0] + dm * o * (1.0 - tc * tc)
+    di = dc_total * g * i * (1.0 - i)
+    df = dc_total * c_prev[0] * f * (1.0 - f)
+    dg = dc_total * i * (1.0 - g * g)
+    do = dm * tc * o * (1.0 - o)
+    gates = (di, df, dg, do)
+    return gates, gates, dc_total * f
+
+
+@triton.jit
+def unprojected_output(saved):
+    """A projecting cell's output before W_hr, from its saved values: the
+    LSTM's o tanh c (the only cell that projects), for dW_hr."""
+    return saved[3] * tanh(saved[4])
+
+
+@triton.jit
 def with_bias(x, b, k):
     """x plus the in-loop bias b[k], or x where there are no biases (b empty)."""
     if len(b) > 0:
@@ -107,23 +147,45 @@ def with_bias(x, b, k):
 
 
 @triton.jit
-def update(CELL: tl.constexpr, p, q, b, h):
-    """``CELL``'s step: (h_new, saved)."""
-    if CELL == "gru":
+def update(CELL: tl.constexpr, p, q, b, h, c):
+    """``CELL``'s step: (h_new, c_new, saved)."""
+    if CELL == "lstm":
+        h_new, c_next, saved = lstm_update(p, q, c)
+        c_new = (c_next,)
+    elif CELL == "gru":
         h_new, saved = gru_update(p, q, b, h)
+        c_new = ()
     else:
         h_new, saved = rnn_update(p, q, b, h, CELL == "rnn_relu")
-    return h_new, saved
+        c_new = ()
+    return h_new, c_new, saved
 
 
 @triton.jit
-def grad(CELL: tl.constexpr, g, saved, h, h_prev):
-    """``CELL``'s step backward: (dp_ih, dp_hh, skip)."""
-    if CELL == "gru":
+def grad(CELL: tl.constexpr, g, saved, h, h_prev, dc, c_prev):
+    """``CELL``'s step backward: (dp_ih, dp_hh, skip, dc_prev)."""
+    if CELL == "lstm":
+        dp_ih, dp_hh, dc_next = lstm_grad(g, saved, dc, c_prev)
+        skip = ()
+        dc_prev = (dc_next,)
+    elif CELL == "gru":
         dp_ih, dp_hh, skip = gru_grad(g, saved, h, h_prev)
+        dc_prev = ()
     else:
         dp_ih, dp_hh, skip = rnn_grad(g, saved, h, h_prev, CELL == "rnn_relu")
-    return dp_ih, dp_hh, skip
+        dc_prev = ()
+    return dp_ih, dp_hh, skip, dc_prev
+
+
+@triton.jit
+def keep_finished(active, new, old):
+    """The tuple ``new`` where ``active`` (per row), else ``old``: finished
+    sequences keep their state. Both tuples hold one block or none."""
+    if len(new) > 0:
+        kept = (tl.where(active[:, None], new[0], old[0]),)
+    else:
+        kept = ()
+    return kept
 
 
 @triton.jit

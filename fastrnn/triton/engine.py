@@ -38,15 +38,19 @@ from fastrnn.triton.tile import tile_bwd_kernel, tile_fwd_kernel
 
 STRATEGIES = ("auto", "tile", "split", "stepwise")
 # The cells this engine has kernels for (``fastrnn.backends.TRITON_CELLS``).
-KERNEL_CELLS = ("rnn_tanh", "rnn_relu", "gru")
+KERNEL_CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
 
 # Largest zero-padded hidden size whose W_hh one tile program keeps in
 # registers, by (product form, gates): "gemv" for one-row tiles and float64,
 # "fp32" for float32 tl.dot (FMA, IEEE), "half" for bfloat16/float16 tl.dot
 # (tensor cores). The ahead-of-time compile test checks that none of these
 # spills (tests/triton_aot.py prints the table).
-TILE_MAX_BLOCK_H = {("gemv", 1): 64, ("gemv", 3): 32, ("fp32", 1): 32, ("fp32", 3): 32,
-                    ("half", 1): 128, ("half", 3): 64}
+# With a projection W_hr (P, H) beside W_hh (G, P), the tile holds both
+# within the same number of weights: (gates + 1) * BLOCK_H * BLOCK_P at most
+# gates * the square of the table's BLOCK_H.
+TILE_MAX_BLOCK_H = {("gemv", 1): 64, ("gemv", 3): 32, ("gemv", 4): 32,
+                    ("fp32", 1): 32, ("fp32", 3): 32, ("fp32", 4): 32,
+                    ("half", 1): 128, ("half", 3): 64, ("half", 4): 64}
 # Batch from which the recurrent product is a GEMM worth cuBLAS.
 STEPWISE_MIN_BATCH = 256
 # SM count assumed when no GPU is present (an H100 SXM's), so that the
@@ -75,7 +79,8 @@ class Plan:
     cell: the cell's description (``fastrnn.cells``); block_b: batch rows
     per program (1: the GEMV form); block_n: hidden units per program (the
     whole padded H for "tile"); block_k: the reduction chunk of the split
-    product; gpu: compiled for a GPU (else run by the interpreter);
+    product (the whole padded width of h for "tile"); projects: the layer
+    has a projection W_hr; gpu: compiled for a GPU (else run by the interpreter);
     cooperative: the GPU launches cooperative grids, which alone guarantee
     that every program of a persistent split is resident at once. Without
     both, "split" launches once per step and phase instead of syncing its
@@ -93,6 +98,7 @@ class Plan:
     dot_dtype: tl.dtype
     precision: str
     gpu: bool
+    projects: bool = False
     cooperative: bool = False
     backward_warps: int | None = None  # when backward differs from num_warps
 
@@ -116,9 +122,15 @@ class Plan:
         hidden bias B_HH (no bias, or every gate's folds), the workspace WS
         (nothing saved), the separate input-side gradients DP_IH (every
         gate folded: they are DP_HH), the stepwise products Q and DP_STEP
-        (not stepwise) and the grid barrier's counters BARRIER (not synced).
+        (not stepwise) and the grid barrier's counters BARRIER (not synced);
+        the cell state's (one state), and the projection's (none).
+
+        A split with a projection also launches, unsynced, "forward_project"
+        after each step's "forward" and "backward_projected" before its
+        "backward".
         """
         cell = self.cell
+        two_states = len(cell.states) > 1
         common = dict(CELL=cell.name, GATES=cell.gates, SAVED=cell.saved, BLOCK_B=self.block_b,
                       USE_DOT=self.use_dot, DOT_DTYPE=self.dot_dtype,
                       STATE_DTYPE=self.state_dtype, PRECISION=self.precision,
@@ -131,10 +143,27 @@ class Plan:
         backward = {} if cell.saved else {"WS": None}
         if cell.folded_gates == cell.gates:
             backward["DP_IH"] = None
+        if not self.projects:
+            forward["W_HR"] = None
+            backward.update(W_HR=None, DH=None, UNPROJECTED=None)
+        if not two_states:
+            backward["PREV_C"] = None
         if self.strategy == "tile":
-            return {"forward": (tile_fwd_kernel, dict(common, **forward, BLOCK_H=self.block_n)),
-                    "backward": (tile_bwd_kernel, dict(common, **backward, BLOCK_H=self.block_n,
+            if not two_states:
+                forward.update(C0=None, C_N=None)
+                backward.update(GRAD_CN=None, GRAD_C0=None)
+            blocks = dict(BLOCK_H=self.block_n, BLOCK_K=self.block_k)
+            return {"forward": (tile_fwd_kernel, dict(common, **forward, **blocks)),
+                    "backward": (tile_bwd_kernel, dict(common, **backward, **blocks,
                                                        num_warps=self.backward_warps or self.num_warps))}
+        if not two_states:
+            forward["C"] = None
+            backward["DC"] = None
+        if not self.projects:
+            forward["M"] = None
+        if not (self.projects and self.strategy == "stepwise"):
+            forward["HR"] = None
+            backward.update(DM=None, DH_STEP=None)
         # No software pipelining: its async copies may go through L1, and the
         # state other programs wrote must be read past it.
         common.update(BLOCK_N=self.block_n, BLOCK_K=self.block_k, num_stages=1,
@@ -149,12 +178,20 @@ class Plan:
         if self.strategy != "stepwise":
             forward["Q"] = None
             backward["DP_STEP"] = None
-        kinds = {"forward": (split_fwd_kernel, dict(common, **forward)),
-                 "backward": (split_bwd_kernel, dict(common, **backward, POINTWISE=True,
-                                                     RECURRENT=self.grid_sync))}
-        if self.strategy == "split" and not self.grid_sync:
+        sync = self.grid_sync
+        project = sync and self.projects
+        kinds = {"forward": (split_fwd_kernel, dict(common, **forward, CELL_PHASE=True,
+                                                    PROJECT=project)),
+                 "backward": (split_bwd_kernel, dict(common, **backward, PROJECTED=project,
+                                                     POINTWISE=True, RECURRENT=sync))}
+        if self.projects and not sync:
+            kinds["forward_project"] = (split_fwd_kernel, dict(
+                common, **forward, CELL_PHASE=False, PROJECT=True))
+            kinds["backward_projected"] = (split_bwd_kernel, dict(
+                common, **backward, PROJECTED=True, POINTWISE=False, RECURRENT=False))
+        if self.strategy == "split" and not sync:
             kinds["backward_recurrent"] = (split_bwd_kernel, dict(
-                common, **backward, POINTWISE=False, RECURRENT=True))
+                common, **backward, PROJECTED=False, POINTWISE=False, RECURRENT=True))
         return kinds
 
 
@@ -210,10 +247,10 @@ def _sm_count(device: torch.device) -> int:
 
 
 def plan(cell: Cell | str, B: int, H: int, dtype: torch.dtype, device: torch.device,
-         strategy: str | None = None) -> Plan:
+         strategy: str | None = None, projection: int = 0) -> Plan:
     """The launch plan for a layer of ``cell`` (its description or its name)
     under ``strategy`` (default: the one in force on this thread,
-    ``use_strategy``).
+    ``use_strategy``), with a projection to ``projection`` units (0: none).
 
     auto: "stepwise" from STEPWISE_MIN_BATCH rows; else "tile" when W_hh fits
     one program; else "split" when its grid fits the SMs and, on a GPU,
@@ -230,15 +267,19 @@ def plan(cell: Cell | str, B: int, H: int, dtype: torch.dtype, device: torch.dev
     precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 and dtype == torch.float32 else "ieee"
     cooperative = _cooperative(device)
     make = functools.partial(Plan, cell=cell, state_dtype=state, dot_dtype=dot,
-                             precision=precision, gpu=gpu, cooperative=cooperative)
+                             precision=precision, gpu=gpu, projects=projection > 0,
+                             cooperative=cooperative)
 
     block_h = max(16, triton.next_power_of_2(H))
+    block_p = max(16, triton.next_power_of_2(projection)) if projection else block_h
     form = "gemv" if gemv else ("fp32" if dtype == torch.float32 else "half")
     tile_max = TILE_MAX_BLOCK_H[(form, gates)]
+    tile_fits = (block_h <= tile_max and
+                 (gates + (projection > 0)) * block_h * block_p <= gates * tile_max ** 2)
     # Warps per program: where ptxas spills no configuration, forward and
     # backward apart (tests/triton_aot.py checks each one).
-    wide = 16 if gates == 3 or block_h >= 128 else 8
-    tile = make("tile", 1 if gemv else 16, block_h, block_h, not gemv,
+    wide = 16 if gates >= 3 or block_h >= 128 else 8
+    tile = make("tile", 1 if gemv else 16, block_h, block_p, not gemv,
                 2 if gemv else (16 if form == "fp32" else wide),
                 backward_warps=4 if gemv or form == "fp32" else wide)
     stepwise = make("stepwise", 16, 32, 32, False, 4)
@@ -251,14 +292,15 @@ def plan(cell: Cell | str, B: int, H: int, dtype: torch.dtype, device: torch.dev
     if dtype == torch.float64 and gates == 1:
         split_k = 32
     else:
-        split_k = 64 if gemv else (32 if gates == 3 else 16)
-    split_warps = 8 if gemv or (gates == 3 and form == "fp32") else 4
+        split_k = 64 if gemv else (32 if gates >= 3 else 16)
+    split_warps = 8 if gemv or (gates >= 3 and form == "fp32") else 4
     split = make("split", split_b, SPLIT_BLOCK_N, split_k, not gemv, split_warps)
 
     forced = thread_settings.triton_strategy if strategy is None else strategy
-    if forced == "tile" and block_h > tile_max:
+    if forced == "tile" and not tile_fits:
         raise RuntimeError(f"fastrnn Triton strategy 'tile' holds W_hh in registers only up to "
-                           f"hidden size {tile_max} here, got {H}")
+                           f"hidden size {tile_max} here (less with a projection), got {H}"
+                           + (f" projected to {projection}" if projection else ""))
     if forced == "split" and not split_fits:
         raise RuntimeError(f"fastrnn Triton strategy 'split' needs a grid of at most "
                            f"{_sm_count(device)} programs, batch {B} x hidden {H} needs more")
@@ -266,7 +308,7 @@ def plan(cell: Cell | str, B: int, H: int, dtype: torch.dtype, device: torch.dev
         return {"tile": tile, "split": split, "stepwise": stepwise}[forced]
     if B >= STEPWISE_MIN_BATCH:
         return stepwise
-    if block_h <= tile_max:
+    if tile_fits:
         return tile
     return split if split_fits and (cooperative or not gpu) else stepwise
 
@@ -289,18 +331,23 @@ def _check(cell: Cell, x: Tensor, hx: list[Tensor], w_ih: Tensor, w_hh: Tensor,
     if cell.name not in KERNEL_CELLS:
         raise RuntimeError(f"fastrnn: the Triton engine has no kernels for {cell.name} yet; "
                            "use fastrnn.use_backend('reference') for it on this device")
-    if w_hr is not None:
+    if w_hr is not None and not cell.projects:
         raise RuntimeError(f"fastrnn: a {cell.name} layer takes no weight_hr")
     h0 = hx[0]
-    if x.dim() != 3 or h0.dim() != 2 or w_ih.dim() != 2 or w_hh.dim() != 2:
+    if x.dim() != 3 or any(h.dim() != 2 for h in hx) or w_ih.dim() != 2 or w_hh.dim() != 2:
         raise RuntimeError("fastrnn: expected input (T, B, I), hx (B, H), weight_ih (G, I), weight_hh (G, H)")
     T, B, I = x.shape
-    H = h0.shape[1]
-    G = cell.gates * H
-    if h0.shape[0] != B or w_ih.shape != (G, I) or w_hh.shape != (G, H):
+    H = w_hh.shape[0] // cell.gates
+    K = h0.shape[1]
+    shapes_ok = (h0.shape[0] == B and w_ih.shape == (cell.gates * H, I)
+                 and w_hh.shape == (cell.gates * H, K)
+                 and all(c.shape == (B, H) for c in hx[1:])
+                 and (w_hr.shape == (K, H) if w_hr is not None else K == H))
+    if not shapes_ok:
         raise RuntimeError(
-            f"fastrnn: inconsistent layer shapes: input {tuple(x.shape)}, hx {tuple(h0.shape)}, "
-            f"weight_ih {tuple(w_ih.shape)}, weight_hh {tuple(w_hh.shape)}")
+            f"fastrnn: inconsistent layer shapes: input {tuple(x.shape)}, hx "
+            f"{[tuple(h.shape) for h in hx]}, weight_ih {tuple(w_ih.shape)}, weight_hh "
+            f"{tuple(w_hh.shape)}, weight_hr {None if w_hr is None else tuple(w_hr.shape)}")
 
 
 def _input_bias(cell: Cell, b_ih: Tensor | None, b_hh: Tensor | None, H: int) -> Tensor | None:
@@ -346,71 +393,87 @@ def layer_forward(cell: str, input: Tensor, hx: list[Tensor], weight_ih: Tensor,
                   bias_ih: Tensor | None, bias_hh: Tensor | None, weight_hr: Tensor | None,
                   lengths: Tensor | None, reverse: bool, save_workspace: bool,
                   strategy: str) -> tuple[Tensor, list[Tensor], Tensor]:
-    """One layer's forward (``fastrnn::layer_forward``): (output (T, B, H), [h_n],
-    workspace (T, B, saved * H), or (0,) without ``save_workspace``), all in
-    the state dtype, launched by ``strategy``."""
+    """One layer's forward (``fastrnn::layer_forward``): (output (T, B, K), the
+    final states, workspace (T, B, saved * H), or (0,) without
+    ``save_workspace``), all in the state dtype, launched by ``strategy``.
+    K is H, or P with a projection ``weight_hr`` (P, H)."""
     desc = CELLS[cell]
     _check(desc, input, hx, weight_ih, weight_hh, weight_hr)
-    H = hx[0].shape[1]
+    H = weight_hh.shape[0] // desc.gates
     proj = _project(input, weight_ih, _input_bias(desc, bias_ih, bias_hh, H))
     # The unfolded gates' b_hh, which the kernels add inside the loop.
     loop_bias = (bias_hh[desc.folded_gates * H:]
                  if bias_hh is not None and desc.folded_gates < desc.gates else None)
     with _on_device(input.device):
-        output, h_n, workspace = _forward(desc, proj, hx[0], weight_hh, loop_bias, lengths,
-                                          reverse, save_workspace, strategy)
-    return output, [h_n], workspace
+        return _forward(desc, proj, hx, weight_hh, weight_hr, loop_bias, lengths, reverse,
+                        save_workspace, strategy)
 
 
-def _forward(cell: Cell, proj: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor | None,
-             lengths: Tensor | None, reverse: bool, save_workspace: bool,
-             strategy: str) -> tuple[Tensor, Tensor, Tensor]:
+def _forward(cell: Cell, proj: Tensor, hx: list[Tensor], w_hh: Tensor, w_hr: Tensor | None,
+             b_hh: Tensor | None, lengths: Tensor | None, reverse: bool, save_workspace: bool,
+             strategy: str) -> tuple[Tensor, list[Tensor], Tensor]:
     """The time loop over the input projection ``proj``; ``b_hh``: the hidden
     biases of the unfolded gates, which stay in the loop (None: none)."""
     T, B, G = proj.shape
-    H = h0.shape[1]
+    H = G // cell.gates
+    K = hx[0].shape[1]
     dtype, device = proj.dtype, proj.device
-    # Outputs and h_n come back in the state dtype (float32 for half types):
-    # backward differentiates through them, and rounding them first would
-    # cost the gradients their accuracy. The layer function narrows them.
+    # Outputs and states come back in the state dtype (float32 for half
+    # types): backward differentiates through them, and rounding them first
+    # would cost the gradients their accuracy. The layer function narrows them.
     state_dtype = ops.state_dtype(dtype)
     # Zeros past each sequence's end: no step writes there.
     make = torch.zeros if lengths is not None else torch.empty
-    output = make(T, B, H, dtype=state_dtype, device=device)
+    output = make(T, B, K, dtype=state_dtype, device=device)
     workspace = (make(T, B, cell.saved * H, dtype=state_dtype, device=device) if save_workspace
                  else torch.empty(0, dtype=state_dtype, device=device))
-    h_n = torch.empty(B, H, dtype=state_dtype, device=device)
+    h_n = torch.empty(B, K, dtype=state_dtype, device=device)
+    # The cell state (if any) is updated in place, ending as c_n.
+    c_n = hx[1].to(state_dtype).contiguous().clone() if len(hx) > 1 else None
+    finals = [h_n] if c_n is None else [h_n, c_n]
     if B == 0:
-        return output, h_n, workspace
-    p = plan(cell, B, H, dtype, device, strategy)
+        return output, finals, workspace
+    p = plan(cell, B, H, dtype, device, strategy, K if w_hr is not None else 0)
     saves = save_workspace and cell.saved > 0
     launches = p.launches(bias=b_hh is not None, workspace=saves)
-    kernel, constexprs = launches["forward"]
-    args = dict(P=proj, W=w_hh.contiguous(), B_HH=None if b_hh is None else b_hh.contiguous(),
+    args = dict(P=proj, W=w_hh.contiguous(), W_HR=None if w_hr is None else w_hr.contiguous(),
+                B_HH=None if b_hh is None else b_hh.contiguous(),
                 LENGTHS=_lengths(lengths, T, B, device), OUT=output,
-                WS=workspace if saves else None, T=T, B=B, H=H, reverse=int(reverse))
+                WS=workspace if saves else None, T=T, B=B, H=H, K=K, reverse=int(reverse))
     if p.strategy == "tile":
-        _launcher(kernel, p.grid(B, H)[:1], constexprs, H0=h0.contiguous(), H_N=h_n, **args)()
-        return output, h_n, workspace
+        kernel, constexprs = launches["forward"]
+        _launcher(kernel, p.grid(B, H)[:1], constexprs, H0=hx[0].contiguous(), H_N=h_n,
+                  C0=c_n, C_N=c_n, **args)()
+        return output, finals, workspace
 
-    state = torch.empty(2, B, H, dtype=state_dtype, device=device)
-    state[0] = h0
+    state = torch.empty(2, B, K, dtype=state_dtype, device=device)
+    state[0] = hx[0]
     stepwise = p.strategy == "stepwise"
     q = torch.empty(B, G, dtype=state_dtype, device=device) if stepwise else None
+    # With a projection: each step's o tanh c, and (stepwise) the host's product of it.
+    m = torch.zeros(B, H, dtype=state_dtype, device=device) if w_hr is not None else None
+    hr = torch.empty(B, K, dtype=state_dtype, device=device) if stepwise and m is not None else None
     barrier = torch.zeros(p.grid(B, H)[0], dtype=torch.int32, device=device) if p.grid_sync else None
-    launch = _launcher(kernel, p.grid(B, H), constexprs, Q=q, STATE=state, BARRIER=barrier, **args)
+    run = {kind: _launcher(kernel, p.grid(B, H), constexprs, Q=q, STATE=state, C=c_n, M=m, HR=hr,
+                           BARRIER=barrier, **args)
+           for kind, (kernel, constexprs) in launches.items() if kind.startswith("forward")}
     if p.grid_sync:
-        launch(step_begin=0, step_end=T)
+        run["forward"](step_begin=0, step_end=T)
     else:
-        # The per-step cuBLAS product runs on the float32 state (float32
+        # The per-step cuBLAS products run on the float32 state (float32
         # weights for half types), so that no step's product is rounded.
         w_mm = w_hh.to(state_dtype) if stepwise else None
+        w_hr_mm = w_hr.to(state_dtype) if hr is not None else None
         for s in range(T):
             if stepwise:
                 torch.mm(state[s % 2], w_mm.t(), out=q)
-            launch(step_begin=s, step_end=s + 1)
+            run["forward"](step_begin=s, step_end=s + 1)
+            if m is not None:
+                if hr is not None:
+                    torch.mm(m, w_hr_mm.t(), out=hr)
+                run["forward_project"](step_begin=s, step_end=s + 1)
     h_n.copy_(state[T % 2])
-    return output, h_n, workspace
+    return output, finals, workspace
 
 
 def previous_states(output: Tensor, h0: Tensor, lengths: Tensor | None, reverse: bool) -> Tensor:
@@ -437,91 +500,116 @@ def layer_backward(cell: str, grad_output: Tensor, grad_hy: list[Tensor], input:
                    weight_hr: Tensor | None, output: Tensor, workspace: Tensor,
                    lengths: Tensor | None, reverse: bool, input_requires_grad: bool,
                    strategy: str):
-    """One layer's backward (``fastrnn::layer_backward``): (grad_input, [grad_hx],
+    """One layer's backward (``fastrnn::layer_backward``): (grad_input, grad_hx,
     grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_weight_hr
-    (empty: no cell here projects)); grad_input is empty unless
+    (empty without a projection)); grad_input is empty unless
     ``input_requires_grad``. ``output`` and ``workspace`` are what forward
     returned (with ``save_workspace``)."""
     desc = CELLS[cell]
     _check(desc, input, hx, weight_ih, weight_hh, weight_hr)
     T, B, _ = input.shape
-    H = hx[0].shape[1]
+    H = weight_hh.shape[0] // desc.gates
     if workspace.shape != (T, B, desc.saved * H):
         raise RuntimeError(f"fastrnn: {cell} backward reads the workspace its forward saved, "
                            f"({T}, {B}, {desc.saved * H}), got {tuple(workspace.shape)} (forward "
                            "without save_workspace?)")
     with _on_device(input.device):
-        return _backward(desc, grad_output, grad_hy[0], input, hx[0], weight_ih, weight_hh, output,
-                         workspace, lengths, reverse, input_requires_grad, strategy)
+        return _backward(desc, grad_output, grad_hy, input, hx, weight_ih, weight_hh, weight_hr,
+                         output, workspace, lengths, reverse, input_requires_grad, strategy)
 
 
-def _backward(cell: Cell, grad_output: Tensor, grad_hy: Tensor, x: Tensor, h0: Tensor,
-              w_ih: Tensor, w_hh: Tensor, output: Tensor, workspace: Tensor,
+def _backward(cell: Cell, grad_output: Tensor, grad_hy: list[Tensor], x: Tensor, hx: list[Tensor],
+              w_ih: Tensor, w_hh: Tensor, w_hr: Tensor | None, output: Tensor, workspace: Tensor,
               lengths: Tensor | None, reverse: bool, input_requires_grad: bool, strategy: str):
     T, B, _ = x.shape
-    H = h0.shape[1]
     G = w_hh.shape[0]
+    H = G // cell.gates
+    K = hx[0].shape[1]
     dtype, device = x.dtype, x.device
     state_dtype = ops.state_dtype(dtype)
-    prev = previous_states(output, h0, lengths, reverse)
+    prev = previous_states(output, hx[0], lengths, reverse)
+    # A second state is saved last in each step's workspace row (fastrnn.cells).
+    prev_c = (previous_states(workspace[..., (cell.saved - 1) * H:], hx[1], lengths, reverse)
+              if len(hx) > 1 else None)
     make = torch.zeros if lengths is not None else torch.empty
     dp_hh = make(T, B, G, dtype=state_dtype, device=device)
     # The input side's gradients differ from the hidden side's in the
     # unfolded gates only (the GRU's n: dn against dn r).
     separate = cell.folded_gates < cell.gates
     dp_ih = make(T, B, G, dtype=state_dtype, device=device) if separate else dp_hh
-    # The gradient reaching the state from later steps; dh0 once the sweep ends.
-    carry = grad_hy.to(state_dtype).contiguous().clone()
+    # With a projection: the gradient reaching each step's h, and the step's
+    # output before the projection, for dW_hr.
+    projects = w_hr is not None
+    dh = make(T, B, K, dtype=state_dtype, device=device) if projects else None
+    unprojected = make(T, B, H, dtype=state_dtype, device=device) if projects else None
+    # The gradients reaching the states from later steps; dh0 (dc0) once the sweep ends.
+    carry = grad_hy[0].to(state_dtype).contiguous().clone()
+    dc = grad_hy[1].to(state_dtype).contiguous().clone() if len(hx) > 1 else None
     if B > 0:
-        p = plan(cell, B, H, dtype, device, strategy)
+        p = plan(cell, B, H, dtype, device, strategy, K if projects else 0)
         launches = p.launches()
-        args = dict(GRAD_OUT=grad_output.contiguous(), W=w_hh.contiguous(), OUT=output, PREV=prev,
-                    WS=workspace.contiguous() if cell.saved else None,
+        args = dict(GRAD_OUT=grad_output.contiguous(), W=w_hh.contiguous(),
+                    W_HR=w_hr.contiguous() if projects else None, OUT=output, PREV=prev,
+                    PREV_C=prev_c, WS=workspace.contiguous() if cell.saved else None,
                     LENGTHS=_lengths(lengths, T, B, device), DP_IH=dp_ih if separate else None,
-                    DP_HH=dp_hh, T=T, B=B, H=H, reverse=int(reverse))
+                    DP_HH=dp_hh, DH=dh, UNPROJECTED=unprojected, T=T, B=B, H=H, K=K,
+                    reverse=int(reverse))
         if p.strategy == "tile":
             kernel, constexprs = launches["backward"]
-            _launcher(kernel, p.grid(B, H)[:1], constexprs, GRAD_HN=carry, GRAD_H0=carry, **args)()
+            _launcher(kernel, p.grid(B, H)[:1], constexprs, GRAD_HN=carry, GRAD_H0=carry,
+                      GRAD_CN=dc, GRAD_C0=dc, **args)()
         else:
             stepwise = p.strategy == "stepwise"
             step = torch.empty(B, G, dtype=state_dtype, device=device) if stepwise else None
+            dh_step = torch.empty(B, K, dtype=state_dtype, device=device) if stepwise and projects else None
+            dm = torch.empty(B, H, dtype=state_dtype, device=device) if stepwise and projects else None
             # As in forward: float32 products for half types.
             w_mm = w_hh.to(state_dtype) if stepwise else None
+            w_hr_mm = w_hr.to(state_dtype) if dm is not None else None
             barrier = (torch.zeros(p.grid(B, H)[0], dtype=torch.int32, device=device)
                        if p.grid_sync else None)
-            run = {kind: _launcher(kernel, p.grid(B, H), constexprs, CARRY=carry, DP_STEP=step,
-                                   BARRIER=barrier, **args)
-                   for kind, (kernel, constexprs) in launches.items()}
+            run = {kind: _launcher(kernel, p.grid(B, H), constexprs, CARRY=carry, DC=dc,
+                                   DP_STEP=step, DH_STEP=dh_step, DM=dm, BARRIER=barrier, **args)
+                   for kind, (kernel, constexprs) in launches.items()
+                   if kind.startswith("backward")}
             if p.grid_sync:
                 run["backward"](step_begin=0, step_end=T)
             else:
                 for i in range(T):
+                    if projects:
+                        run["backward_projected"](step_begin=i, step_end=i + 1)
+                        if stepwise:
+                            torch.mm(dh_step, w_hr_mm, out=dm)
                     run["backward"](step_begin=i, step_end=i + 1)
                     if stepwise:
                         carry.addmm_(step, w_mm)
                     else:
                         run["backward_recurrent"](step_begin=i, step_end=i + 1)
-    return _weight_grads(dp_ih, dp_hh, carry, x, h0, w_ih, w_hh, prev, input_requires_grad)
+    grad_states = [carry] if dc is None else [carry, dc]
+    grads = _weight_grads(dp_ih, dp_hh, x, w_ih, w_hh, prev, input_requires_grad)
+    grad_w_hr = ((dh.reshape(T * B, K).t() @ unprojected.reshape(T * B, H)).to(w_hr.dtype)
+                 if projects else w_hh.new_empty(0))
+    grad_x = grads[0]
+    return (grad_x, [g.to(h.dtype) for g, h in zip(grad_states, hx)], *grads[1:], grad_w_hr)
 
 
-def _weight_grads(dp_ih: Tensor, dp_hh: Tensor, grad_h0: Tensor, x: Tensor, h0: Tensor,
-                  w_ih: Tensor, w_hh: Tensor, prev: Tensor, input_requires_grad: bool):
-    """dx, [dh0], dW_ih, dW_hh, db_ih, db_hh from the sweep's gate gradients."""
+def _weight_grads(dp_ih: Tensor, dp_hh: Tensor, x: Tensor, w_ih: Tensor, w_hh: Tensor,
+                  prev: Tensor, input_requires_grad: bool):
+    """dx, dW_ih, dW_hh, db_ih, db_hh from the sweep's gate gradients."""
     T, B, I = x.shape
     G = dp_hh.shape[2]
     dp_ih2 = dp_ih.reshape(T * B, G)
     dp_hh2 = dp_hh.reshape(T * B, G)
     compute = dp_hh.dtype
     grad_w_ih = (dp_ih2.t() @ x.reshape(T * B, I).to(compute)).to(w_ih.dtype)
-    grad_w_hh = (dp_hh2.t() @ prev.reshape(T * B, h0.shape[1]).to(compute)).to(w_hh.dtype)
+    grad_w_hh = (dp_hh2.t() @ prev.reshape(T * B, prev.shape[2]).to(compute)).to(w_hh.dtype)
     grad_b_ih = dp_ih2.sum(0).to(w_ih.dtype)
     grad_b_hh = dp_hh2.sum(0).to(w_hh.dtype)
     if input_requires_grad:
         grad_x = (dp_ih2 @ w_ih.to(compute)).view(T, B, I).to(x.dtype)
     else:
         grad_x = x.new_empty(0)
-    return (grad_x, [grad_h0.to(h0.dtype)], grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh,
-            w_hh.new_empty(0))
+    return grad_x, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh
 
 
 # The engine's kernels for the ops ``fastrnn.ops`` defines: the device-

@@ -7,8 +7,11 @@ pointwise update and nothing else. It is chosen when W_hh fits one program
 form; wider tiles use tl.dot.
 
 Tensors are contiguous and time-major: the input projection P (T, B, G) with
-G = GATES * H (gate blocks stacked as in the weights), outputs (T, B, H), the
-workspace (T, B, SAVED * H) holding every step's saved values. The kernels
+G = GATES * H (gate blocks stacked as in the weights), outputs (T, B, K), the
+workspace (T, B, SAVED * H) holding every step's saved values. K is the
+width of h: H, or P for an LSTM with a projection W_hr (P, H), which the
+program then also keeps in registers and applies inside the time loop. An
+LSTM's cell state c (B, H) stays in registers beside h. The kernels
 are generic over cells (``fastrnn.triton.cells``): they loop over gates with
 ``tl.static_range`` and keep W_hh as a tuple of per-gate register blocks.
 """
@@ -16,43 +19,74 @@ are generic over cells (``fastrnn.triton.cells``): they loop over gates with
 import triton
 import triton.language as tl
 
-from fastrnn.triton.cells import (accumulate, grad, hidden_biases, load_rows,
-                                   matmul, step_time, store_rows, update)
+from fastrnn.triton.cells import (accumulate, grad, hidden_biases, keep_finished, load_rows,
+                                   matmul, step_time, store_rows, unprojected_output,
+                                   update)
 
 
 @triton.jit
-def _load_gates(W, H, GATES: tl.constexpr, TRANSPOSE: tl.constexpr, BLOCK_H: tl.constexpr,
-                DOT_DTYPE: tl.constexpr):
-    """Each gate's (H, H) block of W_hh, zero-padded to BLOCK_H, as a tuple:
-    transposed (k, j) for the forward product h W^T, as stored (j, k) for
-    backward's d W."""
-    a = tl.arange(0, BLOCK_H)[:, None]
-    b = tl.arange(0, BLOCK_H)[None, :]
+def _load_gates(W, N, K, GATES: tl.constexpr, TRANSPOSE: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Each gate's (N, K) block of W (GATES * N, K), zero-padded, as a tuple:
+    transposed, (BLOCK_K, BLOCK_N), for a product v W^T; as stored,
+    (BLOCK_N, BLOCK_K), for a product d W."""
+    if TRANSPOSE:
+        k = tl.arange(0, BLOCK_K)[:, None]
+        n = tl.arange(0, BLOCK_N)[None, :]
+    else:
+        n = tl.arange(0, BLOCK_N)[:, None]
+        k = tl.arange(0, BLOCK_K)[None, :]
     blocks = ()
     for gate in tl.static_range(GATES):
-        offset = (gate * H + b) * H + a if TRANSPOSE else (gate * H + a) * H + b
-        blocks = blocks + (tl.load(W + offset, mask=(a < H) & (b < H), other=0.0).to(DOT_DTYPE),)
+        blocks = blocks + (tl.load(W + (gate * N + n) * K + k, mask=(n < N) & (k < K),
+                                   other=0.0).to(DOT_DTYPE),)
     return blocks
 
 
+@triton.jit
+def _load_cell_state(C, own, own_ok, STATE_DTYPE: tl.constexpr):
+    """The cell state's block at C as a tuple of one, or none where C is None."""
+    if C is not None:
+        c = (tl.load(C + own, mask=own_ok, other=0.0).to(STATE_DTYPE),)
+    else:
+        c = ()
+    return c
+
+
+@triton.jit
+def _store_cell_state(C, own, c, own_ok):
+    if C is not None:
+        tl.store(C + own, c[0].to(C.dtype.element_ty), mask=own_ok)
+
+
 @triton.jit(do_not_specialize=["T", "reverse"])
-def tile_fwd_kernel(P, W, B_HH, H0, LENGTHS, OUT, H_N, WS, T, B, H, reverse,
+def tile_fwd_kernel(P, W, W_HR, B_HH, H0, C0, LENGTHS, OUT, H_N, C_N, WS, T, B, H, K, reverse,
                     CELL: tl.constexpr, GATES: tl.constexpr, FOLDED: tl.constexpr,
                     SAVED: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-                    USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
-                    PRECISION: tl.constexpr):
-    """The forward time loop. B_HH: gates FOLDED.. of b_hh, the hidden biases
-    that stay in the loop (None: none); WS: the workspace (None: saves nothing)."""
+                    BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                    STATE_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """The forward time loop. W_HR: the projection (None: none, K = H);
+    B_HH: gates FOLDED.. of b_hh, the hidden biases that stay in the loop
+    (None: none); C0, C_N: the cell state (None: the cell has none); WS: the
+    workspace (None: saves nothing)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
     units = tl.arange(0, BLOCK_H)
     unit_ok = units < H
+    cols = tl.arange(0, BLOCK_K)  # h's columns
+    col_ok = cols < K
     own = rows[:, None] * H + units[None, :]
-    own_ok = (rows < B)[:, None] & unit_ok[None, :]
+    own_ok = row_ok[:, None] & unit_ok[None, :]
+    own_h = rows[:, None] * K + cols[None, :]
+    own_h_ok = row_ok[:, None] & col_ok[None, :]
     G = GATES * H
-    w = _load_gates(W, H, GATES, True, BLOCK_H, DOT_DTYPE)
+    w = _load_gates(W, H, K, GATES, True, BLOCK_H, BLOCK_K, DOT_DTYPE)
+    if W_HR is not None:
+        w_hr = _load_gates(W_HR, K, H, 1, True, BLOCK_K, BLOCK_H, DOT_DTYPE)
     biases = hidden_biases(B_HH, units, H, GATES, FOLDED, STATE_DTYPE)
-    h = tl.load(H0 + own, mask=own_ok, other=0.0).to(STATE_DTYPE)
-    length = tl.load(LENGTHS + rows, mask=rows < B, other=0)
+    h = tl.load(H0 + own_h, mask=own_h_ok, other=0.0).to(STATE_DTYPE)
+    c = _load_cell_state(C0, own, own_ok, STATE_DTYPE)
+    length = tl.load(LENGTHS + rows, mask=row_ok, other=0)
 
     for s in range(0, T):
         active, t = step_time(s, length, reverse)
@@ -61,61 +95,90 @@ def tile_fwd_kernel(P, W, B_HH, H0, LENGTHS, OUT, H_N, WS, T, B, H, reverse,
         p_at = P + at * G + units[None, :]
         # Padded units enter the product as 0: with an infinite state they
         # hold 0 * inf = NaN (zero weights times it), which would spread.
-        operand = tl.where(unit_ok[None, :], h, 0.0).to(DOT_DTYPE)
+        operand = tl.where(col_ok[None, :], h, 0.0).to(DOT_DTYPE)
         p = load_rows(p_at, H, GATES, mask, STATE_DTYPE)
         q = ()
         for gate in tl.static_range(GATES):
             q = q + (matmul(operand, w[gate], USE_DOT, PRECISION).to(STATE_DTYPE),)
-        h_new, saved = update(CELL, p, q, biases, h)
+        h_new, c_new, saved = update(CELL, p, q, biases, h, c)
+        if W_HR is not None:
+            m = tl.where(unit_ok[None, :], h_new, 0.0).to(DOT_DTYPE)
+            h_new = matmul(m, w_hr[0], USE_DOT, PRECISION).to(STATE_DTYPE)
         if WS is not None:
             store_rows(WS + at * (SAVED * H) + units[None, :], H, saved, mask)
-        tl.store(OUT + at * H + units[None, :], h_new.to(OUT.dtype.element_ty), mask=mask)
+        tl.store(OUT + at * K + cols[None, :], h_new.to(OUT.dtype.element_ty),
+                 mask=active[:, None] & col_ok[None, :])
         h = tl.where(active[:, None], h_new, h)
-    tl.store(H_N + own, h.to(H_N.dtype.element_ty), mask=own_ok)
+        c = keep_finished(active, c_new, c)
+    tl.store(H_N + own_h, h.to(H_N.dtype.element_ty), mask=own_h_ok)
+    _store_cell_state(C_N, own, c, own_ok)
 
 
 @triton.jit(do_not_specialize=["T", "reverse"])
-def tile_bwd_kernel(GRAD_OUT, GRAD_HN, W, OUT, PREV, WS, LENGTHS, DP_IH, DP_HH, GRAD_H0,
-                    T, B, H, reverse,
+def tile_bwd_kernel(GRAD_OUT, GRAD_HN, GRAD_CN, W, W_HR, OUT, PREV, PREV_C, WS, LENGTHS, DP_IH,
+                    DP_HH, DH, UNPROJECTED, GRAD_H0, GRAD_C0, T, B, H, K, reverse,
                     CELL: tl.constexpr, GATES: tl.constexpr, SAVED: tl.constexpr,
-                    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, USE_DOT: tl.constexpr,
-                    DOT_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                    USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
+                    PRECISION: tl.constexpr):
     """The reverse sweep: pre-activation gradients of every step into DP_HH
     (T, B, G) and, where the input side's differ (unfolded gates), DP_IH
-    (None: they are DP_HH), and the gradient of h0."""
+    (None: they are DP_HH), the gradients of h0 and (GRAD_CN given) c0, and
+    with a projection W_HR the gradient reaching each step's h into DH
+    (T, B, K) and the step's output before it into UNPROJECTED (T, B, H),
+    from which the host takes dW_hr."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
     units = tl.arange(0, BLOCK_H)
     unit_ok = units < H
+    cols = tl.arange(0, BLOCK_K)
+    col_ok = cols < K
     own = rows[:, None] * H + units[None, :]
-    own_ok = (rows < B)[:, None] & unit_ok[None, :]
+    own_ok = row_ok[:, None] & unit_ok[None, :]
+    own_h = rows[:, None] * K + cols[None, :]
+    own_h_ok = row_ok[:, None] & col_ok[None, :]
     G = GATES * H
-    w = _load_gates(W, H, GATES, False, BLOCK_H, DOT_DTYPE)
-    # carry: the gradient reaching the state from later steps (initially from h_n).
-    carry = tl.load(GRAD_HN + own, mask=own_ok, other=0.0).to(STATE_DTYPE)
-    length = tl.load(LENGTHS + rows, mask=rows < B, other=0)
+    w = _load_gates(W, H, K, GATES, False, BLOCK_H, BLOCK_K, DOT_DTYPE)
+    if W_HR is not None:
+        w_hr = _load_gates(W_HR, K, H, 1, False, BLOCK_K, BLOCK_H, DOT_DTYPE)
+    # carry: the gradient reaching h from later steps (initially from h_n);
+    # dc: the cell state's.
+    carry = tl.load(GRAD_HN + own_h, mask=own_h_ok, other=0.0).to(STATE_DTYPE)
+    dc = _load_cell_state(GRAD_CN, own, own_ok, STATE_DTYPE)
+    length = tl.load(LENGTHS + rows, mask=row_ok, other=0)
 
     for i in range(0, T):
         active, t = step_time(T - 1 - i, length, reverse)
         at = (t * B + rows)[:, None]
         mask = active[:, None] & unit_ok[None, :]
-        g = tl.load(GRAD_OUT + at * H + units[None, :], mask=mask, other=0.0).to(STATE_DTYPE) + carry
+        mask_h = active[:, None] & col_ok[None, :]
+        g = tl.load(GRAD_OUT + at * K + cols[None, :], mask=mask_h, other=0.0).to(STATE_DTYPE) + carry
+        if W_HR is not None:
+            tl.store(DH + at * K + cols[None, :], g.to(DH.dtype.element_ty), mask=mask_h)
+            g = matmul(tl.where(col_ok[None, :], g, 0.0).to(DOT_DTYPE), w_hr[0], USE_DOT,
+                       PRECISION).to(STATE_DTYPE)
         dp_hh_at = DP_HH + at * G + units[None, :]
-        ws_at = WS + at * (SAVED * H) + units[None, :] if WS is not None else None
-        prev_at = PREV + at * H + units[None, :]
         dp_ih_at = DP_IH + at * G + units[None, :] if DP_IH is not None else None
         # What the cell's gradient reads (the kernel compiles out what it ignores).
         saved = ()
         if WS is not None:
-            saved = load_rows(ws_at, H, SAVED, mask, STATE_DTYPE)
-        h = tl.load(OUT + at * H + units[None, :], mask=mask, other=0.0).to(STATE_DTYPE)
-        h_prev = tl.load(prev_at, mask=mask, other=0.0).to(STATE_DTYPE)
-        dp_ih, dp_hh, carry_new = grad(CELL, g, saved, h, h_prev)
+            saved = load_rows(WS + at * (SAVED * H) + units[None, :], H, SAVED, mask, STATE_DTYPE)
+        if W_HR is not None:
+            tl.store(UNPROJECTED + at * H + units[None, :], unprojected_output(saved), mask=mask)
+        c_prev = _load_cell_state(PREV_C, at * H + units[None, :], mask, STATE_DTYPE)
+        # h and h_prev, read by the cells without a projection (K = H).
+        h_mask = mask & (units < K)[None, :]
+        h = tl.load(OUT + at * K + units[None, :], mask=h_mask, other=0.0).to(STATE_DTYPE)
+        h_prev = tl.load(PREV + at * K + units[None, :], mask=h_mask, other=0.0).to(STATE_DTYPE)
+        dp_ih, dp_hh, carry_new, dc_new = grad(CELL, g, saved, h, h_prev, dc, c_prev)
         if DP_IH is not None:
             store_rows(dp_ih_at, H, dp_ih, mask)
         store_rows(dp_hh_at, H, dp_hh, mask)
-        # The state's gradient: the part skipping W_hh, plus each gate's product.
+        # h's gradient: the part skipping W_hh, plus each gate's product.
         for gate in tl.static_range(GATES):
             carry_new = accumulate(carry_new, matmul(dp_hh[gate].to(DOT_DTYPE), w[gate], USE_DOT,
                                                      PRECISION).to(STATE_DTYPE))
-        carry = tl.where(active[:, None] & unit_ok[None, :], carry_new[0], carry)
-    tl.store(GRAD_H0 + own, carry.to(GRAD_H0.dtype.element_ty), mask=own_ok)
+        carry = tl.where(mask_h, carry_new[0], carry)
+        dc = keep_finished(active, dc_new, dc)
+    tl.store(GRAD_H0 + own_h, carry.to(GRAD_H0.dtype.element_ty), mask=own_h_ok)
+    _store_cell_state(GRAD_C0, own, dc, own_ok)
