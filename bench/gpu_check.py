@@ -9,8 +9,8 @@ every log written so far:
    engine against cuDNN-backed torch.nn and float64 torch.nn on the CPU,
    every strategy, the grid-barrier stress test), in one process per core
    sharing one Triton cache, each test under a timeout;
-3. bench: fastrnn's Triton engine against torch.nn (cuDNN) over RNN-tanh
-   and GRU, float32 and bfloat16, B in {1, 8, 32, 128, 512}, H in {128,
+3. bench: fastrnn's Triton engine against torch.nn (cuDNN) over RNN-tanh,
+   GRU and LSTM, float32 and bfloat16, B in {1, 8, 32, 128, 512}, H in {128,
    512, 1024}, T = 1024, forward and forward+backward, timed with CUDA
    events;
 4. summary: tests passed/failed/skipped and the benchmark's speed-up table
@@ -53,20 +53,21 @@ class Profile:
     bench_s: int
     tests: tuple  # pytest arguments selecting the tests
     test_timeout_s: int
-    grid: dict  # the benchmark's --batch/--hidden/--steps/--dtypes
+    grid: dict  # the benchmark's --cells/--batch/--hidden/--steps/--dtypes
     min_run_time: float
 
 
 CUDA_TESTS = ("tests", "-m", "cuda")
-CUDA_GRID = dict(batch=[1, 8, 32, 128, 512], hidden=[128, 512, 1024], steps=[1024],
-                 dtypes=["float32", "bfloat16"])
+CUDA_GRID = dict(cells=["rnn", "gru", "lstm"], batch=[1, 8, 32, 128, 512],
+                 hidden=[128, 512, 1024], steps=[1024], dtypes=["float32", "bfloat16"])
 # On CPU only the command is checked: a few interpreter tests, a tiny grid.
 CPU_TESTS = ("tests/test_triton.py", "-m", "cuda", "-k",
              "test_layer_matches_reference and T2-B3-H40 or test_tanh_accuracy")
-CPU_GRID = dict(batch=[1, 8], hidden=[16], steps=[8], dtypes=["float32", "bfloat16"])
+CPU_GRID = dict(cells=["rnn", "gru", "lstm"], batch=[1, 8], hidden=[16], steps=[8],
+                dtypes=["float32", "bfloat16"])
 
 PROFILES = {
-    ("cuda", False): Profile(80, 110, 90, CUDA_TESTS, 90, CUDA_GRID, 0.05),
+    ("cuda", False): Profile(80, 120, 100, CUDA_TESTS, 90, CUDA_GRID, 0.05),
     ("cuda", True): Profile(None, 50, 40, ("tests/test_triton.py", "-m", "cuda"), 60,
                             dict(CUDA_GRID, batch=[1, 32, 512], hidden=[512]), 0.05),
     ("cpu", False): Profile(120, 90, 40, CPU_TESTS, 120, CPU_GRID, 0.01),
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
     grid = profile.grid
     stages.append(run_stage("bench", [
         sys.executable, "-m", "fastrnn.bench", "--device", args.device, "--backend", "triton",
-        "--cells", "rnn", "gru", "--providers", "fastrnn", "torch", "--dtypes", *grid["dtypes"],
+        "--cells", *grid["cells"], "--providers", "fastrnn", "torch", "--dtypes", *grid["dtypes"],
         "--batch", *map(str, grid["batch"]), "--hidden", *map(str, grid["hidden"]),
         "--steps", *map(str, grid["steps"]), "--min-run-time", str(profile.min_run_time), "--out", out],
         profile.bench_s, env, os.path.join(out, f"{stem}-bench.log")))

@@ -16,10 +16,11 @@ import fastrnn
 from conftest import PROJ_SIZE, TOLERANCES, TRITON_DEVICE, flatten_outputs, needs_cuda, requires_triton
 
 MODULES = {"RNN": (nn.RNN, fastrnn.RNN), "GRU": (nn.GRU, fastrnn.GRU)}
-# The LSTMs on the C++ engine (the Triton engine has no LSTM kernels yet):
-# (classes, constructor kwargs).
+# The LSTMs: (classes, constructor kwargs).
 LSTMS = {"LSTM": ((nn.LSTM, fastrnn.LSTM), {}),
          "LSTM_proj": ((nn.LSTM, fastrnn.LSTM), {"proj_size": PROJ_SIZE})}
+# Every layered module, as LSTMS.
+ALL_MODULES = {**{kind: (classes, {}) for kind, classes in MODULES.items()}, **LSTMS}
 CELLS = {"RNNCell": (nn.RNNCell, fastrnn.RNNCell), "GRUCell": (nn.GRUCell, fastrnn.GRUCell),
          "LSTMCell": (nn.LSTMCell, fastrnn.LSTMCell)}
 
@@ -135,17 +136,20 @@ def test_autocast_off_inside_keeps_float32_lstm(proj_size):
 
 @requires_triton
 @pytest.mark.cuda
-def test_triton_engine_bfloat16():
+@pytest.mark.parametrize("kind", ["GRU", "LSTM", "LSTM_proj"])
+def test_triton_engine_bfloat16(kind):
     """The Triton engine under autocast (on CPU: the interpreter)."""
+    classes, kwargs = ALL_MODULES[kind]
     x = torch.randn(7, 3, 6, device=TRITON_DEVICE)
     with fastrnn.use_backend("triton"):
-        _check(MODULES["GRU"], (6, 16), x, TRITON_DEVICE.type, torch.bfloat16)
+        _check(classes, (6, 16), x, TRITON_DEVICE.type, torch.bfloat16, **kwargs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-@pytest.mark.parametrize("kind", sorted(MODULES))
+@pytest.mark.parametrize("kind", sorted(ALL_MODULES))
 @pytest.mark.cuda
 @needs_cuda
 def test_cuda_modules(kind, dtype):
-    _check(MODULES[kind], (6, 64), torch.randn(50, 8, 6, device="cuda"), "cuda", dtype,
-           num_layers=2, bidirectional=True)
+    classes, kwargs = ALL_MODULES[kind]
+    _check(classes, (6, 64), torch.randn(50, 8, 6, device="cuda"), "cuda", dtype,
+           num_layers=2, bidirectional=True, **kwargs)

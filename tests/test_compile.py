@@ -108,10 +108,10 @@ def test_whole_model_with_inductor():
 
 @requires_triton
 @pytest.mark.cuda
-@pytest.mark.parametrize("kind", ["RNN_tanh", "GRU"])
+@pytest.mark.parametrize("kind", ["RNN_tanh", "GRU", "LSTM", "LSTM_proj"])
 def test_triton_engine_compiles_to_one_graph(kind):
     """The Triton layer ops are custom operators too (on CPU: the interpreter)."""
-    torch_cls, fast_cls, extra = KINDS[kind]
+    torch_cls, fast_cls, extra = MODULES[kind]
     reference, fast = make_pair(torch_cls, fast_cls, INPUT_SIZE, HIDDEN_SIZE, bidirectional=True,
                                 device=TRITON_DEVICE, **extra)
     x = torch.randn(SEQ_LEN, 3, INPUT_SIZE, device=TRITON_DEVICE)

@@ -110,8 +110,9 @@ def test_cell_second_derivatives_match_torch_nn(kind, backend, device):
 @pytest.mark.parametrize("kind", list(LSTM_KINDS))
 @pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (2, True)], ids=["1layer", "2layers-bidir"])
 @pytest.mark.parametrize("packed", [False, True], ids=["batched", "packed"])
-def test_lstm_second_derivatives_match_torch_nn(kind, num_layers, bidirectional, packed):
-    # The C++ engine (the Triton one has no LSTM kernels yet).
+@pytest.mark.parametrize("backend,device", ENGINES)
+def test_lstm_second_derivatives_match_torch_nn(kind, num_layers, bidirectional, packed, backend,
+                                                device):
     torch_cls, fast_cls, extra = LSTM_KINDS[kind]
     reference, candidate = make_pair(torch_cls, fast_cls, INPUT_SIZE, HIDDEN_SIZE, num_layers=num_layers,
                                      bidirectional=bidirectional, dtype=torch.float64, **extra)
@@ -120,8 +121,8 @@ def test_lstm_second_derivatives_match_torch_nn(kind, num_layers, bidirectional,
     hx = make_state(kind, (num_layers * (1 + bidirectional), BATCH), torch.float64, generator)
     lengths = LENGTHS if packed else None
     expected = second_derivatives(reference, x, hx, lengths)
-    with fastrnn.use_backend("cpp"):
-        got = second_derivatives(candidate, x, hx, lengths)
+    with fastrnn.use_backend(backend):
+        got = second_derivatives(candidate.to(device), x, hx, lengths)
     assert_same_derivatives(got, expected)
 
 

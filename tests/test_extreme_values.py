@@ -4,9 +4,8 @@ and an infinite initial state of a length-0 sequence.
 
 Every result is compared with torch.nn's (with torch.nn's own accuracy for
 the ill-conditioned cases), NaN and infinities where torch.nn has them, on
-both engines and, for the Triton engine, every strategy. LSTM (with and
-without proj_size, Inf and NaN in h_0 and in c_0) and LSTMCell run on the C++
-engine and the reference loop (the Triton engine has no LSTM kernels yet).
+both engines and, for the Triton engine, every strategy; LSTM with and
+without proj_size, with Inf and NaN in h_0 and in c_0 too.
 """
 
 import copy
@@ -196,8 +195,7 @@ def test_extreme_values(kind, dtype, case, layout, device):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 def test_lstm_extreme_values(kind, dtype, case, layout, backend):
-    # On CPU tensors: the C++ engine and the reference loop (the Triton
-    # engine has no LSTM kernels yet).
+    # On CPU tensors: the C++ engine and the reference loop.
     if backend == "cpp" and not fastrnn.cpp.available():
         pytest.skip("needs the C++ engine")
     with fastrnn.use_backend(backend):
@@ -212,8 +210,8 @@ def on_cpu(result):
 @pytest.mark.cuda
 @pytest.mark.skipif(fastrnn.backends.triton_unavailable_reason(TRITON_DEVICE) is not None,
                     reason="the Triton engine cannot run here")
-@pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("case", list(EXTREME_CASES))
+@pytest.mark.parametrize("kind,case", [(kind, case) for kind in KINDS for case in EXTREME_CASES]
+                         + [(kind, case) for kind in LSTM_KINDS for case in LSTM_EXTREME_CASES])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("strategy", TRITON_STRATEGIES)
 def test_extreme_values_triton_engine(kind, case, layout, strategy):

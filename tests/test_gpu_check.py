@@ -80,7 +80,7 @@ def test_every_file_is_written_and_well_formed(cpu_run):
         data = json.load(f)
     assert data["meta"]["backend"] == "triton" and data["meta"]["triton"]
     grid = gpu_check.CPU_GRID
-    expected = set(itertools.product(["rnn", "gru"], grid["dtypes"], grid["batch"], grid["hidden"],
+    expected = set(itertools.product(grid["cells"], grid["dtypes"], grid["batch"], grid["hidden"],
                                      grid["steps"], ["forward", "forward_backward"], ["fastrnn", "torch"]))
     records = data["records"]
     keys = ("cell", "dtype", "batch", "hidden", "steps", "mode", "provider")

@@ -2,9 +2,9 @@
 
 The module and cell grids of test_modules.py and test_cells.py cover LSTM
 and LSTMCell (with and without ``proj_size``) against torch.nn; here are
-gradcheck and gradgradcheck of its layer Function on the C++ engine, each
-of its three outputs alone, the projection's own checks and messages, and
-its state_dict.
+gradcheck and gradgradcheck of its layer Function on the C++ engine (the
+Triton engine's are in test_triton.py), each of its three outputs alone on
+both engines, the projection's own checks and messages, and its state_dict.
 """
 
 import pytest
@@ -14,9 +14,9 @@ import torch.nn as nn
 import fastrnn
 import fastrnn.autograd
 import fastrnn.reference
-from conftest import (BATCH, HIDDEN_SIZE, INPUT_SIZE, LSTM_KINDS, PROJ_SIZE, SEQ_LEN,
+from conftest import (BATCH, HIDDEN_SIZE, INPUT_SIZE, LSTM_KINDS, PROJ_SIZE, SEQ_LEN, TRITON_DEVICE,
                       assert_results_close, assert_same_exception, forward_backward, make_pair,
-                      make_state)
+                      make_state, requires_triton)
 
 needs_cpp = pytest.mark.skipif(not fastrnn.cpp.available(), reason="needs the C++ engine")
 lstm_kind = pytest.mark.parametrize("kind", list(LSTM_KINDS))
@@ -95,7 +95,10 @@ def test_engine_matches_reference(proj, lengths, reverse, bias):
 @lstm_kind
 @pytest.mark.parametrize("only", ["output", "h_n", "c_n"])
 @pytest.mark.parametrize("packed", [False, True], ids=["batched", "packed"])
-def test_each_output_alone(kind, only, packed):
+@pytest.mark.parametrize("backend,device", [
+    pytest.param("auto", "cpu", id="default"),
+    pytest.param("triton", TRITON_DEVICE.type, id="triton", marks=[requires_triton, pytest.mark.cuda])])
+def test_each_output_alone(kind, only, packed, backend, device):
     # A loss on one of output, h_n and c_n: the others' gradients are None
     # in backward, which must count as zero.
     torch_cls, fast_cls, extra = LSTM_KINDS[kind]
@@ -106,8 +109,10 @@ def test_each_output_alone(kind, only, packed):
     hx = make_state(kind, (4, BATCH), torch.float64, generator)
     lengths = [9, 3, 7, 1, 5] if packed else None
     expected = forward_backward(reference, x, hx, lengths=lengths, only=only)
-    got = forward_backward(candidate, x, hx, lengths=lengths, only=only)
-    assert_results_close(got, expected, torch.float64)
+    with fastrnn.use_backend(backend):
+        got = forward_backward(candidate.to(device), x.to(device),
+                               tuple(h.to(device) for h in hx), lengths=lengths, only=only)
+    assert_results_close({k: v.cpu() for k, v in got.items()}, expected, torch.float64)
 
 
 @lstm_kind

@@ -14,8 +14,6 @@ import fastrnn
 from fastrnn.cells import CELLS
 from fastrnn.ops import DISPATCHED, INTERPRETED
 
-# The Triton engine's cells (without importing triton here).
-KERNEL_CELLS = ("rnn_tanh", "rnn_relu", "gru")
 from conftest import on_cuda, requires_triton
 
 T, B, I, H, P = 3, 2, 3, 4, 3
@@ -48,8 +46,6 @@ def op_cases(names, device):
     forward, backward = (getattr(torch.ops.fastrnn, name).default for name in names)
     cases = []
     for name, cell, proj in LAYERS:
-        if names != DISPATCHED and cell not in KERNEL_CELLS:
-            continue  # the Triton engine has no kernels for it
         for lengths in (None, [3, 1]):
             tag = f"{name}-{'lengths' if lengths else 'full'}"
             args = layer_args(cell, proj, lengths, device, requires_grad=True)

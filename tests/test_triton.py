@@ -296,6 +296,24 @@ def test_auto_strategy_by_shape():
         engine.plan("gru", 8, 256, torch.float32, torch.device("cuda"))
 
 
+@pytest.mark.skipif(not engine._MAXNREG, reason="this Triton has no maxnreg option")
+def test_register_bounds():
+    """The tile and split kernels tell ptxas their register budget (without
+    one it aims lower and spills): a whole SM's 65536 registers over the
+    program's threads, at most 255 a thread; the stepwise kernel and the
+    float32 tl.dot tile backward compile without spills only unbounded."""
+    cuda = torch.device("cuda")
+
+    def bounds(B, H, dtype=torch.float32):
+        plan = engine.plan("gru", B, H, dtype, cuda)
+        return plan.strategy, {kind: c.get("maxnreg") for kind, (_, c) in plan.launches().items()}
+
+    assert bounds(8, 32) == ("tile", {"forward": 65536 // (32 * 16), "backward": None})
+    assert bounds(8, 32, torch.bfloat16) == ("tile", {"forward": 128, "backward": 128})
+    assert bounds(8, 512) == ("split", {"forward": 255, "backward": 255})
+    assert bounds(512, 64) == ("stepwise", {"forward": None, "backward": None})
+
+
 def test_unknown_strategy_raises():
     with pytest.raises(ValueError, match="strategy"):
         with triton_engine.use_strategy("fastest"):

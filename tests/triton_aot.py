@@ -124,7 +124,7 @@ def compile_config(kernel, constexprs: dict, dtype: torch.dtype, arch: int) -> d
     plus dynamic) and SPILLS: local-memory loads and stores in the SASS
     (a stack frame alone may hold call frames; STL/LDL are register spills)."""
     constexprs = dict(constexprs)
-    options = {name: constexprs.pop(name) for name in ("num_warps", "num_stages", "launch_cooperative_grid")
+    options = {name: constexprs.pop(name) for name in ("num_warps", "num_stages", "launch_cooperative_grid", "maxnreg")
                if name in constexprs}
     source = ASTSource(fn=kernel, signature=_signature(kernel, constexprs, dtype), constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)

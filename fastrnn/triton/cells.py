@@ -189,6 +189,56 @@ def keep_finished(active, new, old):
 
 
 @triton.jit
+def forward_step(CELL: tl.constexpr, P_AT, q, biases, h, c, at, units, mask, H, WS,
+                 GATES: tl.constexpr, SAVED: tl.constexpr, STATE_DTYPE: tl.constexpr):
+    """One step's pointwise forward on a (rows, units) block, as every kernel
+    runs it: the input side's pre-activations from P_AT (the step's rows of
+    P at the block's units), the cell's update on them and the hidden side's
+    q, the saved values stored to the workspace WS (None: none). Returns
+    (h_new, c_new) as ``update``."""
+    p = load_rows(P_AT, H, GATES, mask, STATE_DTYPE)
+    h_new, c_new, saved = update(CELL, p, q, biases, h, c)
+    if WS is not None:
+        store_rows(WS + at * (SAVED * H) + units[None, :], H, saved, mask)
+    return h_new, c_new
+
+
+@triton.jit
+def backward_step(CELL: tl.constexpr, g, dc, at, units, mask, H, K, OUT, PREV, PREV_C, WS,
+                  UNPROJECTED, DP_IH, DP_HH, GATES: tl.constexpr, SAVED: tl.constexpr,
+                  STATE_DTYPE: tl.constexpr):
+    """One step's pointwise backward on a (rows, units) block, as every kernel
+    runs it, from g, the gradient reaching the step's output before any
+    projection, and dc, the cell state's (a tuple of one block or none).
+
+    Reads what the cell's gradient needs (the kernels compile out what it
+    ignores): the step's saved values (WS), its previous cell state
+    (PREV_C), output (OUT) and previous state (PREV), the last two for the
+    cells without a projection (K = H). Stores the gate gradients to DP_HH
+    (and DP_IH, None where they are the same) and, with a projection
+    (UNPROJECTED given), the step's output before it. Returns (dp_hh, skip,
+    dc_prev) as ``grad``.
+    """
+    row = at * (GATES * H) + units[None, :]
+    saved = ()
+    if WS is not None:
+        saved = load_rows(WS + at * (SAVED * H) + units[None, :], H, SAVED, mask, STATE_DTYPE)
+    if UNPROJECTED is not None:
+        tl.store(UNPROJECTED + at * H + units[None, :], unprojected_output(saved), mask=mask)
+    c_prev = ()
+    if PREV_C is not None:
+        c_prev = (tl.load(PREV_C + at * H + units[None, :], mask=mask, other=0.0).to(STATE_DTYPE),)
+    h_mask = mask & (units < K)[None, :]
+    h = tl.load(OUT + at * K + units[None, :], mask=h_mask, other=0.0).to(STATE_DTYPE)
+    h_prev = tl.load(PREV + at * K + units[None, :], mask=h_mask, other=0.0).to(STATE_DTYPE)
+    dp_ih, dp_hh, skip, dc_prev = grad(CELL, g, saved, h, h_prev, dc, c_prev)
+    if DP_IH is not None:
+        store_rows(DP_IH + row, H, dp_ih, mask)
+    store_rows(DP_HH + row, H, dp_hh, mask)
+    return dp_hh, skip, dc_prev
+
+
+@triton.jit
 def accumulate(running, x):
     """The running sum held in ``running`` (a tuple of none or one block) plus x, as (sum,)."""
     if len(running) > 0:

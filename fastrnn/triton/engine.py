@@ -50,7 +50,7 @@ KERNEL_CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
 # gates * the square of the table's BLOCK_H.
 TILE_MAX_BLOCK_H = {("gemv", 1): 64, ("gemv", 3): 32, ("gemv", 4): 32,
                     ("fp32", 1): 32, ("fp32", 3): 32, ("fp32", 4): 32,
-                    ("half", 1): 128, ("half", 3): 64, ("half", 4): 64}
+                    ("half", 1): 128, ("half", 3): 64, ("half", 4): 32}
 # Batch from which the recurrent product is a GEMM worth cuBLAS.
 STEPWISE_MIN_BATCH = 256
 # SM count assumed when no GPU is present (an H100 SXM's), so that the
@@ -102,6 +102,19 @@ class Plan:
     cooperative: bool = False
     backward_warps: int | None = None  # when backward differs from num_warps
 
+    def _register_bound(self, warps: int, backward: bool = False) -> dict:
+        """The ``maxnreg`` launch option, where the installed Triton has it and
+        the kernel needs it: a whole SM's 65536 registers over one program's
+        threads, at most 255 a thread. Without one ptxas aims lower and
+        spills a value or two in the tile and split kernels; with one it
+        spills in the stepwise kernel and the float32 tl.dot tile backward,
+        which get none (tests/triton_aot.py checks every configuration)."""
+        fp32_dot = self.use_dot and self.dot_dtype == tl.float32
+        if not _MAXNREG or self.strategy == "stepwise" or (
+                self.strategy == "tile" and backward and fp32_dot):
+            return {}
+        return {"maxnreg": min(255, 65536 // (32 * warps))}
+
     @property
     def grid_sync(self) -> bool:
         """Whether one persistent launch runs every step, its programs meeting at a grid barrier."""
@@ -135,12 +148,16 @@ class Plan:
                       USE_DOT=self.use_dot, DOT_DTYPE=self.dot_dtype,
                       STATE_DTYPE=self.state_dtype, PRECISION=self.precision,
                       num_warps=self.num_warps)
-        forward = dict(FOLDED=cell.folded_gates)
+        forward = dict(FOLDED=cell.folded_gates, **self._register_bound(self.num_warps))
         if not (bias and cell.folded_gates < cell.gates):
             forward["B_HH"] = None
         if not (workspace and cell.saved):
             forward["WS"] = None
-        backward = {} if cell.saved else {"WS": None}
+        backward_warps = self.backward_warps or self.num_warps
+        backward = {"num_warps": backward_warps,
+                    **self._register_bound(backward_warps, backward=True)}
+        if not cell.saved:
+            backward["WS"] = None
         if cell.folded_gates == cell.gates:
             backward["DP_IH"] = None
         if not self.projects:
@@ -154,8 +171,7 @@ class Plan:
                 backward.update(GRAD_CN=None, GRAD_C0=None)
             blocks = dict(BLOCK_H=self.block_n, BLOCK_K=self.block_k)
             return {"forward": (tile_fwd_kernel, dict(common, **forward, **blocks)),
-                    "backward": (tile_bwd_kernel, dict(common, **backward, **blocks,
-                                                       num_warps=self.backward_warps or self.num_warps))}
+                    "backward": (tile_bwd_kernel, dict(common, **backward, **blocks))}
         if not two_states:
             forward["C"] = None
             backward["DC"] = None
@@ -195,15 +211,17 @@ class Plan:
         return kinds
 
 
-def _cooperative_launch_supported() -> bool:
+def _cuda_option_supported(name: str) -> bool:
+    """Whether the installed Triton's CUDA backend takes the launch option ``name``."""
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
     except ImportError:
         return False
-    return "launch_cooperative_grid" in getattr(CUDAOptions, "__dataclass_fields__", {})
+    return name in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
-_COOPERATIVE_LAUNCH = _cooperative_launch_supported()
+_COOPERATIVE_LAUNCH = _cuda_option_supported("launch_cooperative_grid")
+_MAXNREG = _cuda_option_supported("maxnreg")
 CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH = 95
 
 
@@ -277,23 +295,25 @@ def plan(cell: Cell | str, B: int, H: int, dtype: torch.dtype, device: torch.dev
     tile_fits = (block_h <= tile_max and
                  (gates + (projection > 0)) * block_h * block_p <= gates * tile_max ** 2)
     # Warps per program: where ptxas spills no configuration, forward and
-    # backward apart (tests/triton_aot.py checks each one).
-    wide = 16 if gates >= 3 or block_h >= 128 else 8
+    # backward apart (tests/triton_aot.py checks each one). The LSTM's
+    # tiles spilled at 16 warps (128 registers a thread) in half types and
+    # in float32's forward.
+    lstm = gates == 4
+    wide = 8 if lstm else (16 if gates == 3 or block_h >= 128 else 8)
     tile = make("tile", 1 if gemv else 16, block_h, block_p, not gemv,
-                2 if gemv else (16 if form == "fp32" else wide),
+                (4 if lstm else 2) if gemv else (wide if form == "half" or lstm else 16),
                 backward_warps=4 if gemv or form == "fp32" else wide)
     stepwise = make("stepwise", 16, 32, 32, False, 4)
     # Persistent split: every program must be resident for the grid barrier.
     split_b = 1 if gemv else 16
     split_fits = (triton.cdiv(B, split_b) * triton.cdiv(H, SPLIT_BLOCK_N) <= _sm_count(device)
                   or not gpu)
-    # float64 RNN at 64 spilled the unsynced forward on sm_90 (8 warps); its
-    # GRU at 32 spilled the synced one on sm_80.
+    # float64 RNN at 64 spilled the unsynced forward on sm_90 (8 warps).
     if dtype == torch.float64 and gates == 1:
         split_k = 32
     else:
         split_k = 64 if gemv else (32 if gates >= 3 else 16)
-    split_warps = 8 if gemv or (gates >= 3 and form == "fp32") else 4
+    split_warps = 8 if gemv or (gates == 3 and form == "fp32") else 4
     split = make("split", split_b, SPLIT_BLOCK_N, split_k, not gemv, split_warps)
 
     forced = thread_settings.triton_strategy if strategy is None else strategy

@@ -34,9 +34,9 @@ does not use are None, which compiles their loads and stores out.
 import triton
 import triton.language as tl
 
-from fastrnn.triton.cells import (accumulate, grad, grid_barrier, hidden_biases, keep_finished,
-                                   load_rows, matmul, program_block, step_time, store_rows,
-                                   unprojected_output, update)
+from fastrnn.triton.cells import (accumulate, backward_step, forward_step, grid_barrier,
+                                   hidden_biases, keep_finished, matmul, program_block,
+                                   step_time)
 
 
 @triton.jit
@@ -83,6 +83,8 @@ def split_fwd_kernel(P, Q, W, W_HR, HR, B_HH, STATE, C, M, LENGTHS, OUT, WS, BAR
     rows, units, unit_ok, own, own_ok, length = program_block(LENGTHS, B, H, BLOCK_B, BLOCK_N)
     rows_ok = rows < B
     G = GATES * H
+    if W_HR is None:
+        K = H  # the same value: one set of offsets for h and the hidden units
     col_ok = units < K  # this program's columns of h
     own_h = rows[:, None] * K + units[None, :]
     own_h_ok = rows_ok[:, None] & col_ok[None, :]
@@ -112,10 +114,8 @@ def split_fwd_kernel(P, Q, W, W_HR, HR, B_HH, STATE, C, M, LENGTHS, OUT, WS, BAR
                                       units, H, K, True, BLOCK_B, BLOCK_N, BLOCK_K, USE_DOT,
                                       DOT_DTYPE, STATE_DTYPE, PRECISION)
                 q = q + (q_gate,)
-            p = load_rows(P + at * G + units[None, :], H, GATES, mask, STATE_DTYPE)
-            h_new, c_new, saved = update(CELL, p, q, biases, h, c)
-            if WS is not None:
-                store_rows(WS + at * (SAVED * H) + units[None, :], H, saved, mask)
+            h_new, c_new = forward_step(CELL, P + at * G + units[None, :], q, biases, h, c, at,
+                                        units, mask, H, WS, GATES, SAVED, STATE_DTYPE)
             if C is not None:
                 tl.store(C + own, keep_finished(active, c_new, c)[0], mask=own_ok)
             if W_HR is None:
@@ -170,6 +170,8 @@ def split_bwd_kernel(GRAD_OUT, W, W_HR, OUT, PREV, PREV_C, WS, LENGTHS, CARRY, D
     rows, units, unit_ok, own, own_ok, length = program_block(LENGTHS, B, H, BLOCK_B, BLOCK_N)
     rows_ok = rows < B
     G = GATES * H
+    if W_HR is None:
+        K = H  # the same value: one set of offsets for h and the hidden units
     col_ok = units < K
     own_h = rows[:, None] * K + units[None, :]
     own_h_ok = rows_ok[:, None] & col_ok[None, :]
@@ -203,34 +205,15 @@ def split_bwd_kernel(GRAD_OUT, W, W_HR, OUT, PREV, PREV_C, WS, LENGTHS, CARRY, D
                 carry = tl.load(CARRY + own, mask=own_ok, other=0.0).to(STATE_DTYPE)
                 g = tl.load(GRAD_OUT + at * K + units[None, :], mask=mask,
                             other=0.0).to(STATE_DTYPE) + carry
-            dp_hh_at = DP_HH + at * G + units[None, :]
-            step = DP_STEP + rows[:, None] * G + units[None, :] if DP_STEP is not None else None
-            dp_ih_at = DP_IH + at * G + units[None, :] if DP_IH is not None else None
-            # What the cell's gradient reads (the kernel compiles out what it ignores).
-            saved = ()
-            if WS is not None:
-                saved = load_rows(WS + at * (SAVED * H) + units[None, :], H, SAVED, mask,
-                                  STATE_DTYPE)
-            if W_HR is not None:
-                tl.store(UNPROJECTED + at * H + units[None, :], unprojected_output(saved),
-                         mask=mask)
             if DC is not None:
                 dc = (tl.load(DC + own, mask=own_ok, other=0.0).to(STATE_DTYPE),)
-                c_prev = (tl.load(PREV_C + at * H + units[None, :], mask=mask,
-                                  other=0.0).to(STATE_DTYPE),)
             else:
                 dc = ()
-                c_prev = ()
-            # h and h_prev, read by the cells without a projection (K = H).
-            h_mask = mask & col_ok[None, :]
-            h = tl.load(OUT + at * K + units[None, :], mask=h_mask, other=0.0).to(STATE_DTYPE)
-            h_prev = tl.load(PREV + at * K + units[None, :], mask=h_mask,
-                             other=0.0).to(STATE_DTYPE)
-            dp_ih, dp_hh, skip, dc_new = grad(CELL, g, saved, h, h_prev, dc, c_prev)
-            if DP_IH is not None:
-                store_rows(dp_ih_at, H, dp_ih, mask)
-            store_rows(dp_hh_at, H, dp_hh, mask)
+            dp_hh, skip, dc_new = backward_step(CELL, g, dc, at, units, mask, H, K, OUT, PREV,
+                                                PREV_C, WS, UNPROJECTED, DP_IH, DP_HH, GATES,
+                                                SAVED, STATE_DTYPE)
             if DP_STEP is not None:
+                step = DP_STEP + rows[:, None] * G + units[None, :]
                 for gate in tl.static_range(GATES):
                     tl.store(step + gate * H,
                              tl.where(active[:, None], dp_hh[gate], 0.0).to(DP_STEP.dtype.element_ty),

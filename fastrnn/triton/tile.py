@@ -19,9 +19,8 @@ are generic over cells (``fastrnn.triton.cells``): they loop over gates with
 import triton
 import triton.language as tl
 
-from fastrnn.triton.cells import (accumulate, grad, hidden_biases, keep_finished, load_rows,
-                                   matmul, step_time, store_rows, unprojected_output,
-                                   update)
+from fastrnn.triton.cells import (accumulate, backward_step, forward_step, hidden_biases,
+                                   keep_finished, matmul, step_time)
 
 
 @triton.jit
@@ -69,6 +68,8 @@ def tile_fwd_kernel(P, W, W_HR, B_HH, H0, C0, LENGTHS, OUT, H_N, C_N, WS, T, B, 
     B_HH: gates FOLDED.. of b_hh, the hidden biases that stay in the loop
     (None: none); C0, C_N: the cell state (None: the cell has none); WS: the
     workspace (None: saves nothing)."""
+    if W_HR is None:
+        K = H  # the same value: one set of offsets for h and the hidden units
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     units = tl.arange(0, BLOCK_H)
@@ -92,20 +93,17 @@ def tile_fwd_kernel(P, W, W_HR, B_HH, H0, C0, LENGTHS, OUT, H_N, C_N, WS, T, B, 
         active, t = step_time(s, length, reverse)
         at = (t * B + rows)[:, None]
         mask = active[:, None] & unit_ok[None, :]
-        p_at = P + at * G + units[None, :]
         # Padded units enter the product as 0: with an infinite state they
         # hold 0 * inf = NaN (zero weights times it), which would spread.
         operand = tl.where(col_ok[None, :], h, 0.0).to(DOT_DTYPE)
-        p = load_rows(p_at, H, GATES, mask, STATE_DTYPE)
         q = ()
         for gate in tl.static_range(GATES):
             q = q + (matmul(operand, w[gate], USE_DOT, PRECISION).to(STATE_DTYPE),)
-        h_new, c_new, saved = update(CELL, p, q, biases, h, c)
+        h_new, c_new = forward_step(CELL, P + at * G + units[None, :], q, biases, h, c, at, units,
+                                    mask, H, WS, GATES, SAVED, STATE_DTYPE)
         if W_HR is not None:
             m = tl.where(unit_ok[None, :], h_new, 0.0).to(DOT_DTYPE)
             h_new = matmul(m, w_hr[0], USE_DOT, PRECISION).to(STATE_DTYPE)
-        if WS is not None:
-            store_rows(WS + at * (SAVED * H) + units[None, :], H, saved, mask)
         tl.store(OUT + at * K + cols[None, :], h_new.to(OUT.dtype.element_ty),
                  mask=active[:, None] & col_ok[None, :])
         h = tl.where(active[:, None], h_new, h)
@@ -127,6 +125,8 @@ def tile_bwd_kernel(GRAD_OUT, GRAD_HN, GRAD_CN, W, W_HR, OUT, PREV, PREV_C, WS, 
     with a projection W_HR the gradient reaching each step's h into DH
     (T, B, K) and the step's output before it into UNPROJECTED (T, B, H),
     from which the host takes dW_hr."""
+    if W_HR is None:
+        K = H  # the same value: one set of offsets for h and the hidden units
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     units = tl.arange(0, BLOCK_H)
@@ -137,7 +137,6 @@ def tile_bwd_kernel(GRAD_OUT, GRAD_HN, GRAD_CN, W, W_HR, OUT, PREV, PREV_C, WS, 
     own_ok = row_ok[:, None] & unit_ok[None, :]
     own_h = rows[:, None] * K + cols[None, :]
     own_h_ok = row_ok[:, None] & col_ok[None, :]
-    G = GATES * H
     w = _load_gates(W, H, K, GATES, False, BLOCK_H, BLOCK_K, DOT_DTYPE)
     if W_HR is not None:
         w_hr = _load_gates(W_HR, K, H, 1, False, BLOCK_K, BLOCK_H, DOT_DTYPE)
@@ -157,23 +156,9 @@ def tile_bwd_kernel(GRAD_OUT, GRAD_HN, GRAD_CN, W, W_HR, OUT, PREV, PREV_C, WS, 
             tl.store(DH + at * K + cols[None, :], g.to(DH.dtype.element_ty), mask=mask_h)
             g = matmul(tl.where(col_ok[None, :], g, 0.0).to(DOT_DTYPE), w_hr[0], USE_DOT,
                        PRECISION).to(STATE_DTYPE)
-        dp_hh_at = DP_HH + at * G + units[None, :]
-        dp_ih_at = DP_IH + at * G + units[None, :] if DP_IH is not None else None
-        # What the cell's gradient reads (the kernel compiles out what it ignores).
-        saved = ()
-        if WS is not None:
-            saved = load_rows(WS + at * (SAVED * H) + units[None, :], H, SAVED, mask, STATE_DTYPE)
-        if W_HR is not None:
-            tl.store(UNPROJECTED + at * H + units[None, :], unprojected_output(saved), mask=mask)
-        c_prev = _load_cell_state(PREV_C, at * H + units[None, :], mask, STATE_DTYPE)
-        # h and h_prev, read by the cells without a projection (K = H).
-        h_mask = mask & (units < K)[None, :]
-        h = tl.load(OUT + at * K + units[None, :], mask=h_mask, other=0.0).to(STATE_DTYPE)
-        h_prev = tl.load(PREV + at * K + units[None, :], mask=h_mask, other=0.0).to(STATE_DTYPE)
-        dp_ih, dp_hh, carry_new, dc_new = grad(CELL, g, saved, h, h_prev, dc, c_prev)
-        if DP_IH is not None:
-            store_rows(dp_ih_at, H, dp_ih, mask)
-        store_rows(dp_hh_at, H, dp_hh, mask)
+        dp_hh, carry_new, dc_new = backward_step(CELL, g, dc, at, units, mask, H, K, OUT, PREV,
+                                                 PREV_C, WS, UNPROJECTED, DP_IH, DP_HH, GATES,
+                                                 SAVED, STATE_DTYPE)
         # h's gradient: the part skipping W_hh, plus each gate's product.
         for gate in tl.static_range(GATES):
             carry_new = accumulate(carry_new, matmul(dp_hh[gate].to(DOT_DTYPE), w[gate], USE_DOT,
