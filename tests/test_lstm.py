@@ -14,7 +14,7 @@ import torch.nn as nn
 import fastrnn
 import fastrnn.autograd
 import fastrnn.reference
-from conftest import (BATCH, HIDDEN_SIZE, INPUT_SIZE, LSTM_KINDS, PROJ_SIZE, SEQ_LEN, TRITON_DEVICE,
+from conftest import (BATCH, HIDDEN_SIZE, INPUT_SIZE, LSTM_KINDS, SEQ_LEN, TRITON_DEVICE,
                       assert_results_close, assert_same_exception, forward_backward, make_pair,
                       make_state, requires_triton)
 

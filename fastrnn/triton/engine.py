@@ -37,7 +37,7 @@ from fastrnn.triton.split import split_bwd_kernel, split_fwd_kernel
 from fastrnn.triton.tile import tile_bwd_kernel, tile_fwd_kernel
 
 STRATEGIES = ("auto", "tile", "split", "stepwise")
-# The cells this engine has kernels for (``fastrnn.backends.TRITON_CELLS``).
+# The cells this engine has kernels for.
 KERNEL_CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
 
 # Largest zero-padded hidden size whose W_hh one tile program keeps in
@@ -368,6 +368,10 @@ def _check(cell: Cell, x: Tensor, hx: list[Tensor], w_ih: Tensor, w_hh: Tensor,
             f"fastrnn: inconsistent layer shapes: input {tuple(x.shape)}, hx "
             f"{[tuple(h.shape) for h in hx]}, weight_ih {tuple(w_ih.shape)}, weight_hh "
             f"{tuple(w_hh.shape)}, weight_hr {None if w_hr is None else tuple(w_hr.shape)}")
+    # The split grid's programs own H's units; h's columns must fall within them.
+    if w_hr is not None and K >= H:
+        raise RuntimeError(f"fastrnn: a projection must be smaller than the hidden size "
+                           f"({H}), got {K}")
 
 
 def _input_bias(cell: Cell, b_ih: Tensor | None, b_hh: Tensor | None, H: int) -> Tensor | None:
