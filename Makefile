@@ -13,7 +13,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ENV_STAMP := $(VENV)/.requirements-installed
 EXT_STAMP := build/.extension-built
-CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h')
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.inc')
 
 DEVICE ?= cuda
 

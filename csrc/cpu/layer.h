@@ -9,8 +9,11 @@
 #include <algorithm>
 #include <initializer_list>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
+
+#include "cpu/panels.h"
 
 namespace fastrnn::cpu {
 
@@ -93,11 +96,12 @@ struct Block {
 // by all of W_hh. Smaller ones split by hidden units, in whole SIMD blocks:
 // each thread multiplies the whole batch by its slice of W_hh, which stays
 // in its cache, where a split by rows would leave each thread too few rows
-// for an efficient product.
+// for an efficient product; the blocks are whole panels of the packed
+// weights.
 template <typename F>
 inline void parallel_blocks(int64_t B, int64_t H, int64_t work_per_row, const F& fn) {
   constexpr int64_t kMinWork = 16384;
-  constexpr int64_t kUnitBlock = 16;
+  constexpr int64_t kUnitBlock = PackedWeight::kPanelWidth;
   constexpr int64_t kMinRowsPerThread = 32;
   if (B >= kMinRowsPerThread * at::get_num_threads()) {
     const int64_t grain = std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_row));
@@ -173,41 +177,79 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, co
   c_view.addmm_(view(a, m, k, lda, trans_a), view(b, k, n, ldb, trans_b), beta, 1);
 }
 
-// Block k of out = state W^T: rows [b0, min(b1, rows)), the columns of
-// units [j0, j1) of every gate (out: (B, G), state: (B, K), W: (G, K), all
-// contiguous; G is a whole number of gates of H rows each).
+// The right-hand factor M (R x N) of products out = beta out + a M by one
+// weight: a sweep's per-step products and the layer's large ones. M's N
+// columns form segments of `segment` columns (a cell's gates: the product of
+// a block of units takes those units of every gate). `weight` holds M
+// (R x N, row-major), or M^T (N x R) when `transposed` (W_hh for h W_hh^T).
+// float products run on a micro-kernel over a copy packed once (panels.h);
+// double products, and float with the "blas" product kernel, call the BLAS.
 template <typename scalar_t>
-inline void mm_block(scalar_t* out, const scalar_t* state, const scalar_t* weight, int64_t G,
-                     int64_t H, int64_t K, int64_t rows, const Block& k) {
-  const int64_t n = std::min(k.b1, rows) - k.b0;
-  if (n <= 0 || k.j1 <= k.j0) {
-    return;
+class WeightProduct {
+ public:
+  WeightProduct(const scalar_t* weight, int64_t R, int64_t N, int64_t segment, bool transposed)
+      : weight_(weight), R_(R), N_(N), segment_(segment), transposed_(transposed) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (N > 0 && R > 0 && product_kernel() != "blas") {
+        packed_.emplace(weight, R, N, segment, transposed);
+      }
+    }
   }
-  state += k.b0 * K;
-  out += k.b0 * G;
-  // Column-major: out^T (units x n) = W[units] (units x K) state^T (K x n).
-  if (k.j0 == 0 && k.j1 == H) {  // all units: one product over every gate row
-    gemm<scalar_t>(true, false, G, n, K, weight, K, state, K, scalar_t(0), out, G);
-    return;
-  }
-  for (int64_t g = 0; g < G; g += H) {
-    gemm<scalar_t>(true, false, k.j1 - k.j0, n, K, weight + (g + k.j0) * K, K, state, K,
-                   scalar_t(0), out + g + k.j0, G);
-  }
-}
 
-// Block k of out = beta out + step W, rows limited to `rows` (out: (B, K),
-// step: (B, G), W: (G, K)): units [j0, j1) of K.
-template <typename scalar_t>
-inline void addmm_block(scalar_t* out, const scalar_t* step, const scalar_t* weight, int64_t G,
-                        int64_t K, int64_t rows, const Block& k, scalar_t beta = 1) {
-  const int64_t n = std::min(k.b1, rows) - k.b0;
-  if (n > 0 && k.j1 > k.j0) {
-    // Column-major: out^T[units] (units x n) = W^T[units] (units x G) step^T (G x n) + beta out^T.
-    gemm<scalar_t>(false, false, k.j1 - k.j0, n, G, weight + k.j0, K, step + k.b0 * G, G, beta,
-                   out + k.b0 * K + k.j0, K);
+  // Block k of a step's product (out: (B, N), a: (B, R), contiguous): rows
+  // [b0, min(b1, rows)), columns [j0, j1) of every segment.
+  void block(scalar_t* out, const scalar_t* a, int64_t rows, const Block& k,
+             scalar_t beta = 0) const {
+    const int64_t n = std::min(k.b1, rows) - k.b0;
+    columns(out + k.b0 * N_, N_, a + k.b0 * R_, R_, n, k.j0, k.j1, beta);
   }
-}
+
+  // The whole product over n rows (row strides ldo and lda), on every thread.
+  void multiply(scalar_t* out, int64_t ldo, const scalar_t* a, int64_t lda, int64_t n,
+                scalar_t beta) const {
+    if (!packed_) {  // the BLAS threads it
+      columns(out, ldo, a, lda, n, 0, segment_, beta);
+      return;
+    }
+    constexpr int64_t kRowsPerTask = 96;
+    at::parallel_for(0, (n + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t t0, int64_t t1) {
+      const int64_t r0 = t0 * kRowsPerTask, r1 = std::min(n, t1 * kRowsPerTask);
+      columns(out + r0 * ldo, ldo, a + r0 * lda, lda, r1 - r0, 0, segment_, beta);
+    });
+  }
+
+ private:
+  // Rows [0, n) x columns [c0, c1) of every segment, on this thread (or the BLAS's).
+  void columns(scalar_t* out, int64_t ldo, const scalar_t* a, int64_t lda, int64_t n, int64_t c0,
+               int64_t c1, scalar_t beta) const {
+    if (n <= 0 || c1 <= c0) {
+      return;
+    }
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (packed_) {
+        packed_->multiply(out, ldo, a, lda, n, c0, c1, beta);
+        return;
+      }
+    }
+    // Column-major: out^T[cols] (cols x n) = M^T[cols] (cols x R) a^T (R x n) + beta out^T.
+    auto product = [&](int64_t c, int64_t count) {
+      gemm<scalar_t>(transposed_, false, count, n, R_, transposed_ ? weight_ + c * R_ : weight_ + c,
+                     transposed_ ? R_ : N_, a, lda, beta, out + c, ldo);
+    };
+    if (c0 == 0 && c1 == segment_) {  // every column: one product
+      product(0, N_);
+      return;
+    }
+    for (int64_t s = 0; s < N_; s += segment_) {
+      product(s + c0, c1 - c0);
+    }
+  }
+
+  const scalar_t* weight_;
+  int64_t R_, N_, segment_;
+  bool transposed_;
+  std::optional<PackedWeight> packed_;  // float only
+};
 
 // Copies (or, from null, zeroes) units [j0, j1) of every gate of one (G)-row.
 template <typename scalar_t>
@@ -254,7 +296,11 @@ std::vector<at::Tensor> sweep_forward(const at::Tensor& weight_hh, const at::Ten
   auto next = at::empty_like(state);
   auto cell = cx.defined() ? cx.clone(at::MemoryFormat::Contiguous) : at::Tensor();
   const at::Tensor m = projection.weight ? at::empty({B, H}, state.options()) : at::Tensor();
-  const scalar_t* w = weight_hh.const_data_ptr<scalar_t>();
+  // q = h W_hh^T, and h = m W_hr^T with a projection.
+  const WeightProduct<scalar_t> recurrent(weight_hh.const_data_ptr<scalar_t>(), K, G, H, true);
+  const std::optional<WeightProduct<scalar_t>> project =
+      projection.weight ? std::make_optional<WeightProduct<scalar_t>>(projection.weight, H, P, P, true)
+                        : std::nullopt;
   scalar_t* q = hh.mutable_data_ptr<scalar_t>();
   scalar_t* c = cell.defined() ? cell.mutable_data_ptr<scalar_t>() : nullptr;
   for (int64_t s = 0; s < T; ++s) {
@@ -266,7 +312,7 @@ std::vector<at::Tensor> sweep_forward(const at::Tensor& weight_hh, const at::Ten
     scalar_t* hn = next.mutable_data_ptr<scalar_t>();
     scalar_t* dest = m.defined() ? m.mutable_data_ptr<scalar_t>() : hn;
     parallel_blocks(B, H, G * K, [&](const Block& k) {
-      mm_block(q, h, w, G, H, K, rows, k);
+      recurrent.block(q, h, rows, k);
       for (int64_t b = k.b0; b < k.b1; ++b) {
         if (map.active(s, b)) {
           row_fn(map.time(s, b) * B + b, k.j0, k.j1, q + b * G, h + b * K, dest + b * H,
@@ -280,7 +326,7 @@ std::vector<at::Tensor> sweep_forward(const at::Tensor& weight_hh, const at::Ten
     if (m.defined()) {
       const scalar_t* mp = m.const_data_ptr<scalar_t>();
       parallel_blocks(B, P, P * H, [&](const Block& k) {
-        mm_block(hn, mp, projection.weight, P, P, H, rows, k);
+        project->block(hn, mp, rows, k);
         for (int64_t b = k.b0; b < k.b1; ++b) {
           if (map.active(s, b)) {
             out_fn(map.time(s, b) * B + b, k.j0, k.j1, hn + b * P);
@@ -345,7 +391,11 @@ at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::
   auto gathered = map.uniform_time() ? at::Tensor() : at::empty({2, B, G}, dh.options());
   scalar_t* gh = grad_hh.mutable_data_ptr<scalar_t>();
   scalar_t* dcp = dc.defined() ? dc.mutable_data_ptr<scalar_t>() : nullptr;
-  const scalar_t* w = weight_hh.const_data_ptr<scalar_t>();
+  // dh += grad_hh W_hh, and dm = dh W_hr with a projection.
+  const WeightProduct<scalar_t> recurrent(weight_hh.const_data_ptr<scalar_t>(), G, K, K, false);
+  const std::optional<WeightProduct<scalar_t>> project =
+      projects ? std::make_optional<WeightProduct<scalar_t>>(projection.weight, P, H, H, false)
+               : std::nullopt;
   const scalar_t* pending = nullptr;  // the later step's grad_hh rows
   int64_t pending_rows = 0;
   for (int64_t s = T - 1; s >= 0; --s) {
@@ -361,7 +411,7 @@ at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::
       scalar_t* gs = grad_step.mutable_data_ptr<scalar_t>();
       parallel_blocks(B, P, G * P, [&](const Block& k) {
         if (pending) {
-          addmm_block(dhp, pending, w, G, P, pending_rows, k);
+          recurrent.block(dhp, pending, pending_rows, k, scalar_t(1));
         }
         for (int64_t b = k.b0; b < k.b1; ++b) {
           scalar_t* dhb = dhp + b * P;
@@ -383,10 +433,9 @@ at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::
     scalar_t* dm = projects ? grad_m.mutable_data_ptr<scalar_t>() : nullptr;
     parallel_blocks(B, H, G * K, [&](const Block& k) {
       if (projects) {
-        addmm_block(dm, grad_step.const_data_ptr<scalar_t>(), projection.weight, P, H, rows, k,
-                    scalar_t(0));
+        project->block(dm, grad_step.const_data_ptr<scalar_t>(), rows, k);
       } else if (pending) {
-        addmm_block(dhp, pending, w, G, H, pending_rows, k);
+        recurrent.block(dhp, pending, pending_rows, k, scalar_t(1));
       }
       for (int64_t b = k.b0; b < k.b1; ++b) {
         if (!map.active(s, b)) {
@@ -413,7 +462,7 @@ at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::
   if (pending) {
     scalar_t* dhp = dh.mutable_data_ptr<scalar_t>();
     parallel_blocks(B, K, G * K, [&](const Block& k) {
-      addmm_block(dhp, pending, w, G, K, pending_rows, k);
+      recurrent.block(dhp, pending, pending_rows, k, scalar_t(1));
     });
   }
   return dh;

@@ -149,13 +149,12 @@ at::Tensor project_input(const at::Tensor& input, const at::Tensor& weight_ih,
   if (has_bias) {
     out.copy_(bias->expand({rows, G}));
   }
-  // The BLAS writes into strided rows in place, where at::addmm_out would
-  // compute into a contiguous temporary and copy.
+  // Written into strided rows in place, where at::addmm_out would compute
+  // into a contiguous temporary and copy.
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::project_input", [&] {
-    // Column-major: out^T (G x rows) = W_ih (G x I) x^T (I x rows) [+ out^T].
-    gemm<scalar_t>(true, false, G, rows, I, w.const_data_ptr<scalar_t>(), I,
-                   x2d.const_data_ptr<scalar_t>(), I, scalar_t(has_bias ? 1 : 0),
-                   out.mutable_data_ptr<scalar_t>(), out.stride(0));
+    const WeightProduct<scalar_t> product(w.const_data_ptr<scalar_t>(), I, G, G, true);
+    product.multiply(out.mutable_data_ptr<scalar_t>(), out.stride(0),
+                     x2d.const_data_ptr<scalar_t>(), I, rows, scalar_t(has_bias ? 1 : 0));
   });
   return out;
 }
@@ -205,8 +204,18 @@ LayerGrads finish_backward(const at::Tensor& grad_ih, const at::Tensor& grad_hh,
   auto grad_w_hh = at::mm(d_hh.t(), prev_states.view({rows, prev_states.size(2)}));
   auto grad_b_ih = d_ih.sum(0);
   auto grad_b_hh = grad_hh.is_same(grad_ih) ? grad_b_ih.clone() : d_hh.sum(0);
-  auto grad_input = input_requires_grad ? at::mm(d_ih, weight_ih).view(input.sizes())
-                                        : at::empty({0}, input.options());
+  auto grad_input = at::empty({0}, input.options());
+  if (input_requires_grad) {  // grad_ih W_ih
+    const auto w = weight_ih.contiguous();
+    const auto d = d_ih.contiguous();
+    const int64_t G = w.size(0), I = w.size(1);
+    grad_input = at::empty(input.sizes(), input.options());
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::grad_input", [&] {
+      const WeightProduct<scalar_t> product(w.const_data_ptr<scalar_t>(), G, I, I, false);
+      product.multiply(grad_input.mutable_data_ptr<scalar_t>(), I, d.const_data_ptr<scalar_t>(), G,
+                       rows, scalar_t(0));
+    });
+  }
   return {grad_input, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
 }
 

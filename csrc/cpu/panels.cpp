@@ -1,0 +1,166 @@
+#include "cpu/panels.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <utility>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTRNN_X86_KERNELS 1
+#include <immintrin.h>
+#endif
+
+namespace fastrnn::cpu {
+namespace {
+
+constexpr int64_t kPanel = PackedWeight::kPanelWidth;
+
+// One instruction set's micro-kernel (panel_kernel.inc): out (n x cols) =
+// beta out + a (n x R) panel (R x cols) for n <= its rows and cols <= its
+// pass width; `panel` points at the pass's first column.
+using Kernel = void (*)(float* out, int64_t ldo, const float* a, int64_t lda, int64_t n,
+                        const float* panel, int64_t R, int64_t cols, float beta);
+
+#ifdef FASTRNN_X86_KERNELS
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+namespace avx512 {
+// 8 rows x 2 vectors of 16: 16 of the 32 vector registers accumulate.
+constexpr int kRows = 8, kVectors = 2;
+struct Vec {
+  using type = __m512;
+  static constexpr int64_t kWidth = 16;
+  static type zero() { return _mm512_setzero_ps(); }
+  static type load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, type x) { _mm512_storeu_ps(p, x); }
+  static type broadcast(float x) { return _mm512_set1_ps(x); }
+  static type fma(type a, type b, type c) { return _mm512_fmadd_ps(a, b, c); }
+};
+#include "cpu/panel_kernel.inc"
+}  // namespace avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+// 6 rows x 2 vectors of 8: 12 of the 16 vector registers accumulate; a
+// panel takes two passes.
+constexpr int kRows = 6, kVectors = 2;
+struct Vec {
+  using type = __m256;
+  static constexpr int64_t kWidth = 8;
+  static type zero() { return _mm256_setzero_ps(); }
+  static type load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, type x) { _mm256_storeu_ps(p, x); }
+  static type broadcast(float x) { return _mm256_set1_ps(x); }
+  static type fma(type a, type b, type c) { return _mm256_fmadd_ps(a, b, c); }
+};
+#include "cpu/panel_kernel.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+struct KernelInfo {
+  std::string name;
+  Kernel kernel;
+  int64_t rows;         // output rows per call
+  int64_t pass_width;   // panel columns per call
+};
+
+const std::vector<KernelInfo>& kernel_table() {
+  static const std::vector<KernelInfo> table = [] {
+    std::vector<KernelInfo> t;
+#ifdef FASTRNN_X86_KERNELS
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) {
+      t.push_back({"avx512", &avx512::kernel, avx512::kRows, avx512::kVectors * avx512::Vec::kWidth});
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      t.push_back({"avx2", &avx2::kernel, avx2::kRows, avx2::kVectors * avx2::Vec::kWidth});
+    }
+#endif
+    return t;
+  }();
+  return table;
+}
+
+// The index of the chosen kernel in kernel_table(), or -1 for BLAS.
+std::atomic<int>& chosen() {
+  static std::atomic<int> index{kernel_table().empty() ? -1 : 0};
+  return index;
+}
+
+}  // namespace
+
+std::vector<std::string> product_kernels() {
+  std::vector<std::string> names;
+  for (const auto& info : kernel_table()) names.push_back(info.name);
+  names.push_back("blas");
+  return names;
+}
+
+const std::string& product_kernel() {
+  static const std::string blas = "blas";
+  const int index = chosen().load();
+  return index < 0 ? blas : kernel_table()[index].name;
+}
+
+void set_product_kernel(const std::string& name) {
+  const auto& table = kernel_table();
+  for (size_t i = 0; i < table.size(); ++i) {
+    if (table[i].name == name) {
+      chosen().store(static_cast<int>(i));
+      return;
+    }
+  }
+  TORCH_CHECK(name == "blas", "unknown or unsupported CPU product kernel '", name,
+              "': this CPU has ", c10::Join(", ", product_kernels()));
+  chosen().store(-1);
+}
+
+PackedWeight::PackedWeight(const float* weight, int64_t R, int64_t N, int64_t segment,
+                           bool transposed)
+    : R_(R), N_(N), segment_(segment), kernel_(chosen().load()) {
+  TORCH_INTERNAL_ASSERT(kernel_ >= 0 && segment > 0 && N % segment == 0);
+  panels_per_segment_ = (segment + kPanel - 1) / kPanel;
+  const int64_t segments = N / segment;
+  panels_ = at::zeros({segments, panels_per_segment_, R, kPanel}, at::kFloat);
+  float* p = panels_.mutable_data_ptr<float>();
+  for (int64_t col = 0; col < N; ++col) {
+    const int64_t s = col / segment, c = col % segment;
+    float* dst = p + ((s * panels_per_segment_ + c / kPanel) * R) * kPanel + c % kPanel;
+    for (int64_t r = 0; r < R; ++r) {
+      dst[r * kPanel] = transposed ? weight[col * R + r] : weight[r * N + col];
+    }
+  }
+}
+
+void PackedWeight::multiply(float* out, int64_t ldo, const float* a, int64_t lda, int64_t n,
+                            int64_t c0, int64_t c1, float beta) const {
+  TORCH_INTERNAL_ASSERT(c0 % kPanel == 0);
+  const KernelInfo& info = kernel_table()[kernel_];
+  const float* panels = panels_.const_data_ptr<float>();
+  const int64_t segments = N_ / segment_;
+  // Blocks of rows small enough to stay in cache while every panel passes.
+  constexpr int64_t kRowBlock = 96;
+  for (int64_t i0 = 0; i0 < n; i0 += kRowBlock) {
+    const int64_t i1 = std::min(n, i0 + kRowBlock);
+    for (int64_t s = 0; s < segments; ++s) {
+      for (int64_t c = c0; c < c1; c += kPanel) {
+        const float* panel = panels + ((s * panels_per_segment_ + c / kPanel) * R_) * kPanel;
+        const int64_t panel_cols = std::min(kPanel, c1 - c);
+        for (int64_t pass = 0; pass < panel_cols; pass += info.pass_width) {
+          const int64_t cols = std::min(info.pass_width, panel_cols - pass);
+          float* o = out + s * segment_ + c + pass;
+          for (int64_t i = i0; i < i1; i += info.rows) {
+            info.kernel(o + i * ldo, ldo, a + i * lda, lda, std::min(info.rows, i1 - i),
+                        panel + pass, R_, cols, beta);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace fastrnn::cpu

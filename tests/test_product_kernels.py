@@ -1,0 +1,86 @@
+"""Every float product kernel of the C++ engine (csrc/cpu/panels.h) against
+torch.nn in float64: the micro-kernels this CPU runs (AVX-512, AVX2) and the
+BLAS calls, forward and every gradient.
+
+The shapes put the kernels' edges to work: hidden sizes that fill no panel
+(5), end in a partial one (33, 96 over two threads' blocks), batches that
+fill no register block (1), end in a partial one (7, 9), and that the
+engine splits by rows across threads (70), with a projection, both
+directions and lengths.
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastrnn
+from conftest import assert_results_close, forward_backward, make_pair
+from fastrnn import _C
+
+KERNELS = _C.product_kernels()
+
+CASES = [
+    # cls, (T, B, I, H), kwargs, lengths
+    ("RNN", (6, 7, 5, 5), dict(), None),
+    ("RNN", (4, 70, 9, 33), dict(nonlinearity="relu"), None),
+    ("GRU", (5, 9, 11, 96), dict(bidirectional=True), [5, 1, 3, 5, 2, 4, 5, 1, 2]),
+    ("GRU", (5, 1, 3, 33), dict(num_layers=2), None),
+    ("LSTM", (6, 9, 8, 96), dict(), None),
+    ("LSTM", (5, 7, 6, 33), dict(proj_size=17, bidirectional=True), [5, 2, 4, 1, 3, 5, 2]),
+    ("LSTM", (3, 70, 4, 40), dict(proj_size=35), None),
+    ("LSTM", (4, 1, 5, 5), dict(bidirectional=True), None),
+]
+
+
+@pytest.fixture(params=KERNELS)
+def product_kernel(request):
+    previous = _C.product_kernel()
+    _C.set_product_kernel(request.param)
+    yield request.param
+    _C.set_product_kernel(previous)
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+def test_kernels_listed():
+    assert KERNELS[-1] == "blas" and len(set(KERNELS)) == len(KERNELS)
+    assert _C.product_kernel() == KERNELS[0]
+    with pytest.raises(RuntimeError, match="unknown or unsupported CPU product kernel 'sse'"):
+        _C.set_product_kernel("sse")
+
+
+@pytest.mark.parametrize("cls, sizes, kwargs, lengths", CASES,
+                         ids=[f"{c[0]}-{'x'.join(map(str, c[1]))}-{i}" for i, c in enumerate(CASES)])
+def test_against_torch_nn_float64(product_kernel, threads, cls, sizes, kwargs, lengths):
+    T, B, I, H = sizes
+    reference, candidate = make_pair(getattr(nn, cls), getattr(fastrnn, cls), I, H, **kwargs)
+    x = torch.randn(T, B, I)
+    expected = forward_backward(reference.double(), x.double(), lengths=lengths,
+                                upstream_dtype=torch.float32)
+    actual = forward_backward(candidate, x, lengths=lengths)
+    expected = {k: v.float() if v.is_floating_point() else v for k, v in expected.items()}
+    assert_results_close(actual, expected, torch.float32)
+
+
+def test_kernels_agree_closely(threads):
+    """The micro-kernels and the BLAS differ only in rounding."""
+    reference, candidate = make_pair(nn.LSTM, fastrnn.LSTM, 64, 64, proj_size=40)
+    x = torch.randn(20, 16, 64)
+    results = {}
+    previous = _C.product_kernel()
+    try:
+        for kernel in KERNELS:
+            _C.set_product_kernel(kernel)
+            results[kernel] = forward_backward(candidate, x)
+    finally:
+        _C.set_product_kernel(previous)
+    for kernel in KERNELS[:-1]:
+        for key, value in results["blas"].items():
+            torch.testing.assert_close(results[kernel][key], value, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"{kernel} {key}: {m}")
