@@ -21,5 +21,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The micro-kernels of the per-step float products this CPU runs, best first, and "
         "'blas' (a BLAS call per step).");
   m.def("product_kernel", &fastrnn::cpu::product_kernel, "The step kernel float products use.");
-  m.def("set_product_kernel", &fastrnn::cpu::set_product_kernel, "Chooses one of product_kernels().");
+  m.def("set_product_kernel", &fastrnn::cpu::set_product_kernel,
+        "Chooses one of product_kernels().");
 }

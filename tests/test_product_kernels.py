@@ -4,9 +4,9 @@ BLAS calls, forward and every gradient.
 
 The shapes put the kernels' edges to work: hidden sizes that fill no panel
 (5), end in a partial one (33, 96 over two threads' blocks), batches that
-fill no register block (1), end in a partial one (7, 9), and that the
-engine splits by rows across threads (70), with a projection, both
-directions and lengths.
+fill no register block (7), end in a partial one (9), that the engine
+splits by rows across threads (70), and of one row (1), with a projection,
+both directions and lengths.
 """
 
 import pytest
@@ -20,15 +20,16 @@ from fastrnn import _C
 KERNELS = _C.product_kernels()
 
 CASES = [
-    # cls, (T, B, I, H), kwargs, lengths
-    ("RNN", (6, 7, 5, 5), dict(), None),
-    ("RNN", (4, 70, 9, 33), dict(nonlinearity="relu"), None),
-    ("GRU", (5, 9, 11, 96), dict(bidirectional=True), [5, 1, 3, 5, 2, 4, 5, 1, 2]),
-    ("GRU", (5, 1, 3, 33), dict(num_layers=2), None),
-    ("LSTM", (6, 9, 8, 96), dict(), None),
-    ("LSTM", (5, 7, 6, 33), dict(proj_size=17, bidirectional=True), [5, 2, 4, 1, 3, 5, 2]),
-    ("LSTM", (3, 70, 4, 40), dict(proj_size=35), None),
-    ("LSTM", (4, 1, 5, 5), dict(bidirectional=True), None),
+    # cls, (T, B, I, H), kwargs, lengths. The weights are packed, and the
+    # kernels run, once T * B >= 256 (csrc/cpu/layer.h).
+    ("RNN", (80, 7, 5, 5), dict(), None),
+    ("RNN", (8, 70, 9, 33), dict(nonlinearity="relu"), None),
+    ("GRU", (60, 9, 11, 96), dict(bidirectional=True), [60, 1, 30, 60, 20, 45, 60, 1, 12]),
+    ("GRU", (600, 1, 3, 33), dict(num_layers=2), None),
+    ("LSTM", (60, 9, 8, 96), dict(), None),
+    ("LSTM", (80, 7, 6, 33), dict(proj_size=17, bidirectional=True), [80, 2, 40, 1, 33, 80, 7]),
+    ("LSTM", (8, 70, 4, 40), dict(proj_size=35), None),
+    ("LSTM", (600, 1, 5, 5), dict(bidirectional=True), None),
 ]
 
 
@@ -55,8 +56,10 @@ def test_kernels_listed():
         _C.set_product_kernel("sse")
 
 
-@pytest.mark.parametrize("cls, sizes, kwargs, lengths", CASES,
-                         ids=[f"{c[0]}-{'x'.join(map(str, c[1]))}-{i}" for i, c in enumerate(CASES)])
+CASE_IDS = [f"{c[0]}-{'x'.join(map(str, c[1]))}-{i}" for i, c in enumerate(CASES)]
+
+
+@pytest.mark.parametrize("cls, sizes, kwargs, lengths", CASES, ids=CASE_IDS)
 def test_against_torch_nn_float64(product_kernel, threads, cls, sizes, kwargs, lengths):
     T, B, I, H = sizes
     reference, candidate = make_pair(getattr(nn, cls), getattr(fastrnn, cls), I, H, **kwargs)
@@ -71,7 +74,7 @@ def test_against_torch_nn_float64(product_kernel, threads, cls, sizes, kwargs, l
 def test_kernels_agree_closely(threads):
     """The micro-kernels and the BLAS differ only in rounding."""
     reference, candidate = make_pair(nn.LSTM, fastrnn.LSTM, 64, 64, proj_size=40)
-    x = torch.randn(20, 16, 64)
+    x = torch.randn(40, 16, 64)
     results = {}
     previous = _C.product_kernel()
     try:

@@ -187,10 +187,15 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, co
 template <typename scalar_t>
 class WeightProduct {
  public:
-  WeightProduct(const scalar_t* weight, int64_t R, int64_t N, int64_t segment, bool transposed)
+  // total_rows: the rows of all its products together. Packing costs about
+  // what a few hundred rows of products gain (bench/NOTES.md): for fewer
+  // the weight stays as it is, on the BLAS.
+  WeightProduct(const scalar_t* weight, int64_t R, int64_t N, int64_t segment, bool transposed,
+                int64_t total_rows)
       : weight_(weight), R_(R), N_(N), segment_(segment), transposed_(transposed) {
+    constexpr int64_t kMinPackedRows = 256;
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (N > 0 && R > 0 && product_kernel() != "blas") {
+      if (N > 0 && R > 0 && total_rows >= kMinPackedRows && product_kernel() != "blas") {
         packed_.emplace(weight, R, N, segment, transposed);
       }
     }
@@ -297,9 +302,11 @@ std::vector<at::Tensor> sweep_forward(const at::Tensor& weight_hh, const at::Ten
   auto cell = cx.defined() ? cx.clone(at::MemoryFormat::Contiguous) : at::Tensor();
   const at::Tensor m = projection.weight ? at::empty({B, H}, state.options()) : at::Tensor();
   // q = h W_hh^T, and h = m W_hr^T with a projection.
-  const WeightProduct<scalar_t> recurrent(weight_hh.const_data_ptr<scalar_t>(), K, G, H, true);
+  const WeightProduct<scalar_t> recurrent(weight_hh.const_data_ptr<scalar_t>(), K, G, H, true,
+                                          T * B);
   const std::optional<WeightProduct<scalar_t>> project =
-      projection.weight ? std::make_optional<WeightProduct<scalar_t>>(projection.weight, H, P, P, true)
+      projection.weight ? std::make_optional<WeightProduct<scalar_t>>(projection.weight, H, P, P,
+                                                                      true, T * B)
                         : std::nullopt;
   scalar_t* q = hh.mutable_data_ptr<scalar_t>();
   scalar_t* c = cell.defined() ? cell.mutable_data_ptr<scalar_t>() : nullptr;
@@ -392,9 +399,11 @@ at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::
   scalar_t* gh = grad_hh.mutable_data_ptr<scalar_t>();
   scalar_t* dcp = dc.defined() ? dc.mutable_data_ptr<scalar_t>() : nullptr;
   // dh += grad_hh W_hh, and dm = dh W_hr with a projection.
-  const WeightProduct<scalar_t> recurrent(weight_hh.const_data_ptr<scalar_t>(), G, K, K, false);
+  const WeightProduct<scalar_t> recurrent(weight_hh.const_data_ptr<scalar_t>(), G, K, K, false,
+                                          T * B);
   const std::optional<WeightProduct<scalar_t>> project =
-      projects ? std::make_optional<WeightProduct<scalar_t>>(projection.weight, P, H, H, false)
+      projects ? std::make_optional<WeightProduct<scalar_t>>(projection.weight, P, H, H, false,
+                                                             T * B)
                : std::nullopt;
   const scalar_t* pending = nullptr;  // the later step's grad_hh rows
   int64_t pending_rows = 0;

@@ -152,7 +152,7 @@ at::Tensor project_input(const at::Tensor& input, const at::Tensor& weight_ih,
   // Written into strided rows in place, where at::addmm_out would compute
   // into a contiguous temporary and copy.
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::project_input", [&] {
-    const WeightProduct<scalar_t> product(w.const_data_ptr<scalar_t>(), I, G, G, true);
+    const WeightProduct<scalar_t> product(w.const_data_ptr<scalar_t>(), I, G, G, true, rows);
     product.multiply(out.mutable_data_ptr<scalar_t>(), out.stride(0),
                      x2d.const_data_ptr<scalar_t>(), I, rows, scalar_t(has_bias ? 1 : 0));
   });
@@ -211,7 +211,7 @@ LayerGrads finish_backward(const at::Tensor& grad_ih, const at::Tensor& grad_hh,
     const int64_t G = w.size(0), I = w.size(1);
     grad_input = at::empty(input.sizes(), input.options());
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::grad_input", [&] {
-      const WeightProduct<scalar_t> product(w.const_data_ptr<scalar_t>(), G, I, I, false);
+      const WeightProduct<scalar_t> product(w.const_data_ptr<scalar_t>(), G, I, I, false, rows);
       product.multiply(grad_input.mutable_data_ptr<scalar_t>(), I, d.const_data_ptr<scalar_t>(), G,
                        rows, scalar_t(0));
     });

@@ -74,7 +74,8 @@ const std::vector<KernelInfo>& kernel_table() {
 #ifdef FASTRNN_X86_KERNELS
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f")) {
-      t.push_back({"avx512", &avx512::kernel, avx512::kRows, avx512::kVectors * avx512::Vec::kWidth});
+      t.push_back({"avx512", &avx512::kernel, avx512::kRows,
+                   avx512::kVectors * avx512::Vec::kWidth});
     }
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
       t.push_back({"avx2", &avx2::kernel, avx2::kRows, avx2::kVectors * avx2::Vec::kWidth});
