@@ -16,7 +16,40 @@ from torch.nn.utils.rnn import PackedSequence
 from fastrnn import functional
 
 
-class _RecurrentModule(nn.RNNBase):
+# torch.compile's tracer reads torch.onnx.is_in_onnx_export() as False, also
+# when torch.onnx.export falls back to it; evaluated eagerly, it is True there.
+@torch.compiler.assume_constant_result
+def _onnx_exporting() -> bool:
+    return torch.onnx.is_in_onnx_export()
+
+
+def _runs_as_torch_nn() -> bool:
+    """Whether a module should compute as its torch.nn namesake does.
+
+    True while ``torch.onnx.export`` (either exporter) or ``torch.jit.trace``
+    records the model: the graph then holds the same ops as torch.nn's model
+    (the standard ONNX RNN/GRU/LSTM operators, ``aten::gru`` and its kin),
+    which runtimes execute without fastrnn, for every batch size and length.
+    """
+    return torch.jit.is_tracing() or _onnx_exporting()
+
+
+class _Namesake:
+    """What every fastrnn module has from the torch.nn class it replaces."""
+
+    # The torch.nn class, bound here before anything can patch torch.nn.
+    _torch_class: type[nn.Module]
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling it.
+        raise RuntimeError(
+            f"fastrnn.{type(self).__name__} cannot be compiled by torch.jit.script, which "
+            "PyTorch deprecates. Use torch.export.export (keeps fastrnn's kernels) or "
+            "torch.jit.trace (records torch.nn's ops) instead, or fastrnn.unconvert(model) "
+            "to turn fastrnn's modules back into torch.nn's first.")
+
+
+class _RecurrentModule(_Namesake, nn.RNNBase):
     """Forward shared by RNN, GRU and LSTM: input forms, checks, packing, layers.
 
     The state ``hx`` is one tensor (RNN, GRU) or a tuple (LSTM's (h, c));
@@ -66,6 +99,8 @@ class _RecurrentModule(nn.RNNBase):
         tuple (h_0, c_0)). Returns ``(output, h_n)`` (``(output, (h_n, c_n))``)
         in the same form as the input.
         """
+        if _runs_as_torch_nn():
+            return self._torch_class.forward(self, input, hx)
         self._update_flat_weights()
         packed = isinstance(input, PackedSequence)
         if packed:
@@ -133,6 +168,7 @@ class RNN(_RecurrentModule):
     dtype=None``), parameters, inputs and outputs as ``torch.nn.RNN``.
     """
 
+    _torch_class = nn.RNN
     _rank_error = "RNN: Expected input to be 2D or 3D, got {}D tensor instead"
 
     def __init__(self, *args, **kwargs):
@@ -161,6 +197,7 @@ class GRU(_RecurrentModule):
     dtype=None``), parameters, inputs and outputs as ``torch.nn.GRU``.
     """
 
+    _torch_class = nn.GRU
     _rank_error = "GRU: Expected input to be 2D or 3D, got {}D instead"
 
     def __init__(self, *args, **kwargs):
@@ -179,20 +216,21 @@ class LSTM(_RecurrentModule):
     c_n))`` out) as ``torch.nn.LSTM``.
     """
 
+    _torch_class = nn.LSTM
     _rank_error = "LSTM: Expected input to be 2D or 3D, got {}D instead"
 
     # The next three are torch.nn.LSTM's own, so that messages match word for word.
     def get_expected_cell_size(self, input: Tensor, batch_sizes: Tensor | None):
         """The shape c_0 must have: (D * num_layers, N, hidden_size)."""
-        return nn.LSTM.get_expected_cell_size(self, input, batch_sizes)
+        return self._torch_class.get_expected_cell_size(self, input, batch_sizes)
 
     def check_forward_args(self, input: Tensor, hidden, batch_sizes: Tensor | None) -> None:
         """torch.nn.LSTM's checks of the input and of both states' shapes."""
-        nn.LSTM.check_forward_args(self, input, hidden, batch_sizes)
+        self._torch_class.check_forward_args(self, input, hidden, batch_sizes)
 
     def permute_hidden(self, hx, permutation: Tensor | None):
         """(h, c) with their batch dimension permuted (packed input's order)."""
-        return nn.LSTM.permute_hidden(self, hx, permutation)
+        return self._torch_class.permute_hidden(self, hx, permutation)
 
     def __init__(self, *args, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
@@ -268,8 +306,10 @@ def _mixed_devices(cell: nn.RNNCellBase, input: Tensor, states: tuple[Tensor, ..
     return any(t is not None and t.device != input.device for t in tensors)
 
 
-class RNNCell(nn.RNNCellBase):
+class RNNCell(_Namesake, nn.RNNCellBase):
     """One Elman RNN step with tanh or ReLU: a drop-in for ``torch.nn.RNNCell``."""
+
+    _torch_class = nn.RNNCell
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
                  nonlinearity: str = "tanh", device=None, dtype=None) -> None:
@@ -278,6 +318,8 @@ class RNNCell(nn.RNNCellBase):
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         """One step: ``input`` (N, H_in) or (H_in,), ``hx`` (zeros when omitted) -> h'."""
+        if _runs_as_torch_nn():
+            return self._torch_class.forward(self, input, hx)
         input, (hx,), is_batched = _cell_inputs(self, "RNNCell", input,
                                                 None if hx is None else (hx,))
         if self.nonlinearity not in ("tanh", "relu"):
@@ -291,8 +333,10 @@ class RNNCell(nn.RNNCellBase):
         return h if is_batched else h.squeeze(0)
 
 
-class GRUCell(nn.RNNCellBase):
+class GRUCell(_Namesake, nn.RNNCellBase):
     """One GRU step: a drop-in for ``torch.nn.GRUCell``."""
+
+    _torch_class = nn.GRUCell
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
                  dtype=None) -> None:
@@ -300,6 +344,8 @@ class GRUCell(nn.RNNCellBase):
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         """One step: ``input`` (N, H_in) or (H_in,), ``hx`` (zeros when omitted) -> h'."""
+        if _runs_as_torch_nn():
+            return self._torch_class.forward(self, input, hx)
         input, (hx,), is_batched = _cell_inputs(self, "GRUCell", input,
                                                 None if hx is None else (hx,))
         if _mixed_devices(self, input, (hx,)):
@@ -310,8 +356,10 @@ class GRUCell(nn.RNNCellBase):
         return h if is_batched else h.squeeze(0)
 
 
-class LSTMCell(nn.RNNCellBase):
+class LSTMCell(_Namesake, nn.RNNCellBase):
     """One LSTM step: a drop-in for ``torch.nn.LSTMCell``."""
+
+    _torch_class = nn.LSTMCell
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
                  dtype=None) -> None:
@@ -321,6 +369,8 @@ class LSTMCell(nn.RNNCellBase):
                 ) -> tuple[Tensor, Tensor]:
         """One step: ``input`` (N, H_in) or (H_in,), ``hx`` = (h, c) (zeros when
         omitted) -> (h', c')."""
+        if _runs_as_torch_nn():
+            return self._torch_class.forward(self, input, hx)
         input, states, is_batched = _cell_inputs(self, "LSTMCell", input, hx, count=2)
         if _mixed_devices(self, input, states):
             return torch._VF.lstm_cell(input, states, self.weight_ih, self.weight_hh,

@@ -2,7 +2,7 @@
 
 ``patch()`` makes ``torch.nn.RNN``, ``GRU``, ``LSTM``, ``RNNCell``, ``GRUCell``
 and ``LSTMCell`` construct fastrnn's modules; ``convert()`` switches modules that already
-exist, keeping their parameters.
+exist, keeping their parameters, and ``unconvert()`` switches them back.
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ from torch import nn
 
 from fastrnn import modules
 
-# torch.nn's classes and their fastrnn replacements, by name in torch.nn.
-_ORIGINALS = {name: getattr(nn, name)
-              for name in ("RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell")}
-_REPLACEMENTS = {name: getattr(modules, name) for name in _ORIGINALS}
-_BY_CLASS = {_ORIGINALS[name]: _REPLACEMENTS[name] for name in _ORIGINALS}
+# fastrnn's classes and the torch.nn classes they replace, by name in torch.nn.
+_REPLACEMENTS = {name: getattr(modules, name)
+                 for name in ("RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell")}
+_ORIGINALS = {name: cls._torch_class for name, cls in _REPLACEMENTS.items()}
 
 
 def is_patched() -> bool:
@@ -63,6 +62,16 @@ def unpatch() -> None:
     _set(_ORIGINALS)
 
 
+def _swap_classes(module: nn.Module, classes: dict) -> nn.Module:
+    for submodule in module.modules():
+        replacement = classes.get(type(submodule))
+        if replacement is not None:
+            # fastrnn's classes share torch.nn's bases, constructors and
+            # attributes, so swapping the class is the whole conversion.
+            submodule.__class__ = replacement
+    return module
+
+
 def convert(module: nn.Module) -> nn.Module:
     """Turns every ``torch.nn.RNN``/``GRU``/``LSTM`` and their cells in ``module`` into fastrnn's.
 
@@ -72,10 +81,14 @@ def convert(module: nn.Module) -> nn.Module:
     then on. Subclasses of those classes are left alone, since they may
     change what ``forward`` does. Returns ``module``.
     """
-    for submodule in module.modules():
-        replacement = _BY_CLASS.get(type(submodule))
-        if replacement is not None:
-            # The fastrnn classes share torch.nn's bases, constructors and
-            # attributes, so swapping the class is the whole conversion.
-            submodule.__class__ = replacement
-    return module
+    return _swap_classes(module, {_ORIGINALS[name]: _REPLACEMENTS[name] for name in _ORIGINALS})
+
+
+def unconvert(module: nn.Module) -> nn.Module:
+    """The inverse of ``convert``: every fastrnn module in ``module`` becomes torch.nn's.
+
+    In place, keeping parameters, buffers, hooks and training mode as
+    ``convert`` does, for tools that look for torch.nn's classes (dynamic
+    quantization, exporters that know torch.nn's modules). Returns ``module``.
+    """
+    return _swap_classes(module, {_REPLACEMENTS[name]: _ORIGINALS[name] for name in _ORIGINALS})

@@ -53,6 +53,25 @@ def test_patched_model_gives_torch_nn_numbers():
     assert_results_close(forward_backward(fast, x), forward_backward(reference, x), torch.float32)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_patched_classes_run_and_check_as_torch_nn(name):
+    """Under the patch torch.nn's names are fastrnn's; what fastrnn borrows from
+    torch.nn's classes must still be torch.nn's own (no recursion into itself)."""
+    torch.manual_seed(0)
+    reference = ORIGINALS[name](INPUT_SIZE, HIDDEN_SIZE)
+    x = torch.randn(BATCH, INPUT_SIZE) if name.endswith("Cell") else torch.randn(
+        SEQ_LEN, BATCH, INPUT_SIZE)
+    expected = forward_backward(reference, x)
+    with fastrnn.patch():
+        fast = getattr(nn, name)(INPUT_SIZE, HIDDEN_SIZE)
+        fast.load_state_dict(reference.state_dict())
+        assert_results_close(forward_backward(fast, x), expected, torch.float32)
+        if not name.endswith("Cell"):
+            with pytest.raises(RuntimeError, match="Expected hidden"):
+                hx = torch.zeros(1, BATCH + 1, HIDDEN_SIZE)
+                fast(x, (hx, hx) if name == "LSTM" else hx)
+
+
 class Model(nn.Module):
     def __init__(self):
         super().__init__()
