@@ -55,6 +55,8 @@ class Profile:
     test_timeout_s: int
     grid: dict  # the benchmark's --cells/--batch/--hidden/--steps/--dtypes
     min_run_time: float
+    step_grid: dict  # the single-step benchmark's --cells/--batch/--hidden/--calls
+    step_bench_s: int
 
 
 CUDA_TESTS = ("tests", "-m", "cuda")
@@ -66,13 +68,19 @@ CPU_TESTS = ("tests/test_triton.py", "-m", "cuda", "-k",
 CPU_GRID = dict(cells=["rnn", "gru", "lstm"], batch=[1, 8], hidden=[16], steps=[8],
                 dtypes=["float32", "bfloat16"])
 
+# One step per call (cells and length-1 layers), where the launch overhead is the cost.
+STEP_CELLS = ["rnn_cell", "gru_cell", "lstm_cell", "rnn", "gru", "lstm"]
+CUDA_STEP_GRID = dict(cells=STEP_CELLS, batch=[1, 32], hidden=[64, 256], calls=20)
+CPU_STEP_GRID = dict(cells=["gru_cell", "lstm"], batch=[1], hidden=[16], calls=2)
+
 PROFILES = {
-    ("cuda", False): Profile(80, 120, 100, CUDA_TESTS, 90, CUDA_GRID, 0.05),
+    ("cuda", False): Profile(80, 120, 100, CUDA_TESTS, 90, CUDA_GRID, 0.05, CUDA_STEP_GRID, 40),
     ("cuda", True): Profile(None, 50, 40, ("tests/test_triton.py", "-m", "cuda"), 60,
-                            dict(CUDA_GRID, batch=[1, 32, 512], hidden=[512]), 0.05),
+                            dict(CUDA_GRID, batch=[1, 32, 512], hidden=[512]), 0.05,
+                            dict(CUDA_STEP_GRID, batch=[1], hidden=[256]), 20),
     # The CPU grid runs under the interpreter in about 35 s on a busy 2-core machine.
-    ("cpu", False): Profile(120, 90, 75, CPU_TESTS, 120, CPU_GRID, 0.01),
-    ("cpu", True): Profile(None, 90, 75, CPU_TESTS, 120, CPU_GRID, 0.01),
+    ("cpu", False): Profile(120, 90, 75, CPU_TESTS, 120, CPU_GRID, 0.01, CPU_STEP_GRID, 40),
+    ("cpu", True): Profile(None, 90, 75, CPU_TESTS, 120, CPU_GRID, 0.01, CPU_STEP_GRID, 40),
 }
 
 
@@ -173,9 +181,8 @@ def summarise(stages: list[Stage], junit: str, out: str, stem: str) -> tuple[str
                      .format(**counts))
         lines += [f"  FAILED {name}" for name in counts["failures"][:30]]
         ok = ok and not counts["failures"] and counts["passed"] > 0
-    records_path = os.path.join(out, stem + ".json")
     try:
-        with open(records_path) as f:
+        with open(os.path.join(out, stem + ".json")) as f:
             data = json.load(f)
     except (OSError, ValueError):
         lines.append("benchmark: no records written")
@@ -188,6 +195,24 @@ def summarise(stages: list[Stage], junit: str, out: str, stem: str) -> tuple[str
               f"{data['meta'].get('triton')} triton, fastrnn backend {data['meta'].get('backend')}",
               report.table(records), report.summary(records)]
     return "\n".join(lines), ok and bool(records)
+
+
+def merge_records(out: str, extra_out: str, stem: str) -> None:
+    """Appends the records under ``extra_out`` to those under ``out`` and
+    rewrites the JSON, CSV and plot there (the machine sends back 8 files at most)."""
+    from fastrnn.bench import report
+
+    try:
+        with open(os.path.join(out, stem + ".json")) as f:
+            data = json.load(f)
+        with open(os.path.join(extra_out, stem + ".json")) as f:
+            extra = json.load(f)["records"]
+    except (OSError, ValueError):
+        return  # the summary names what is missing
+    records = data["records"] + extra
+    report.write_records(records, data["meta"], out)
+    if report.can_plot():
+        report.write_plot(records, data["meta"], out)
 
 
 def main(argv=None) -> int:
@@ -233,8 +258,18 @@ def main(argv=None) -> int:
         sys.executable, "-m", "fastrnn.bench", "--device", args.device, "--backend", "triton",
         "--cells", *grid["cells"], "--providers", "fastrnn", "torch", "--dtypes", *grid["dtypes"],
         "--batch", *map(str, grid["batch"]), "--hidden", *map(str, grid["hidden"]),
-        "--steps", *map(str, grid["steps"]), "--min-run-time", str(profile.min_run_time), "--out", out],
+        "--steps", *map(str, grid["steps"]), "--modes", "forward", "forward_backward",
+        "--min-run-time", str(profile.min_run_time), "--out", out],
         profile.bench_s, env, os.path.join(out, f"{stem}-bench.log")))
+    steps, step_out = profile.step_grid, tempfile.mkdtemp(prefix="fastrnn-step-bench-")
+    stages.append(run_stage("step-bench", [
+        sys.executable, "-m", "fastrnn.bench", "--device", args.device, "--backend", "triton",
+        "--cells", *steps["cells"], "--providers", "fastrnn", "torch", "--dtypes", "float32",
+        "--batch", *map(str, steps["batch"]), "--hidden", *map(str, steps["hidden"]),
+        "--modes", "step", "step_backward", "--calls", str(steps["calls"]),
+        "--min-run-time", str(profile.min_run_time), "--out", step_out],
+        profile.step_bench_s, env, os.path.join(out, f"{stem}-step-bench.log")))
+    merge_records(out, step_out, stem)
 
     text, ok = summarise(stages, junit, out, stem)
     with open(os.path.join(out, f"{stem}-summary.txt"), "w") as f:

@@ -1,5 +1,6 @@
 """pytest-benchmark suite: fastrnn, torch.nn and the reference loop, per cell,
-mode, shape and dtype, on the device present (CUDA if available).
+mode (whole sequences, and single steps per call), shape and dtype, on the
+device present (CUDA if available).
 
     pytest bench/ --benchmark-json=results.json       # the default grid
     FASTRNN_BENCH_GRID=quick pytest bench/            # one shape; or "full"
@@ -15,14 +16,11 @@ import pytest
 import torch
 
 from fastrnn.bench import measure
-from fastrnn.bench.__main__ import DEFAULT_DTYPES, GRIDS
+from fastrnn.bench.__main__ import cases, parse_args
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-GRID = GRIDS[DEVICE.type][os.environ.get("FASTRNN_BENCH_GRID", "default")]
-CASES = [measure.Case(cell, dtype, batch, hidden, steps, mode)
-         for cell in measure.CELLS for dtype in DEFAULT_DTYPES[DEVICE.type]
-         for batch in GRID["batch"] for hidden in GRID["hidden"] for steps in GRID["steps"]
-         for mode in measure.MODES]
+_GRID = os.environ.get("FASTRNN_BENCH_GRID", "default")
+CASES = cases(parse_args([] if _GRID == "default" else [f"--{_GRID}"]), DEVICE)
 
 
 def case_id(case):

@@ -16,7 +16,7 @@ for _tool in ("matplotlib", "tqdm", "pytest_benchmark"):  # the `bench` extra
 from fastrnn.bench import measure  # noqa: E402
 from fastrnn.bench.__main__ import main  # noqa: E402
 
-BATCHES, HIDDEN, STEPS = [1, 3], [4, 6], [2]
+BATCHES, HIDDEN, STEPS, CALLS = [1, 3], [4, 6], [2], 3
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     argv = ["--device", "cpu", "--out", str(out), "--min-run-time", "0.01", "--batch", *map(str, BATCHES),
-            "--hidden", *map(str, HIDDEN), "--steps", *map(str, STEPS)]
+            "--hidden", *map(str, HIDDEN), "--steps", *map(str, STEPS), "--calls", str(CALLS)]
     return out, argv
 
 
@@ -34,6 +34,7 @@ def test_command_writes_table_records_and_plot(run, capsys):
     printed = capsys.readouterr().out
     assert "GFLOP/s" in printed
     assert "speed-up over torch.nn: forward median" in printed and "forward+backward median" in printed
+    assert "step median" in printed and "step+backward median" in printed and "step us" in printed
     files = sorted(os.listdir(out))
     stems = {os.path.splitext(f)[0] for f in files}
     assert len(stems) == 1 and {os.path.splitext(f)[1] for f in files} == {".json", ".csv", ".png"}
@@ -43,17 +44,24 @@ def test_command_writes_table_records_and_plot(run, capsys):
         data = json.load(f)
     records = data["records"]
     assert data["meta"]["gemm_flops"] > 0 and data["meta"]["torch"]
-    expected = {(cell, batch, hidden, steps, mode, provider)
-                for cell in measure.CELLS for batch in BATCHES for hidden in HIDDEN
-                for steps in STEPS
-                for mode in ("forward", "forward_backward") for provider in ("fastrnn", "torch", "reference")}
+    sequences = {(cell, batch, hidden, steps, mode, provider)
+                 for cell in ("rnn", "gru", "lstm", "lstm_proj") for batch in BATCHES
+                 for hidden in HIDDEN for steps in STEPS for mode in ("forward", "forward_backward")
+                 for provider in ("fastrnn", "torch", "reference")}
+    single_steps = {(cell, batch, hidden, CALLS, mode, provider)
+                    for cell in measure.CELLS for batch in BATCHES for hidden in HIDDEN
+                    for mode in ("step", "step_backward") for provider in ("fastrnn", "torch")}
+    expected = sequences | single_steps
     got = {(r["cell"], r["batch"], r["hidden"], r["steps"], r["mode"], r["provider"]) for r in records}
     assert got == expected
     for r in records:
         assert r["dtype"] == "float32" and r["device"] and r["torch"] and r["fastrnn"]
-        for key in ("median_s", "p20_s", "p80_s", "flops", "achieved_flops", "gemm_fraction"):
+        for key in ("median_s", "p20_s", "p80_s", "per_call_s", "flops", "achieved_flops",
+                    "gemm_fraction"):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r)
         assert r["p20_s"] <= r["median_s"] <= r["p80_s"]
+        calls = CALLS if r["mode"].startswith("step") else 1
+        assert r["per_call_s"] == pytest.approx(r["median_s"] / calls)
 
     with open(stem + ".csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -72,4 +80,7 @@ def test_pytest_benchmark_suite_runs():
          "-k", "not backward"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"{3 * len(measure.CELLS)} passed" in result.stdout
+    # The quick grid holds one shape per cell and mode; -k keeps forward and
+    # step (3 providers for each sequence layer, 2 per single-step case).
+    layers = [cell for cell in measure.CELLS if not measure.is_cell(cell)]
+    assert f"{3 * len(layers) + 2 * len(measure.CELLS)} passed" in result.stdout

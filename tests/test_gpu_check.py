@@ -62,11 +62,13 @@ def test_cpu_run_passes_within_its_budget(cpu_run):
 def test_every_file_is_written_and_well_formed(cpu_run):
     out, result, _ = cpu_run
     files = sorted(os.listdir(out))
-    stems = {f.split("-tests")[0].split("-bench")[0].split("-summary")[0].rsplit(".", 1)[0] for f in files}
+    stems = {f.split("-tests")[0].split("-step-bench")[0].split("-bench")[0].split("-summary")[0]
+             .rsplit(".", 1)[0] for f in files}
     assert len(stems) == 1, files
     stem = stems.pop()
     assert files == sorted(f"{stem}{suffix}" for suffix in (
-        "-tests.xml", "-tests.log", "-bench.log", "-summary.txt", ".json", ".csv", ".png"))
+        "-tests.xml", "-tests.log", "-bench.log", "-step-bench.log", "-summary.txt", ".json",
+        ".csv", ".png"))
     # What the device machine sends back: at most 8 plain-named files.
     assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files)
     path = lambda suffix: os.path.join(out, stem + suffix)  # noqa: E731
@@ -82,6 +84,10 @@ def test_every_file_is_written_and_well_formed(cpu_run):
     grid = gpu_check.CPU_GRID
     expected = set(itertools.product(grid["cells"], grid["dtypes"], grid["batch"], grid["hidden"],
                                      grid["steps"], ["forward", "forward_backward"], ["fastrnn", "torch"]))
+    steps = gpu_check.CPU_STEP_GRID
+    expected |= set(itertools.product(steps["cells"], ["float32"], steps["batch"], steps["hidden"],
+                                      [steps["calls"]], ["step", "step_backward"],
+                                      ["fastrnn", "torch"]))
     records = data["records"]
     keys = ("cell", "dtype", "batch", "hidden", "steps", "mode", "provider")
     assert {tuple(r[k] for k in keys) for r in records} == expected

@@ -1,8 +1,10 @@
 """python -m fastrnn.bench: how much faster is fastrnn than torch.nn here?
 
 Times fastrnn, torch.nn (cuDNN on CUDA, PyTorch's own kernels on CPU) and,
-on tiny shapes, the plain reference loop, forward and forward+backward, over
-a grid of shapes on the device present (CUDA if available). Prints a table
+on tiny shapes, the plain reference loop, forward and forward+backward over
+whole sequences, and one step per call (cells and length-1 layers, without
+grad and with a backward per call), over a grid of shapes on the device
+present (CUDA if available). Prints a table
 of speed-ups per shape and a summary line, measures the machine's float32
 GEMM rate to report the FLOP/s fastrnn reaches as a fraction of it, and
 writes the records as JSON and CSV and a PNG plot under --out.
@@ -33,6 +35,14 @@ GRIDS = {
                      steps=[64, 256, 1024, 4096]),
     },
 }
+# (batch, hidden) grids of the step modes, which make STEP_CALLS calls per timed run.
+STEP_GRIDS = {
+    "cpu": {"quick": dict(batch=[1], hidden=[64]), "default": dict(batch=[1, 32], hidden=[64, 256]),
+            "full": dict(batch=[1, 32, 128], hidden=[64, 256, 1024])},
+    "cuda": {"quick": dict(batch=[1], hidden=[64]), "default": dict(batch=[1, 32], hidden=[64, 256]),
+             "full": dict(batch=[1, 32, 128], hidden=[64, 256, 1024])},
+}
+STEP_CALLS = 100
 DEFAULT_DTYPES = {"cpu": ["float32"], "cuda": ["float32", "bfloat16"]}
 
 
@@ -50,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", nargs="+", type=int, help="batch sizes (overrides the grid)")
     parser.add_argument("--hidden", nargs="+", type=int, help="hidden sizes (overrides the grid)")
     parser.add_argument("--steps", nargs="+", type=int, help="sequence lengths (overrides the grid)")
+    parser.add_argument("--calls", type=int, default=STEP_CALLS,
+                        help=f"single-step calls per timed run in the step modes (default {STEP_CALLS})")
     parser.add_argument("--backend", choices=fastrnn.BACKENDS, default="auto",
                         help="the engine fastrnn's layers run on (default: auto)")
     parser.add_argument("--min-run-time", type=float, default=0.3, help="seconds of timed calls per case")
@@ -58,13 +70,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def cases(args: argparse.Namespace, device: torch.device) -> list[measure.Case]:
-    grid = dict(GRIDS[device.type]["quick" if args.quick else "full" if args.full else "default"])
-    for key in ("batch", "hidden", "steps"):
-        grid[key] = getattr(args, key) or grid[key]
+    size = "quick" if args.quick else "full" if args.full else "default"
     dtypes = args.dtypes or DEFAULT_DTYPES[device.type]
-    return [measure.Case(cell, dtype, batch, hidden, steps, mode)
-            for cell, dtype, batch, hidden, steps, mode in itertools.product(
-                args.cells, dtypes, grid["batch"], grid["hidden"], grid["steps"], args.modes)]
+    result = []
+    for cell, dtype, mode in itertools.product(args.cells, dtypes, args.modes):
+        if not measure.runs_mode(cell, mode):
+            continue
+        step = mode in measure.STEP_MODES
+        grid = (STEP_GRIDS if step else GRIDS)[device.type][size]
+        batches, hiddens = args.batch or grid["batch"], args.hidden or grid["hidden"]
+        lengths = [args.calls] if step else args.steps or grid["steps"]
+        result += [measure.Case(cell, dtype, batch, hidden, steps, mode)
+                   for batch, hidden, steps in itertools.product(batches, hiddens, lengths)]
+    return result
 
 
 def main(argv=None) -> int:

@@ -3,7 +3,11 @@
 A ``Case`` is one (cell, dtype, batch, hidden, steps, mode); a provider
 builds a callable running it: ``"fastrnn"``, ``"torch"`` (torch.nn: cuDNN
 on CUDA, PyTorch's own kernels on CPU) or ``"reference"`` (fastrnn's plain
-PyTorch loop, on tiny shapes only). ``time_call`` times a callable after
+PyTorch loop, on tiny shapes only). The sequence modes run a layer once over
+``steps`` steps; the step modes make ``steps`` calls of one step each (a cell,
+or a layer over a length-1 sequence) carrying the state from call to call,
+as generation (``step``, without grad) and teacher-forced training
+(``step_backward``, a backward after every call) do, and report the time per call. ``time_call`` times a callable after
 warm-up and returns the median with the 20th and 80th percentiles; on CUDA
 each call is timed between CUDA events and synchronised, so the time is the
 GPU's.
@@ -28,8 +32,13 @@ from fastrnn.cells import CELLS as DESCRIPTIONS
 CELLS = {"rnn": (DESCRIPTIONS["rnn_tanh"], torch.nn.RNN, fastrnn.RNN, 0),
          "gru": (DESCRIPTIONS["gru"], torch.nn.GRU, fastrnn.GRU, 0),
          "lstm": (DESCRIPTIONS["lstm"], torch.nn.LSTM, fastrnn.LSTM, 0),
-         "lstm_proj": (DESCRIPTIONS["lstm"], torch.nn.LSTM, fastrnn.LSTM, 0.5)}
-MODES = ("forward", "forward_backward")
+         "lstm_proj": (DESCRIPTIONS["lstm"], torch.nn.LSTM, fastrnn.LSTM, 0.5),
+         "rnn_cell": (DESCRIPTIONS["rnn_tanh"], torch.nn.RNNCell, fastrnn.RNNCell, 0),
+         "gru_cell": (DESCRIPTIONS["gru"], torch.nn.GRUCell, fastrnn.GRUCell, 0),
+         "lstm_cell": (DESCRIPTIONS["lstm"], torch.nn.LSTMCell, fastrnn.LSTMCell, 0)}
+SEQUENCE_MODES = ("forward", "forward_backward")
+STEP_MODES = ("step", "step_backward")
+MODES = SEQUENCE_MODES + STEP_MODES
 PROVIDERS = ("fastrnn", "torch", "reference")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -57,6 +66,11 @@ class Case:
         """The LSTM's projection size (``proj_size``), 0 for none."""
         return int(CELLS[self.cell][3] * self.hidden)
 
+    @property
+    def calls(self) -> int:
+        """How many module calls one timed run makes: ``steps`` in the step modes."""
+        return self.steps if self.mode in STEP_MODES else 1
+
     def flops(self) -> float:
         """Multiply-adds x 2 of the layer's GEMMs: the input projection, the
         recurrent product each step and the output projection if any;
@@ -65,12 +79,25 @@ class Case:
         state = self.proj_size or self.hidden
         per_row = gates * (self.input_size + state) + self.proj_size * self.hidden
         forward = 2.0 * self.steps * self.batch * per_row
-        return forward if self.mode == "forward" else 3.0 * forward
+        return forward if self.mode in ("forward", "step") else 3.0 * forward
+
+
+def is_cell(cell: str) -> bool:
+    """Whether ``cell`` names a single-step module (``RNNCell`` and its kin)."""
+    return cell.endswith("_cell")
+
+
+def runs_mode(cell: str, mode: str) -> bool:
+    """Whether ``cell`` is benchmarked in ``mode``: cells in the step modes only."""
+    return mode in STEP_MODES or not is_cell(cell)
 
 
 def runs_provider(provider: str, case: Case) -> bool:
-    """Whether ``provider`` is timed on ``case`` (the reference loop only on tiny shapes)."""
+    """Whether ``provider`` is timed on ``case`` (the reference loop only on
+    tiny shapes and not call by call)."""
     if provider == "reference":
+        if case.mode in STEP_MODES:
+            return False
         return case.steps * case.batch * case.hidden <= REFERENCE_MAX_WORK
     return True
 
@@ -85,8 +112,10 @@ def make_call(provider: str, case: Case, device: torch.device,
     extra = {"proj_size": case.proj_size} if case.proj_size else {}
     module = (torch_cls if provider == "torch" else fast_cls)(case.input_size, case.hidden, **extra)
     module.to(device=device, dtype=dtype)
-    x = torch.randn(case.steps, case.batch, case.input_size, generator=generator).to(device, dtype)
     backend = "reference" if provider == "reference" else backend
+    if case.mode in STEP_MODES:
+        return _step_call(module, case, device, dtype, backend, generator)
+    x = torch.randn(case.steps, case.batch, case.input_size, generator=generator).to(device, dtype)
     training = case.mode == "forward_backward"
     x.requires_grad_(training)
 
@@ -96,6 +125,37 @@ def make_call(provider: str, case: Case, device: torch.device,
             outputs = (output, *(states if isinstance(states, tuple) else (states,)))
             if training:
                 torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
+
+    return call
+
+
+def _step_call(module: torch.nn.Module, case: Case, device: torch.device, dtype: torch.dtype,
+               backend: str, generator: torch.Generator) -> Callable[[], None]:
+    """``case.steps`` single-step calls of ``module``, each given the state the
+    last one returned; with ``step_backward`` a backward after each call (the
+    state carried on detached, its inputs leaves of their own)."""
+    cell = is_cell(case.cell)
+    shape = (case.batch, case.input_size) if cell else (1, case.batch, case.input_size)
+    training = case.mode == "step_backward"
+    inputs = [torch.randn(shape, generator=generator).to(device, dtype).requires_grad_(training)
+              for _ in range(case.steps)]
+
+    def state_of(result):
+        # A cell returns its state(s); a layer (output, state(s)).
+        return result if cell else result[1]
+
+    def call() -> None:
+        with fastrnn.use_backend(backend), torch.set_grad_enabled(training):
+            state = None
+            for x in inputs:
+                result = module(x, state)
+                state = state_of(result)
+                if training:
+                    outputs = [t for part in (result if isinstance(result, tuple) else (result,))
+                               for t in (part if isinstance(part, tuple) else (part,))]
+                    torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
+                    state = (tuple(t.detach() for t in state) if isinstance(state, tuple)
+                             else state.detach())
 
     return call
 
@@ -174,6 +234,7 @@ def record(case: Case, provider: str, timing: dict, machine: dict, rate: float) 
     (``device`` name and versions, gathered once per run) and the FLOP/s it
     reached."""
     achieved = case.flops() / timing["median_s"]
-    return {**asdict(case), "provider": provider, **timing, **machine, "flops": case.flops(),
+    return {**asdict(case), "provider": provider, **timing,
+            "per_call_s": timing["median_s"] / case.calls, **machine, "flops": case.flops(),
             "achieved_flops": achieved,
             "gemm_fraction": achieved / rate if rate and math.isfinite(rate) else None}

@@ -37,27 +37,43 @@ def summary(records: list[dict]) -> str:
     return "speed-up over torch.nn: " + ", ".join(parts)
 
 
+STEP_MODES = ("step", "step_backward")
+
+
 def table(records: list[dict]) -> str:
-    """One row per shape: fastrnn and torch.nn milliseconds and the speed-up per mode,
-    and the fraction of the GEMM rate fastrnn reached forward+backward."""
+    """The whole-sequence table, one row per shape: fastrnn and torch.nn
+    milliseconds and the speed-up per mode, and the fraction of the GEMM rate
+    fastrnn reached forward+backward; then the step table: microseconds per call."""
     by_key = {(tuple(r[k] for k in SHAPE_KEYS), r["mode"], r["provider"]): r for r in records}
-    header = (f"{'cell':<5}{'dtype':>9}{'B':>6}{'H':>6}{'T':>6} | {'fwd ms':>9}{'torch':>9}{'x':>7} |"
+    ratios = speedups(records)
+
+    def columns(shape, mode, scale, key):
+        fast, base = by_key.get((shape, mode, "fastrnn")), by_key.get((shape, mode, "torch"))
+        if not (fast and base):
+            return f"{'':>25}"
+        return f"{fast[key] * scale:>9.2f}{base[key] * scale:>9.2f}{ratios[shape][mode]:>7.2f}"
+
+    header = (f"{'cell':<10}{'dtype':>9}{'B':>6}{'H':>6}{'T':>6} | {'fwd ms':>9}{'torch':>9}{'x':>7} |"
               f" {'f+b ms':>9}{'torch':>9}{'x':>7} | {'GEMM%':>6}")
-    lines = [header, "-" * len(header)]
-    for shape, modes in sorted(speedups(records).items()):
-        cells = []
-        for mode in ("forward", "forward_backward"):
-            fast, base = by_key.get((shape, mode, "fastrnn")), by_key.get((shape, mode, "torch"))
-            if fast and base:
-                cells.append(f"{fast['median_s'] * 1e3:>9.2f}{base['median_s'] * 1e3:>9.2f}"
-                             f"{modes[mode]:>7.2f}")
-            else:
-                cells.append(f"{'':>25}")
-        fb = by_key.get((shape, "forward_backward", "fastrnn")) or by_key.get((shape, "forward", "fastrnn"))
-        fraction = f"{100 * fb['gemm_fraction']:>6.1f}" if fb and fb.get("gemm_fraction") else f"{'':>6}"
-        cell, dtype, batch, hidden, steps = shape
-        lines.append(f"{cell:<5}{dtype:>9}{batch:>6}{hidden:>6}{steps:>6} | {cells[0]} | {cells[1]} | {fraction}")
-    return "\n".join(lines)
+    sequences = [header, "-" * len(header)]
+    step_header = (f"{'cell':<10}{'dtype':>9}{'B':>6}{'H':>6}{'calls':>6} | {'step us':>9}{'torch':>9}"
+                   f"{'x':>7} | {'+bwd us':>9}{'torch':>9}{'x':>7}")
+    steps = [step_header, "-" * len(step_header)]
+    for shape, modes in sorted(ratios.items()):
+        cell, dtype, batch, hidden, length = shape
+        row = f"{cell:<10}{dtype:>9}{batch:>6}{hidden:>6}{length:>6}"
+        if any(mode in STEP_MODES for mode in modes):
+            cells = [columns(shape, mode, 1e6, "per_call_s") for mode in STEP_MODES]
+            steps.append(f"{row} | {cells[0]} | {cells[1]}")
+        if any(mode not in STEP_MODES for mode in modes):
+            cells = [columns(shape, mode, 1e3, "median_s") for mode in ("forward", "forward_backward")]
+            fb = (by_key.get((shape, "forward_backward", "fastrnn"))
+                  or by_key.get((shape, "forward", "fastrnn")))
+            fraction = (f"{100 * fb['gemm_fraction']:>6.1f}" if fb and fb.get("gemm_fraction")
+                        else f"{'':>6}")
+            sequences.append(f"{row} | {cells[0]} | {cells[1]} | {fraction}")
+    tables = [lines for lines in (sequences, steps) if len(lines) > 2]
+    return "\n\n".join("\n".join(lines) for lines in tables)
 
 
 def write_json(records: list[dict], meta: dict, path: str) -> None:
@@ -76,31 +92,36 @@ def write_csv(records: list[dict], path: str) -> None:
 
 
 def plot(records: list[dict], path: str, title: str) -> None:
-    """Speed-up of fastrnn over torch.nn against hidden size, one line per
-    batch size (and sequence length), one panel per cell, dtype and mode."""
+    """Speed-up of fastrnn over torch.nn against hidden size: for whole
+    sequences one line per batch size and length, one panel per cell, dtype
+    and mode; for single steps one line per cell and batch size, one panel
+    per dtype and mode."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ratios = speedups(records)
-    panels = sorted({(shape[0], shape[1], mode) for shape, modes in ratios.items() for mode in modes})
+    lines = defaultdict(lambda: defaultdict(list))  # {panel: {line label: [(hidden, ratio)]}}
+    for (cell, dtype, batch, hidden, steps), modes in speedups(records).items():
+        for mode, ratio in modes.items():
+            if mode in STEP_MODES:
+                panel, label = (f"{dtype} {mode.replace('_', '+')} (per call)"), f"{cell}, B={batch}"
+            else:
+                panel, label = f"{cell} {dtype} {mode.replace('_', '+')}", f"B={batch}, T={steps}"
+            lines[panel][label].append((hidden, ratio))
+    panels = sorted(lines)
     columns = min(2, len(panels)) or 1
     rows = -(-len(panels) // columns) or 1
     figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4 * rows), squeeze=False)
-    for ax, (cell, dtype, mode) in zip(axes.flat, panels):
-        lines = defaultdict(list)
-        for (c, d, batch, hidden, steps), modes in ratios.items():
-            if (c, d) == (cell, dtype) and mode in modes:
-                lines[batch, steps].append((hidden, modes[mode]))
-        for (batch, steps), points in sorted(lines.items()):
+    for ax, panel in zip(axes.flat, panels):
+        for label, points in sorted(lines[panel].items()):
             points.sort()
-            ax.plot([h for h, _ in points], [r for _, r in points], marker="o", label=f"B={batch}, T={steps}")
+            ax.plot([h for h, _ in points], [r for _, r in points], marker="o", label=label)
         ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("hidden size")
         ax.set_ylabel("speed-up over torch.nn (x)")
-        ax.set_title(f"{cell} {dtype} {mode.replace('_', '+')}")
+        ax.set_title(panel)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
