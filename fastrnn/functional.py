@@ -52,6 +52,8 @@ def _autocast_available(device_type: str) -> bool:
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype layers on x's device run in under ``torch.autocast``, or None."""
+    if not torch.compiler.is_compiling() and not torch._C._is_any_autocast_enabled():
+        return None  # the common case, in one call (the query below takes several)
     if _autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return None

@@ -31,7 +31,9 @@ def _runs_as_torch_nn() -> bool:
     (the standard ONNX RNN/GRU/LSTM operators, ``aten::gru`` and its kin),
     which runtimes execute without fastrnn, for every batch size and length.
     """
-    return torch.jit.is_tracing() or _onnx_exporting()
+    # torch.onnx.export captures its graph with torch.export: is_exporting()
+    # is the cheap test that spares the ONNX flag's look-up on every call.
+    return torch.jit.is_tracing() or (torch.compiler.is_exporting() and _onnx_exporting())
 
 
 class _Namesake:
@@ -262,9 +264,10 @@ class LSTM(_RecurrentModule):
 
 
 def _cell_inputs(cell: nn.RNNCellBase, name: str, input: Tensor,
-                 states: tuple[Tensor, ...] | None, count: int = 1):
+                 states: tuple[Tensor, ...] | None, weights: tuple, count: int = 1):
     """torch.nn's cell checks of the input and the ``count`` state tensors
-    (None: zeros); returns batched (input, states) and whether input was batched."""
+    (None: zeros) against ``weights`` (w_ih, w_hh, b_ih, b_hh), read once per
+    call; returns batched (input, states) and whether input was batched."""
     if input.dim() not in (1, 2):
         raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
     for index, h in enumerate(() if states is None else states):
@@ -288,22 +291,25 @@ def _cell_inputs(cell: nn.RNNCellBase, name: str, input: Tensor,
                             f"not {type(states).__name__}")
         if len(states) != count:
             raise RuntimeError("lstm_cell expects two hidden states")
-    if input.size(1) != cell.weight_ih.size(1):
+    batch, width = input.shape
+    expected_width, hidden = weights[0].shape[1], weights[1].shape[1]
+    if width != expected_width:
         raise RuntimeError(
-            f"input has inconsistent input_size: got {input.size(1)} expected {cell.weight_ih.size(1)}")
+            f"input has inconsistent input_size: got {width} expected {expected_width}")
     for index, h in enumerate(states):
-        if input.size(0) != h.size(0):
-            raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{index} "
-                               f"batch size {h.size(0)}")
-        if h.size(1) != cell.weight_hh.size(1):
-            raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got {h.size(1)}, "
-                               f"expected {cell.weight_hh.size(1)}")
+        h_batch, h_width = h.shape
+        if batch != h_batch:
+            raise RuntimeError(f"Input batch size {batch} doesn't match hidden{index} "
+                               f"batch size {h_batch}")
+        if h_width != hidden:
+            raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got {h_width}, "
+                               f"expected {hidden}")
     return input, tuple(states), is_batched
 
 
-def _mixed_devices(cell: nn.RNNCellBase, input: Tensor, states: tuple[Tensor, ...]) -> bool:
-    tensors = [*states, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh]
-    return any(t is not None and t.device != input.device for t in tensors)
+def _mixed_devices(input: Tensor, tensors) -> bool:
+    device = input.device
+    return any(t is not None and t.device != device for t in tensors)
 
 
 class RNNCell(_Namesake, nn.RNNCellBase):
@@ -320,16 +326,17 @@ class RNNCell(_Namesake, nn.RNNCellBase):
         """One step: ``input`` (N, H_in) or (H_in,), ``hx`` (zeros when omitted) -> h'."""
         if _runs_as_torch_nn():
             return self._torch_class.forward(self, input, hx)
+        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         input, (hx,), is_batched = _cell_inputs(self, "RNNCell", input,
-                                                None if hx is None else (hx,))
+                                                None if hx is None else (hx,), weights)
         if self.nonlinearity not in ("tanh", "relu"):
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
-        if _mixed_devices(self, input, (hx,)):
+        if _mixed_devices(input, (hx, *weights)):
             # torch.nn's own cell raises torch.nn's error for this
             cell = torch._VF.rnn_tanh_cell if self.nonlinearity == "tanh" else torch._VF.rnn_relu_cell
-            return cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
-        _, h = functional.rnn_layer(input.unsqueeze(0), hx, self.weight_ih, self.weight_hh,
-                                    self.bias_ih, self.bias_hh, nonlinearity=self.nonlinearity)
+            return cell(input, hx, *weights)
+        _, h = functional.rnn_layer(input.unsqueeze(0), hx, *weights,
+                                    nonlinearity=self.nonlinearity)
         return h if is_batched else h.squeeze(0)
 
 
@@ -346,13 +353,12 @@ class GRUCell(_Namesake, nn.RNNCellBase):
         """One step: ``input`` (N, H_in) or (H_in,), ``hx`` (zeros when omitted) -> h'."""
         if _runs_as_torch_nn():
             return self._torch_class.forward(self, input, hx)
+        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         input, (hx,), is_batched = _cell_inputs(self, "GRUCell", input,
-                                                None if hx is None else (hx,))
-        if _mixed_devices(self, input, (hx,)):
-            return torch._VF.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih,
-                                      self.bias_hh)
-        _, h = functional.gru_layer(input.unsqueeze(0), hx, self.weight_ih, self.weight_hh,
-                                    self.bias_ih, self.bias_hh)
+                                                None if hx is None else (hx,), weights)
+        if _mixed_devices(input, (hx, *weights)):
+            return torch._VF.gru_cell(input, hx, *weights)
+        _, h = functional.gru_layer(input.unsqueeze(0), hx, *weights)
         return h if is_batched else h.squeeze(0)
 
 
@@ -371,10 +377,9 @@ class LSTMCell(_Namesake, nn.RNNCellBase):
         omitted) -> (h', c')."""
         if _runs_as_torch_nn():
             return self._torch_class.forward(self, input, hx)
-        input, states, is_batched = _cell_inputs(self, "LSTMCell", input, hx, count=2)
-        if _mixed_devices(self, input, states):
-            return torch._VF.lstm_cell(input, states, self.weight_ih, self.weight_hh,
-                                       self.bias_ih, self.bias_hh)
-        _, states = functional.layer("lstm", input.unsqueeze(0), states, self.weight_ih,
-                                     self.weight_hh, self.bias_ih, self.bias_hh)
+        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        input, states, is_batched = _cell_inputs(self, "LSTMCell", input, hx, weights, count=2)
+        if _mixed_devices(input, (*states, *weights)):
+            return torch._VF.lstm_cell(input, states, *weights)
+        _, states = functional.layer("lstm", input.unsqueeze(0), states, *weights)
         return states if is_batched else tuple(h.squeeze(0) for h in states)

@@ -18,21 +18,6 @@ bool present(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined();
 }
 
-// What the input projection adds: b_ih plus the folded gates' part of b_hh.
-template <typename Cell>
-std::optional<at::Tensor> folded_bias(const std::optional<at::Tensor>& bias_ih,
-                                      const std::optional<at::Tensor>& bias_hh, int64_t H) {
-  if (!present(bias_hh)) {
-    return bias_ih;
-  }
-  at::Tensor folded = *bias_hh;
-  if constexpr (Cell::kFoldedGates < Cell::kGates) {
-    folded = bias_hh->clone();
-    folded.narrow(0, Cell::kFoldedGates * H, (Cell::kGates - Cell::kFoldedGates) * H).zero_();
-  }
-  return present(bias_ih) ? *bias_ih + folded : folded;
-}
-
 // The rest of b_hh, which the row function adds inside the loop (zero
 // without b_hh); undefined when every gate folds.
 template <typename Cell>
@@ -77,7 +62,8 @@ ForwardOutputs forward_layer(const LayerSizes& s, const at::Tensor& input, at::T
   const int64_t T = s.T, B = s.B, H = s.H, G = s.G, K = s.K;
   const auto w_hh = weight_hh.contiguous();
   const auto w_hr = present(weight_hr) ? weight_hr->contiguous() : at::Tensor();
-  const std::optional<at::Tensor> bias = folded_bias<Cell>(bias_ih, bias_hh, H);
+  // The input projection adds b_ih and the folded gates' part of b_hh.
+  const int64_t folded = Cell::kFoldedGates * H;
   const at::Tensor bias_rest = unfolded_bias<Cell>(bias_hh, input, H);
   const auto target = projection_target<Cell>(save_workspace);
 
@@ -95,13 +81,14 @@ ForwardOutputs forward_layer(const LayerSizes& s, const at::Tensor& input, at::T
   at::Tensor proj, output;
   switch (target) {
     case Projection::kWorkspace:
-      project_input(x, weight_ih, bias, workspace.view({T * B, kSaved * H}).narrow(1, 0, G));
+      project_input(x, weight_ih, bias_ih, bias_hh, folded,
+                    workspace.view({T * B, kSaved * H}).narrow(1, 0, G));
       break;
     case Projection::kOutput:
-      output = project_input(x, weight_ih, bias).view({T, B, H});
+      output = project_input(x, weight_ih, bias_ih, bias_hh, folded).view({T, B, H});
       break;
     case Projection::kBuffer:
-      proj = project_input(x, weight_ih, bias);
+      proj = project_input(x, weight_ih, bias_ih, bias_hh, folded);
       break;
   }
   const StepMap map(T, B, lengths, reverse);

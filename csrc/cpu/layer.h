@@ -74,11 +74,15 @@ class StepMap {
   at::Tensor lengths_;  // keeps len_ alive
 };
 
-// x (T, B, I) times W_ih^T plus an optional bias: the input projection of
-// every step as one GEMM, as (T * B, G) rows. Written into `out` (its rows
-// may be strided) when given, else into a new tensor; returns it.
+// x (T, B, I) times W_ih^T plus the biases b_ih and the first
+// `folded_columns` entries of b_hh (either may be absent): the input
+// projection of every step as one GEMM, as (T * B, G) rows. Written into
+// `out` (its rows may be strided) when given, else into a new tensor;
+// returns it.
 at::Tensor project_input(const at::Tensor& input, const at::Tensor& weight_ih,
-                         const std::optional<at::Tensor>& bias, at::Tensor out = {});
+                         const std::optional<at::Tensor>& bias_ih,
+                         const std::optional<at::Tensor>& bias_hh, int64_t folded_columns,
+                         at::Tensor out = {});
 
 // The state each step started from, in time order: (T, B, H). Entries at
 // padded positions are zero.
@@ -296,9 +300,13 @@ std::vector<at::Tensor> sweep_forward(const at::Tensor& weight_hh, const at::Ten
                                       const StepMap& map, int64_t T, int64_t H,
                                       const RowFn& row_fn, const OutFn& out_fn) {
   const int64_t B = hx.size(0), K = hx.size(1), G = weight_hh.size(0), P = projection.P;
-  auto state = hx.clone(at::MemoryFormat::Contiguous);
+  // Two state buffers, each step reading one and writing the other (a
+  // sequence past its end copies its state across once, and then both hold
+  // it). A single step only writes the second: the first can be hx itself.
+  auto state = T > 1 ? hx.clone(at::MemoryFormat::Contiguous) : hx.contiguous();
+  bool state_is_hx = T <= 1;
   auto hh = at::empty({B, G}, state.options());
-  auto next = at::empty_like(state);
+  auto next = at::empty_like(state, at::MemoryFormat::Contiguous);
   auto cell = cx.defined() ? cx.clone(at::MemoryFormat::Contiguous) : at::Tensor();
   const at::Tensor m = projection.weight ? at::empty({B, H}, state.options()) : at::Tensor();
   // q = h W_hh^T, and h = m W_hr^T with a projection.
@@ -345,6 +353,10 @@ std::vector<at::Tensor> sweep_forward(const at::Tensor& weight_hh, const at::Ten
       });
     }
     std::swap(state, next);
+    state_is_hx = false;
+  }
+  if (state_is_hx) {
+    state = state.clone();  // no step ran: the final state must not be hx itself
   }
   if (cell.defined()) {
     return {state, cell};

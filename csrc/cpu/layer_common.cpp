@@ -138,23 +138,42 @@ StepMap::StepMap(int64_t T, int64_t B, const std::optional<at::Tensor>& lengths,
 }
 
 at::Tensor project_input(const at::Tensor& input, const at::Tensor& weight_ih,
-                         const std::optional<at::Tensor>& bias, at::Tensor out) {
+                         const std::optional<at::Tensor>& bias_ih,
+                         const std::optional<at::Tensor>& bias_hh, int64_t folded_columns,
+                         at::Tensor out) {
   const auto x2d = input.reshape({input.size(0) * input.size(1), input.size(2)}).contiguous();
   const auto w = weight_ih.contiguous();
   const int64_t rows = x2d.size(0), I = x2d.size(1), G = w.size(0);
   if (!out.defined()) {
     out = at::empty({rows, G}, input.options());
   }
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    out.copy_(bias->expand({rows, G}));
-  }
+  const auto contiguous_or_none = [](const std::optional<at::Tensor>& t) {
+    return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+  };
+  const at::Tensor b_ih = contiguous_or_none(bias_ih);
+  const at::Tensor b_hh = folded_columns > 0 ? contiguous_or_none(bias_hh) : at::Tensor();
+  const bool has_bias = b_ih.defined() || b_hh.defined();
   // Written into strided rows in place, where at::addmm_out would compute
-  // into a contiguous temporary and copy.
+  // into a contiguous temporary and copy; the biases are summed into each
+  // row here rather than into a tensor of their own (a small call's cost
+  // is its allocations).
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::project_input", [&] {
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const int64_t ldo = out.stride(0);
+    if (has_bias && rows > 0) {
+      const scalar_t* bi = b_ih.defined() ? b_ih.const_data_ptr<scalar_t>() : nullptr;
+      const scalar_t* bh = b_hh.defined() ? b_hh.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* first = o;
+      for (int64_t j = 0; j < G; ++j) {
+        first[j] = (bi ? bi[j] : scalar_t(0)) + (bh && j < folded_columns ? bh[j] : scalar_t(0));
+      }
+      for (int64_t r = 1; r < rows; ++r) {
+        std::copy(first, first + G, o + r * ldo);
+      }
+    }
     const WeightProduct<scalar_t> product(w.const_data_ptr<scalar_t>(), I, G, G, true, rows);
-    product.multiply(out.mutable_data_ptr<scalar_t>(), out.stride(0),
-                     x2d.const_data_ptr<scalar_t>(), I, rows, scalar_t(has_bias ? 1 : 0));
+    product.multiply(o, ldo, x2d.const_data_ptr<scalar_t>(), I, rows,
+                     scalar_t(has_bias ? 1 : 0));
   });
   return out;
 }
