@@ -96,6 +96,20 @@ def test_truncated_bptt(cell):
     check_run(load("truncated_bptt").main(SHORT + ["--cell", cell]))
 
 
+@pytest.mark.parametrize("cell", ["GRU", "LSTM"])
+def test_generate_samples_as_torch_nn_and_times_both(cell):
+    results = load("generate").main([*SHORT, "--cell", cell])
+    args = load("generate").parse_args([*SHORT, "--cell", cell])
+    assert set(results) == {"fastrnn", "torch.nn"}
+    texts = {name: result["text"] for name, result in results.items()}
+    # The same weights and the same draws: the same characters.
+    assert texts["fastrnn"] == texts["torch.nn"]
+    assert texts["fastrnn"].startswith(args.prompt)
+    assert len(texts["fastrnn"]) == len(args.prompt) + args.length
+    for result in results.values():
+        assert 0 < result["seconds_per_char"] < 1
+
+
 def test_char_rnn_sampling_is_reproducible():
     """The samples of two models with equal weights, drawn with equally seeded
     generators, are equal."""
