@@ -181,6 +181,9 @@ at::Tensor project_input(const at::Tensor& input, const at::Tensor& weight_ih,
 at::Tensor previous_states(const at::Tensor& output, const at::Tensor& hx, const StepMap& map,
                            bool reverse) {
   const int64_t T = output.size(0);
+  if (T == 1 && !map.has_lengths()) {
+    return hx.unsqueeze(0).contiguous();  // a single step started from hx
+  }
   auto prev = at::empty_like(output);
   if (T == 0) {
     return prev;
