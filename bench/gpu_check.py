@@ -34,6 +34,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -270,6 +271,9 @@ def main(argv=None) -> int:
         "--min-run-time", str(profile.min_run_time), "--out", step_out],
         profile.step_bench_s, env, os.path.join(out, f"{stem}-step-bench.log")))
     merge_records(out, step_out, stem)
+    shutil.rmtree(step_out, ignore_errors=True)
+    if stages[-1].ok and os.path.exists(stages[-1].log):
+        os.remove(stages[-1].log)  # kept only where it failed: the machine sends back 8 files
 
     text, ok = summarise(stages, junit, out, stem)
     with open(os.path.join(out, f"{stem}-summary.txt"), "w") as f:

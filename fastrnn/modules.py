@@ -33,7 +33,11 @@ def _runs_as_torch_nn() -> bool:
     """
     # torch.onnx.export captures its graph with torch.export: is_exporting()
     # is the cheap test that spares the ONNX flag's look-up on every call.
-    return torch.jit.is_tracing() or (torch.compiler.is_exporting() and _onnx_exporting())
+    return torch.jit.is_tracing() or (_is_exporting() and _onnx_exporting())
+
+
+# torch.compiler.is_exporting exists from torch 2.6; before, the ONNX flag is read every call.
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: True)
 
 
 class _Namesake:
@@ -291,19 +295,17 @@ def _cell_inputs(cell: nn.RNNCellBase, name: str, input: Tensor,
                             f"not {type(states).__name__}")
         if len(states) != count:
             raise RuntimeError("lstm_cell expects two hidden states")
-    batch, width = input.shape
-    expected_width, hidden = weights[0].shape[1], weights[1].shape[1]
-    if width != expected_width:
-        raise RuntimeError(
-            f"input has inconsistent input_size: got {width} expected {expected_width}")
+    # Sizes read as ATen reads them: a state of the wrong rank fails as there.
+    if input.size(1) != weights[0].size(1):
+        raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected "
+                           f"{weights[0].size(1)}")
     for index, h in enumerate(states):
-        h_batch, h_width = h.shape
-        if batch != h_batch:
-            raise RuntimeError(f"Input batch size {batch} doesn't match hidden{index} "
-                               f"batch size {h_batch}")
-        if h_width != hidden:
-            raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got {h_width}, "
-                               f"expected {hidden}")
+        if input.size(0) != h.size(0):
+            raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{index} "
+                               f"batch size {h.size(0)}")
+        if h.size(1) != weights[1].size(1):
+            raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got {h.size(1)}, "
+                               f"expected {weights[1].size(1)}")
     return input, tuple(states), is_batched
 
 

@@ -88,7 +88,7 @@ def unconvert(module: nn.Module) -> nn.Module:
     """The inverse of ``convert``: every fastrnn module in ``module`` becomes torch.nn's.
 
     In place, keeping parameters, buffers, hooks and training mode as
-    ``convert`` does, for tools that look for torch.nn's classes (dynamic
+    ``convert`` does (and, as there, leaving subclasses alone), for tools that look for torch.nn's classes (dynamic
     quantization, exporters that know torch.nn's modules). Returns ``module``.
     """
     return _swap_classes(module, {_REPLACEMENTS[name]: _ORIGINALS[name] for name in _ORIGINALS})

@@ -60,8 +60,8 @@ def test_command_writes_table_records_and_plot(run, capsys):
                     "gemm_fraction"):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r)
         assert r["p20_s"] <= r["median_s"] <= r["p80_s"]
-        calls = CALLS if r["mode"].startswith("step") else 1
-        assert r["per_call_s"] == pytest.approx(r["median_s"] / calls)
+        # Each step-mode run makes CALLS calls: a call is faster than the run.
+        assert (r["per_call_s"] < r["median_s"]) == r["mode"].startswith("step")
 
     with open(stem + ".csv", newline="") as f:
         rows = list(csv.DictReader(f))

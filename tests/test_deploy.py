@@ -183,7 +183,10 @@ def _program_cases(with_state):
 
 
 def _program_ops(graph_module) -> set:
-    return {str(node.target) for node in graph_module.graph.nodes if node.op == "call_function"}
+    """The ops a program calls, in its nested graphs (a strict export's higher-order ops) too."""
+    return {str(node.target) for module in graph_module.modules()
+            if isinstance(module, torch.fx.GraphModule)
+            for node in module.graph.nodes if node.op == "call_function"}
 
 
 def test_torch_export_saves_and_loads_in_a_fresh_process(tmp_path):
@@ -205,6 +208,30 @@ def test_torch_export_saves_and_loads_in_a_fresh_process(tmp_path):
     """, str(tmp_path))
     for outputs, (_, expected) in zip(torch.load(tmp_path / "outputs.pt"), cases):
         torch.testing.assert_close(outputs, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_strict_torch_export_keeps_fastrnn_ops_and_onnx_strict_capture_does_not():
+    """torch.onnx.export falls back to a strict (torch.compile) capture where
+    the non-strict one fails, as for fastrnn's stack with a dynamic length:
+    there too the layers export as torch.nn's. A strict torch.export keeps
+    fastrnn's ops."""
+    name, kwargs = "GRU", {"num_layers": 2, "bidirectional": True}
+    torch_model, fast_model = _pair(name, kwargs)
+    inputs, dims = _inputs(name, kwargs, batch=3, steps=7, with_state=False)
+    program = torch.export.export(fast_model, inputs, dynamic_shapes=_dynamic_shapes(dims),
+                                  strict=True)
+    assert any(op.startswith("fastrnn.") for op in _program_ops(program.graph_module))
+    protos = []
+    for model in (torch_model, fast_model):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            protos.append(torch.onnx.export(model, inputs, dynamo=True, verbose=False,
+                                            dynamic_shapes=_dynamic_shapes(dims)).model_proto)
+    # The same recurrent operators (the shape arithmetic around them differs
+    # with the capture: torch.nn's graph is captured without torch.compile).
+    ops = [collections.Counter(node.op_type for node in proto.graph.node) for proto in protos]
+    assert ops[1]["GRU"] == ops[0]["GRU"] == 2
+    assert not any(node.domain.startswith("fastrnn") for node in protos[1].graph.node)
 
 
 def test_aot_inductor_package_runs_in_a_fresh_process(tmp_path):
@@ -229,7 +256,11 @@ def test_jit_trace_records_torch_nn_ops_for_any_batch_and_length(tmp_path):
     cases = []
     for index, (model, inputs, _, other, expected) in enumerate(_program_cases(True)):
         traced = torch.jit.trace(model, inputs)
-        assert not any(node.kind().startswith("fastrnn::") for node in traced.graph.nodes())
+        kinds = {node.kind() for node in traced.inlined_graph.nodes()}
+        assert not any(kind.startswith("fastrnn::") for kind in kinds)
+        # The layers' own ATen ops (torch.nn's cells trace as their pointwise parts).
+        recurrent = {"LSTM": "aten::lstm", "GRU": "aten::gru"}.get(PROGRAM_CASES[index][0])
+        assert recurrent is None or recurrent in kinds, kinds
         torch.testing.assert_close(traced(*other), expected, rtol=1e-5, atol=1e-5)
         traced.save(str(tmp_path / f"{index}.pt"))
         cases.append((other, expected))
@@ -276,6 +307,7 @@ def test_unconvert_is_the_inverse_of_convert():
     params = dict(model.named_parameters())
     fastrnn.convert(model)
     assert type(model.gru) is fastrnn.GRU and type(model.cell) is fastrnn.LSTMCell
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
     assert fastrnn.unconvert(model) is model
     assert type(model.gru) is nn.GRU and type(model.cell) is nn.LSTMCell
     assert all(p is params[name] for name, p in model.named_parameters())

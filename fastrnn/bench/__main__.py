@@ -35,13 +35,10 @@ GRIDS = {
                      steps=[64, 256, 1024, 4096]),
     },
 }
-# (batch, hidden) grids of the step modes, which make STEP_CALLS calls per timed run.
-STEP_GRIDS = {
-    "cpu": {"quick": dict(batch=[1], hidden=[64]), "default": dict(batch=[1, 32], hidden=[64, 256]),
-            "full": dict(batch=[1, 32, 128], hidden=[64, 256, 1024])},
-    "cuda": {"quick": dict(batch=[1], hidden=[64]), "default": dict(batch=[1, 32], hidden=[64, 256]),
-             "full": dict(batch=[1, 32, 128], hidden=[64, 256, 1024])},
-}
+# (batch, hidden) grids of the step modes on every device, which make
+# STEP_CALLS calls per timed run.
+STEP_GRIDS = {"quick": dict(batch=[1], hidden=[64]), "default": dict(batch=[1, 32], hidden=[64, 256]),
+              "full": dict(batch=[1, 32, 128], hidden=[64, 256, 1024])}
 STEP_CALLS = 100
 DEFAULT_DTYPES = {"cpu": ["float32"], "cuda": ["float32", "bfloat16"]}
 
@@ -77,7 +74,7 @@ def cases(args: argparse.Namespace, device: torch.device) -> list[measure.Case]:
         if not measure.runs_mode(cell, mode):
             continue
         step = mode in measure.STEP_MODES
-        grid = (STEP_GRIDS if step else GRIDS)[device.type][size]
+        grid = STEP_GRIDS[size] if step else GRIDS[device.type][size]
         batches, hiddens = args.batch or grid["batch"], args.hidden or grid["hidden"]
         lengths = [args.calls] if step else args.steps or grid["steps"]
         result += [measure.Case(cell, dtype, batch, hidden, steps, mode)

@@ -10,6 +10,8 @@ import os
 import statistics
 from collections import defaultdict
 
+from fastrnn.bench.measure import STEP_MODES
+
 SHAPE_KEYS = ("cell", "dtype", "batch", "hidden", "steps")
 EXTRA_HINT = ('no progress bar and no plot without tqdm and matplotlib: pip install "fastrnn[bench]"')
 
@@ -35,9 +37,6 @@ def summary(records: list[dict]) -> str:
     parts = [f"{mode.replace('_', '+')} median {statistics.median(r):.2f}x (min {min(r):.2f}x)"
              for mode, r in by_mode.items()]
     return "speed-up over torch.nn: " + ", ".join(parts)
-
-
-STEP_MODES = ("step", "step_backward")
 
 
 def table(records: list[dict]) -> str:
