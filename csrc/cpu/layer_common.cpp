@@ -167,9 +167,13 @@ at::Tensor project_input(const at::Tensor& input, const at::Tensor& weight_ih,
       for (int64_t j = 0; j < G; ++j) {
         first[j] = (bi ? bi[j] : scalar_t(0)) + (bh && j < folded_columns ? bh[j] : scalar_t(0));
       }
-      for (int64_t r = 1; r < rows; ++r) {
-        std::copy(first, first + G, o + r * ldo);
-      }
+      // As at::copy_ would, across threads where the rows are many.
+      const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, G));
+      at::parallel_for(1, rows, grain, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          std::copy(first, first + G, o + r * ldo);
+        }
+      });
     }
     const WeightProduct<scalar_t> product(w.const_data_ptr<scalar_t>(), I, G, G, true, rows);
     product.multiply(o, ldo, x2d.const_data_ptr<scalar_t>(), I, rows,
