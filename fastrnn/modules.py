@@ -23,6 +23,10 @@ def _onnx_exporting() -> bool:
     return torch.onnx.is_in_onnx_export()
 
 
+# torch.compiler.is_exporting exists from torch 2.6; before, the ONNX flag is read every call.
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: True)
+
+
 def _runs_as_torch_nn() -> bool:
     """Whether a module should compute as its torch.nn namesake does.
 
@@ -34,10 +38,6 @@ def _runs_as_torch_nn() -> bool:
     # torch.onnx.export captures its graph with torch.export: is_exporting()
     # is the cheap test that spares the ONNX flag's look-up on every call.
     return torch.jit.is_tracing() or (_is_exporting() and _onnx_exporting())
-
-
-# torch.compiler.is_exporting exists from torch 2.6; before, the ONNX flag is read every call.
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: True)
 
 
 class _Namesake:

@@ -121,12 +121,19 @@ def make_call(provider: str, case: Case, device: torch.device,
 
     def call() -> None:
         with fastrnn.use_backend(backend), torch.set_grad_enabled(training):
-            output, states = module(x)
-            outputs = (output, *(states if isinstance(states, tuple) else (states,)))
+            result = module(x)
             if training:
-                torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
+                _backward_all(result)
 
     return call
+
+
+def _backward_all(result) -> None:
+    """Backward from every tensor a module returned (an output, a state, a
+    tuple of states, nested as the module nests them), with gradients of ones."""
+    outputs = [t for part in (result if isinstance(result, tuple) else (result,))
+               for t in (part if isinstance(part, tuple) else (part,))]
+    torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
 
 
 def _step_call(module: torch.nn.Module, case: Case, device: torch.device, dtype: torch.dtype,
@@ -151,9 +158,7 @@ def _step_call(module: torch.nn.Module, case: Case, device: torch.device, dtype:
                 result = module(x, state)
                 state = state_of(result)
                 if training:
-                    outputs = [t for part in (result if isinstance(result, tuple) else (result,))
-                               for t in (part if isinstance(part, tuple) else (part,))]
-                    torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
+                    _backward_all(result)
                     state = (tuple(t.detach() for t in state) if isinstance(state, tuple)
                              else state.detach())
 
