@@ -65,14 +65,16 @@ def _split(grads: list, states: int) -> tuple:
     return grads[0], grads[1:1 + states], *grads[1 + states:]
 
 
-def _differentiable_gradients(ctx, grad_output: Tensor | None, grad_hy: list) -> tuple:
-    """The layer's gradients through the reference loop's graph over the saved
-    inputs, built so that they can be differentiated again."""
-    x, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, _, _, *hx = ctx.saved_tensors
+def _differentiable_gradients(cell: str, grad_output: Tensor | None, grad_hy, x: Tensor,
+                              hx, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh, w_hr, lengths,
+                              reverse: bool, needs) -> list:
+    """The layer's gradients through the reference loop's graph over its
+    inputs, built so that they can be differentiated again: one per input
+    (x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr), None where ``needs`` is False."""
     inputs = (x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr)
-    wanted = [i for i, (t, need) in enumerate(zip(inputs, ctx.needs)) if t is not None and need]
-    output, h_n = reference.layer(ctx.cell, x, tuple(hx), w_ih, w_hh, b_ih, b_hh, lengths,
-                                  ctx.reverse, w_hr)
+    wanted = [i for i, (t, need) in enumerate(zip(inputs, needs)) if t is not None and need]
+    output, h_n = reference.layer(cell, x, tuple(hx), w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+                                  w_hr)
     results = (output, *h_n)
     upstream = [torch.zeros_like(t) if g is None else g.to(t.dtype)
                 for g, t in zip((grad_output, *grad_hy), results)]
@@ -81,7 +83,22 @@ def _differentiable_gradients(ctx, grad_output: Tensor | None, grad_hy: list) ->
     grads = [None] * len(inputs)
     for i, grad in zip(wanted, found):
         grads[i] = grad
-    return _split(grads, len(hx))
+    return grads
+
+
+def _layer_gradients(cell, grad_output, grad_hy, x, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+                     reverse):
+    """``fastrnn::layer_gradients``: the differentiable gradients of the inputs
+    that require grad (the C++ autograd node's backward under create_graph)."""
+    inputs = (x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr)
+    needs = [t is not None and t.requires_grad for t in inputs]
+    grads = _differentiable_gradients(cell, grad_output, grad_hy, x, hx, w_ih, w_hh, b_ih, b_hh,
+                                      w_hr, lengths, reverse, needs)
+    return [g for g, need in zip(grads, needs) if need]
+
+
+_library = torch.library.Library("fastrnn", "IMPL")
+_library.impl("layer_gradients", _layer_gradients, "CompositeImplicitAutograd")
 
 
 def _gradients(ctx, grad_output: Tensor | None, grad_hy: list) -> tuple:
@@ -89,7 +106,10 @@ def _gradients(ctx, grad_output: Tensor | None, grad_hy: list) -> tuple:
     layer ``ctx`` saved: the engine's sweep, or under create_graph the
     reference loop's differentiable graph."""
     if torch.is_grad_enabled():
-        return _differentiable_gradients(ctx, grad_output, grad_hy)
+        x, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, _, _, *hx = ctx.saved_tensors
+        grads = _differentiable_gradients(ctx.cell, grad_output, grad_hy, x, hx, w_ih, w_hh,
+                                          b_ih, b_hh, w_hr, lengths, ctx.reverse, ctx.needs)
+        return _split(grads, len(hx))
     x, w_ih, w_hh, _, _, w_hr, lengths, output, workspace, *hx = ctx.saved_tensors
     if grad_output is None:
         grad_output = torch.zeros_like(output)
@@ -168,13 +188,26 @@ class LayerFunction(torch.autograd.Function):
 LayerFunction.forward.__signature__ = inspect.signature(LayerFunction.forward)
 
 
+def _eager() -> bool:
+    """Neither torch.compile nor a torch.func transform is tracing: both
+    trace ``LayerFunction`` (its setup_context serves torch.func)."""
+    return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+
+
 def layer(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,
           b_ih: Tensor | None, b_hh: Tensor | None, lengths: Tensor | None, reverse: bool,
           engine: str | None = None, w_hr: Tensor | None = None
           ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """(output, h_n) of one layer through ``LayerFunction`` on ``engine``
-    (default: the one the backend setting picks for x's device)."""
+    (default: the one the backend setting picks for x's device), or in eager
+    mode on the C++ engine through the forward op's own C++ autograd node
+    (``csrc/autograd.cpp``), which computes the same at a fraction of the
+    Python Function's cost per call."""
     engine = backends.resolve(x.device) if engine is None else engine
+    if engine == "cpp" and _eager():
+        output, h_n, _ = _op(ops.DISPATCHED[0])(cell, x, list(hx), w_ih, w_hh, b_ih, b_hh, w_hr,
+                                                lengths, reverse, True, settings.triton_strategy)
+        return output, tuple(h_n)
     output, _, *h_n = LayerFunction.apply(cell, family(engine, x.device), settings.triton_strategy,
                                           x, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, *hx)
     return output, tuple(h_n)

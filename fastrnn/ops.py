@@ -31,6 +31,14 @@ BACKWARD_SCHEMA = (
     "Tensor weight_ih, Tensor weight_hh, Tensor? weight_hr, Tensor output, Tensor workspace, "
     "Tensor? lengths, bool reverse, bool input_requires_grad, str strategy) "
     "-> (Tensor, Tensor[], Tensor, Tensor, Tensor, Tensor, Tensor)")
+# The gradients of a layer's inputs that require grad, in the order (input,
+# each state, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr), themselves
+# differentiable: what backward computes under create_graph. Implemented in
+# ``fastrnn.autograd``, for every device, over the reference loop's graph.
+GRADIENTS_SCHEMA = (
+    "layer_gradients(str cell, Tensor? grad_output, Tensor?[] grad_hy, Tensor input, "
+    "Tensor[] hx, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, "
+    "Tensor? weight_hr, Tensor? lengths, bool reverse) -> Tensor[]")
 
 # (forward, backward) op names per kernel family: the device-dispatched pair
 # and the Triton interpreter's.
@@ -41,6 +49,7 @@ _library = torch.library.Library("fastrnn", "DEF")
 for _forward, _backward in (DISPATCHED, INTERPRETED):
     _library.define(_forward + FORWARD_SCHEMA)
     _library.define(_backward + BACKWARD_SCHEMA)
+_library.define(GRADIENTS_SCHEMA)
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
