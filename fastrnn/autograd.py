@@ -218,10 +218,16 @@ def inference(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: 
               engine: str, w_hr: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
     """(output, h_n) of one layer that nothing will differentiate: the forward
     op alone, saving no workspace."""
-    with _below_autograd():
-        output, h_n, _ = _op(family(engine, x.device)[0])(
-            cell, x, list(hx), w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, False,
+    op = _op(family(engine, x.device)[0])
+    args = (cell, x, list(hx), w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, False,
             settings.triton_strategy)
+    if engine == "cpp":
+        # The C++ engine's op has a C++ autograd kernel, which passes a call
+        # that records nothing straight down.
+        output, h_n, _ = op(*args)
+    else:
+        with _below_autograd():
+            output, h_n, _ = op(*args)
     return output, tuple(h_n)
 
 

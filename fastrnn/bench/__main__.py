@@ -89,14 +89,16 @@ def main(argv=None) -> int:
     rate = measure.gemm_rate(device)
     versions = ", ".join(f"{k} {v}" for k, v in machine.items() if k != "device")
     print(f"{machine['device']}: float32 GEMM {rate / 1e9:.1f} GFLOP/s; {versions}")
-    jobs = [(case, provider) for case in cases(args, device) for provider in args.providers
-            if measure.runs_provider(provider, case)]
     meta = {**machine, "gemm_flops": rate, "backend": args.backend, "command": sys.argv}
     records, paths = [], {}
-    for case, provider in _progress(jobs):
-        call = measure.make_call(provider, case, device, args.backend)
-        timing = measure.time_call(call, device, args.min_run_time)
-        records.append(measure.record(case, provider, timing, machine, rate))
+    for case in _progress(cases(args, device)):
+        # The providers of a case run by turns, so that their ratio is measured
+        # under the same conditions on a machine whose speed drifts.
+        calls = {provider: measure.make_call(provider, case, device, args.backend)
+                 for provider in args.providers if measure.runs_provider(provider, case)}
+        timings = measure.time_calls(calls, device, args.min_run_time)
+        records += [measure.record(case, provider, timing, machine, rate)
+                    for provider, timing in timings.items()]
         # Written after every case, so a run stopped early keeps what it measured.
         paths = report.write_records(records, meta, args.out)
     print(report.table(records))
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
 
 
 def _progress(jobs: list) -> list:
-    """``jobs`` behind a tqdm progress bar, or as they are without tqdm."""
+    """``jobs`` (the cases) behind a tqdm progress bar, or as they are without tqdm."""
     try:
         from tqdm import tqdm
     except ImportError:

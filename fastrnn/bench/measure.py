@@ -7,10 +7,10 @@ PyTorch loop, on tiny shapes only). The sequence modes run a layer once over
 ``steps`` steps; the step modes make ``steps`` calls of one step each (a cell,
 or a layer over a length-1 sequence) carrying the state from call to call,
 as generation (``step``, without grad) and teacher-forced training
-(``step_backward``, a backward after every call) do, and report the time per call. ``time_call`` times a callable after
-warm-up and returns the median with the 20th and 80th percentiles; on CUDA
-each call is timed between CUDA events and synchronised, so the time is the
-GPU's.
+(``step_backward``, a backward after every call) do, and report the time per call. ``time_calls`` times the providers' callables of one case
+by turns after warm-up and returns each one's median with the 20th and 80th
+percentiles; on CUDA each call is timed between CUDA events and
+synchronised, so the time is the GPU's.
 """
 
 from __future__ import annotations
@@ -185,18 +185,36 @@ def _timed(call: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - begin
 
 
-def time_call(call: Callable[[], None], device: torch.device, min_run_time: float = 0.3,
-              min_runs: int = 5) -> dict:
-    """Median, 20th and 80th percentile seconds of ``call``, after one warm-up call."""
-    call()
-    _synchronize(device)
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < min_run_time:
-        times.append(_timed(call, device))
+def _timing(times: list[float]) -> dict:
+    """Median, 20th and 80th percentile of ``times``, and their count."""
     deciles = statistics.quantiles(times, n=10, method="inclusive")
     return {"median_s": statistics.median(times), "p20_s": deciles[1], "p80_s": deciles[7],
             "runs": len(times)}
+
+
+def time_calls(calls: dict[str, Callable[[], None]], device: torch.device,
+               min_run_time: float = 0.3, min_runs: int = 5) -> dict[str, dict]:
+    """Median, 20th and 80th percentile seconds of each of ``calls`` (by
+    name), after one warm-up call each. The calls take turns, one run each
+    round, for ``min_run_time`` seconds per call in all: a machine whose
+    speed drifts (a shared or throttled CPU) then slows every call alike, and
+    their ratios hold where their separate times would not."""
+    for call in calls.values():
+        call()
+    _synchronize(device)
+    times = {name: [] for name in calls}
+    start = time.perf_counter()
+    while (min(len(t) for t in times.values()) < min_runs
+           or time.perf_counter() - start < min_run_time * len(calls)):
+        for name, call in calls.items():
+            times[name].append(_timed(call, device))
+    return {name: _timing(t) for name, t in times.items()}
+
+
+def time_call(call: Callable[[], None], device: torch.device, min_run_time: float = 0.3,
+              min_runs: int = 5) -> dict:
+    """Median, 20th and 80th percentile seconds of ``call``, after one warm-up call."""
+    return time_calls({"call": call}, device, min_run_time, min_runs)["call"]
 
 
 def gemm_rate(device: torch.device, dtype: torch.dtype = torch.float32, size: int | None = None,
