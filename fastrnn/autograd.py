@@ -7,6 +7,11 @@ unpacked by the cell's description (``fastrnn.cells``): one Function serves
 every cell and both engines. The engine's op family and its settings (the
 Triton strategy) are chosen once, before forward, and kept for backward.
 
+In eager mode on the CPU the C++ engine's forward op records its own
+node instead (``csrc/autograd.cpp``): the same backward, without a Python
+Function's cost per call, which is most of a single step's time.
+torch.compile and torch.func trace ``LayerFunction``.
+
 Backward is twice differentiable: under ``create_graph=True`` (grad mode on
 in backward) the gradients come from the reference loop's autograd graph
 over the same inputs instead, so that they are themselves differentiable
@@ -244,7 +249,9 @@ def _op_setup_context(ctx, inputs, output):
 
 def _register(names: tuple[str, str]) -> None:
     """Gives the layer ops themselves the Function's gradients, for callers of
-    ``torch.ops.fastrnn.*`` (the modules go through ``LayerFunction``)."""
+    ``torch.ops.fastrnn.*`` (the modules go through ``LayerFunction``). On
+    CPU tensors the C++ engine's own autograd kernel (``csrc/autograd.cpp``)
+    serves ``layer_forward`` instead: the dispatcher prefers it to this one."""
 
     def setup_context(ctx, inputs, output):
         ctx.family_for_op = names

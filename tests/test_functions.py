@@ -175,3 +175,56 @@ def test_inputs_are_not_modified(cell):
     (output.sum() + h_n.sum()).backward()
     for t, snapshot in zip(tensors, snapshots):
         assert torch.equal(t.detach(), snapshot)
+
+
+# Every layer both paths run: (cell, projection size or 0).
+NODE_LAYERS = [("rnn_tanh", 0), ("rnn_relu", 0), ("gru", 0), ("lstm", 0), ("lstm", 2)]
+
+
+@pytest.mark.skipif(not fastrnn.cpp.available(), reason="needs the C++ engine")
+@pytest.mark.parametrize("cell, proj", NODE_LAYERS, ids=[f"{c}-P{p}" for c, p in NODE_LAYERS])
+@lengths_param
+@reverse_param
+def test_cpp_node_agrees_with_layer_function(cell, proj, lengths, reverse):
+    # In eager mode the C++ engine's op records its own C++ node
+    # (csrc/autograd.cpp); torch.compile and torch.func trace LayerFunction.
+    # Both run the same engine ops: outputs, gradients and (under
+    # create_graph, through the reference loop) second derivatives agree.
+    description = fastrnn.cells.CELLS[cell]
+    T, B, I, H = 4, 3, 3, 4
+    K, G = proj or H, description.gates * H
+    generator = torch.Generator().manual_seed(23)
+
+    def rand(*shape):
+        return (torch.randn(*shape, dtype=torch.float64, generator=generator) * 0.5).requires_grad_()
+
+    x, w_ih, w_hh, b_ih, b_hh = rand(T, B, I), rand(G, I), rand(G, K), rand(G), rand(G)
+    w_hr = rand(proj, H) if proj else None
+    hx = (rand(B, K),) + tuple(rand(B, H) for _ in description.states[1:])
+    lengths_t = None if lengths is None else torch.tensor(lengths)
+    leaves = [t for t in (x, w_ih, w_hh, b_ih, b_hh, w_hr, *hx) if t is not None]
+    upstream = [torch.randn(T, B, K, dtype=torch.float64, generator=generator)]
+    upstream += [torch.randn(h.shape, dtype=torch.float64, generator=generator) for h in hx]
+
+    def node():
+        return fastrnn.autograd.layer(cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths_t, reverse,
+                                      "cpp", w_hr)
+
+    def function():
+        output, _, *h_n = fastrnn.autograd.LayerFunction.apply(
+            cell, fastrnn.autograd.family("cpp", x.device), "auto", x, w_ih, w_hh, b_ih, b_hh,
+            w_hr, lengths_t, reverse, *hx)
+        return output, tuple(h_n)
+
+    results = []
+    for run in (node, function):
+        output, h_n = run()
+        grads = torch.autograd.grad((output, *h_n), leaves, upstream, create_graph=True)
+        # A second derivative: of a function of the first-order gradients.
+        second = torch.autograd.grad(sum((g * g).sum() for g in grads), leaves)
+        results.append((type(output.grad_fn).__name__, [output, *h_n], grads, second))
+    (node_type, *node_results), (function_type, *function_results) = results
+    assert node_type != function_type == "LayerFunctionBackward"
+    for got, expected in zip(node_results, function_results):
+        for a, b in zip(got, expected):
+            assert torch.equal(a, b)
