@@ -27,7 +27,7 @@ import inspect
 import torch
 from torch import Tensor
 
-from fastrnn import backends, ops, reference
+from fastrnn import backends, cpp, ops, reference
 from fastrnn.settings import settings
 
 # Where each of the Function's inputs sits: the cell's states come last, as
@@ -195,8 +195,23 @@ LayerFunction.forward.__signature__ = inspect.signature(LayerFunction.forward)
 
 def _eager() -> bool:
     """Neither torch.compile nor a torch.func transform is tracing: both
-    trace ``LayerFunction`` (its setup_context serves torch.func)."""
+    trace ``LayerFunction`` (its setup_context serves torch.func) and the
+    ops by name."""
     return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+
+
+def _cpp_forward(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,
+                 b_ih, b_hh, w_hr, lengths, reverse: bool, save_workspace: bool):
+    """The C++ engine's forward op in eager mode: (output, h_n, workspace).
+    Its C++ autograd kernel records the layer's node when an input requires
+    grad, and passes other calls straight down. Called through the
+    extension's unboxed entry point unless a tensor or mode overrides
+    ``__torch_function__``, which only torch.ops honours."""
+    args = (cell, x, list(hx), w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save_workspace,
+            settings.triton_strategy)
+    if torch._C._has_torch_function((x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)):
+        return _op(ops.DISPATCHED[0])(*args)
+    return cpp.layer_forward(*args)
 
 
 def layer(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,
@@ -210,8 +225,8 @@ def layer(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tens
     Python Function's cost per call."""
     engine = backends.resolve(x.device) if engine is None else engine
     if engine == "cpp" and _eager():
-        output, h_n, _ = _op(ops.DISPATCHED[0])(cell, x, list(hx), w_ih, w_hh, b_ih, b_hh, w_hr,
-                                                lengths, reverse, True, settings.triton_strategy)
+        output, h_n, _ = _cpp_forward(cell, x, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
+                                      True)
         return output, tuple(h_n)
     output, _, *h_n = LayerFunction.apply(cell, family(engine, x.device), settings.triton_strategy,
                                           x, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, *hx)
@@ -223,16 +238,14 @@ def inference(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: 
               engine: str, w_hr: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
     """(output, h_n) of one layer that nothing will differentiate: the forward
     op alone, saving no workspace."""
-    op = _op(family(engine, x.device)[0])
-    args = (cell, x, list(hx), w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, False,
+    if engine == "cpp" and _eager():
+        output, h_n, _ = _cpp_forward(cell, x, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
+                                      False)
+        return output, tuple(h_n)
+    with _below_autograd():
+        output, h_n, _ = _op(family(engine, x.device)[0])(
+            cell, x, list(hx), w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, False,
             settings.triton_strategy)
-    if engine == "cpp":
-        # The C++ engine's op has a C++ autograd kernel, which passes a call
-        # that records nothing straight down.
-        output, h_n, _ = op(*args)
-    else:
-        with _below_autograd():
-            output, h_n, _ = op(*args)
     return output, tuple(h_n)
 
 

@@ -45,9 +45,12 @@ if MISMATCH is not None:
     warnings.warn(f"fastrnn: {MISMATCH}.", RuntimeWarning, stacklevel=2)
 else:
     try:
-        from fastrnn import _C  # noqa: F401  (loading it registers the CPU kernels)
+        from fastrnn import _C  # loading it registers the CPU kernels
 
         _LOAD_ERROR = None
+        # torch.ops.fastrnn.layer_forward without boxing its arguments (no
+        # __torch_function__ handling: the caller checks for it).
+        layer_forward = _C.layer_forward
     except ImportError as error:  # a source checkout whose extension is not built
         _LOAD_ERROR = f"the compiled extension fastrnn._C could not be loaded ({error})"
         warnings.warn(

@@ -228,3 +228,30 @@ def test_cpp_node_agrees_with_layer_function(cell, proj, lengths, reverse):
     for got, expected in zip(node_results, function_results):
         for a, b in zip(got, expected):
             assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not fastrnn.cpp.available(), reason="needs the C++ engine")
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_torch_function_modes_see_the_layer_op(grad):
+    # Eager CPU layers call the op through the extension's unboxed entry
+    # point, which __torch_function__ would not see: under a mode (or with a
+    # tensor subclass that overrides it) they go through torch.ops instead.
+    class Recorder(torch.overrides.TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.called = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.called.append(func)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(3)
+    module = fastrnn.GRU(3, 4, dtype=torch.float64)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with torch.set_grad_enabled(grad):
+        expected = module(x)
+        with Recorder() as recorder:
+            got = module(x)
+    assert torch.ops.fastrnn.layer_forward.default in recorder.called
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
