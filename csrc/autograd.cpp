@@ -6,11 +6,10 @@
 // is most of a single step's. Under create_graph the gradients come from
 // fastrnn::layer_gradients (the reference loop's differentiable graph,
 // defined in Python), as the Function's do.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include "cpu/ops.h"
+#include "op_handles.h"
 
 namespace fastrnn {
 namespace {
@@ -19,21 +18,6 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptionalTensor = std::optional<Tensor>;
-
-// The ops by name, their signatures those of the CPU kernels.
-const auto& forward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastrnn::layer_forward", "")
-                             .typed<decltype(cpu::layer_forward)>();
-  return op;
-}
-
-const auto& backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastrnn::layer_backward", "")
-                             .typed<decltype(cpu::layer_backward)>();
-  return op;
-}
 
 using GradientsSignature = std::vector<Tensor>(
     c10::string_view, const OptionalTensor&, const c10::List<OptionalTensor>&, const Tensor&,
@@ -66,7 +50,7 @@ struct LayerNode : public torch::autograd::Function<LayerNode> {
                                bool reverse, c10::string_view strategy, at::TensorList hx) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [output, h_n, workspace] =
-        forward_op().call(cell, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+        layer_forward_op().call(cell, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
                           lengths, reverse, /*save_workspace=*/true, strategy);
     variable_list saved = {x, weight_ih, weight_hh, bias_ih.value_or(Tensor()),
                            bias_hh.value_or(Tensor()), weight_hr.value_or(Tensor()),
@@ -107,9 +91,13 @@ struct LayerNode : public torch::autograd::Function<LayerNode> {
           cell, optional(grads[0]), grad_hy, x, hx, saved[kWeightIh], saved[kWeightHh],
           optional(saved[kBiasIh]), optional(saved[kBiasHh]), optional(saved[kWeightHr]),
           optional(saved[kLengths]), reverse);
-      auto next = gradients.begin();
+      size_t next = 0;
       for (size_t i = 0; i < inputs.size(); ++i) {
-        if (requires_grad(inputs[i])) found[i] = *next++;
+        if (requires_grad(inputs[i])) {
+          TORCH_CHECK(next < gradients.size(), "fastrnn::layer_gradients returned ",
+                      gradients.size(), " gradients, fewer than the inputs requiring grad");
+          found[i] = gradients[next++];
+        }
       }
     } else {
       const Tensor grad_output = grads[0].defined() ? grads[0] : at::zeros_like(output);
@@ -120,7 +108,7 @@ struct LayerNode : public torch::autograd::Function<LayerNode> {
       }
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       auto [grad_x, grad_hx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr] =
-          backward_op().call(cell, grad_output, grad_hy, x, hx, saved[kWeightIh],
+          layer_backward_op().call(cell, grad_output, grad_hy, x, hx, saved[kWeightIh],
                              saved[kWeightHh], optional(saved[kWeightHr]), output,
                              saved[kWorkspace], optional(saved[kLengths]), reverse,
                              requires_grad(x), ctx->saved_data["strategy"].toStringRef());
@@ -157,7 +145,7 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor> layer_forward_autograd(
   }
   if (!differentiable) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return forward_op().call(cell, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+    return layer_forward_op().call(cell, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
                              lengths, reverse, save_workspace, strategy);
   }
   TORCH_CHECK(save_workspace, "fastrnn: differentiating a layer op needs save_workspace=True "

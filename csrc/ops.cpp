@@ -1,12 +1,12 @@
 // The CPU kernels of the fastrnn layer ops. The schemas are defined in Python
 // (fastrnn/ops.py), so that the ops exist, for the Triton engine and for
 // torch.compile, without this library; loading it adds the CPU kernels.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include "cpu/ops.h"
 #include "cpu/panels.h"
+#include "op_handles.h"
 
 TORCH_LIBRARY_IMPL(fastrnn, CPU, m) {
   m.impl("layer_forward", &fastrnn::cpu::layer_forward);
@@ -25,11 +25,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> call_layer_forward(
     const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
     const std::optional<at::Tensor>& weight_hr, const std::optional<at::Tensor>& lengths,
     bool reverse, bool save_workspace, c10::string_view strategy) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastrnn::layer_forward", "")
-                             .typed<decltype(fastrnn::cpu::layer_forward)>();
-  return op.call(cell, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths,
-                 reverse, save_workspace, strategy);
+  return fastrnn::layer_forward_op().call(cell, input, hx, weight_ih, weight_hh, bias_ih,
+                                          bias_hh, weight_hr, lengths, reverse, save_workspace,
+                                          strategy);
 }
 
 }  // namespace
@@ -43,7 +41,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The micro-kernels of the per-step float products this CPU runs, best first, and "
         "'blas' (a BLAS call per step).");
   m.def("product_kernel", &fastrnn::cpu::product_kernel, "The step kernel float products use.");
-  m.def("layer_forward", &call_layer_forward,
+  // The GIL is released while the layer runs, as torch.ops does.
+  m.def("layer_forward", &call_layer_forward, py::call_guard<py::gil_scoped_release>(),
         "torch.ops.fastrnn.layer_forward, the same dispatch without boxing its arguments "
         "(no __torch_function__ handling: callers check for it).");
   m.def("set_product_kernel", &fastrnn::cpu::set_product_kernel,

@@ -3,6 +3,8 @@ running them one after the other (and those are torch.nn's); RNN and GRU, and
 LSTM (with and without proj_size) with LSTMCell."""
 
 import copy
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -83,3 +85,27 @@ def check_threads(specs, intra_op_threads):
         for iteration, (got, expected) in enumerate(zip(results, sequential[index])):
             for k, (g, e) in enumerate(zip(got, expected)):
                 assert torch.equal(g, e), f"job {index}, iteration {iteration}, tensor {k} differs"
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_layers_release_the_gil(grad):
+    # A layer runs without the GIL, as torch.ops calls do: a Python thread
+    # keeps running while another thread's layer computes. (Holding it, the
+    # main thread would get a turn only between layer calls.)
+    module = fastrnn.GRU(128, 128)
+    x = torch.randn(400, 8, 128)
+    calls, finished, turns = 4, threading.Event(), 0
+
+    def work():
+        with torch.set_grad_enabled(grad):
+            for _ in range(calls):
+                module(x)
+        finished.set()
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    while not finished.is_set():
+        turns += 1
+        time.sleep(0)
+    worker.join()
+    assert turns > 10 * calls
