@@ -76,8 +76,15 @@ def _differentiable_gradients(cell: str, grad_output: Tensor | None, grad_hy, x:
     """The layer's gradients through the reference loop's graph over its
     inputs, built so that they can be differentiated again: one per input
     (x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr), None where ``needs`` is False."""
-    inputs = (x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr)
+    # Each wanted input enters the graph through an alias of its own, so
+    # that one tensor passed in two places (tied biases, an LSTM's (h, h))
+    # gets each place's gradient there, as the engine's sweep gives it, and
+    # autograd adds them once, not the total twice.
+    inputs = [t if t is None or not need else t.view_as(t)
+              for t, need in zip((x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr), needs)]
     wanted = [i for i, (t, need) in enumerate(zip(inputs, needs)) if t is not None and need]
+    x, *hx = inputs[:1 + len(hx)]
+    w_ih, w_hh, b_ih, b_hh, w_hr = inputs[1 + len(hx):]
     output, h_n = reference.layer(cell, x, tuple(hx), w_ih, w_hh, b_ih, b_hh, lengths, reverse,
                                   w_hr)
     results = (output, *h_n)
@@ -209,7 +216,8 @@ def _cpp_forward(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_h
     ``__torch_function__``, which only torch.ops honours."""
     args = (cell, x, list(hx), w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save_workspace,
             settings.triton_strategy)
-    if torch._C._has_torch_function((x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)):
+    if (cpp.layer_forward is None
+            or torch._C._has_torch_function((x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths))):
         return _op(ops.DISPATCHED[0])(*args)
     return cpp.layer_forward(*args)
 
@@ -262,9 +270,10 @@ def _op_setup_context(ctx, inputs, output):
 
 def _register(names: tuple[str, str]) -> None:
     """Gives the layer ops themselves the Function's gradients, for callers of
-    ``torch.ops.fastrnn.*`` (the modules go through ``LayerFunction``). On
-    CPU tensors the C++ engine's own autograd kernel (``csrc/autograd.cpp``)
-    serves ``layer_forward`` instead: the dispatcher prefers it to this one."""
+    ``torch.ops.fastrnn.*`` (the modules go through ``LayerFunction``, or
+    on the CPU in eager mode through the op itself). On CPU tensors the C++
+    engine's own autograd kernel (``csrc/autograd.cpp``) serves
+    ``layer_forward`` instead: the dispatcher prefers it to this one."""
 
     def setup_context(ctx, inputs, output):
         ctx.family_for_op = names

@@ -84,3 +84,38 @@ def test_replaced_parameters(kind):
     # A plain tensor is refused the same way.
     assert_same_exception(lambda: setattr(reference, "weight_hh" + suffix, new_hh.clone()),
                           lambda: setattr(candidate, "weight_hh" + suffix, new_hh.clone()))
+
+
+@pytest.mark.parametrize("kind", list(KINDS) + list(CELL_KINDS))
+def test_one_tensor_in_two_places_second_order(kind):
+    # One tensor in two places of the same layer (b_hh tied to b_ih, W_hh to
+    # W_ih where the shapes allow, an LSTM's (h, h) as its state): under
+    # create_graph each place gets its own gradient and autograd adds them,
+    # first and second order, as torch.nn's.
+    is_cell = kind in CELL_KINDS
+    torch_cls, fast_cls, kwargs = (CELL_KINDS if is_cell else KINDS)[kind]
+    reference, candidate = make_pair(torch_cls, fast_cls, H, H, dtype=torch.float64, **kwargs)
+    suffix = "" if is_cell else "_l0"
+    tie_weights = not kwargs.get("proj_size")
+    for m in (reference, candidate):
+        setattr(m, "bias_hh" + suffix, getattr(m, "bias_ih" + suffix))
+        if tie_weights:
+            setattr(m, "weight_hh" + suffix, getattr(m, "weight_ih" + suffix))
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn((B, H) if is_cell else (T, B, H), dtype=torch.float64, generator=gen)
+    h = make_state(kind, (B,) if is_cell else (1, B), torch.float64, gen, hidden=H)
+    if isinstance(h, tuple) and h[0].shape == h[1].shape:
+        h = (h[0], h[0])  # the same tensor as both states
+    h = tuple(t.requires_grad_() for t in h) if isinstance(h, tuple) else h.requires_grad_()
+    results = []
+    for m in (reference, candidate):
+        out = flatten_outputs(m(x, h))
+        leaves = [*m.parameters(), *(h if isinstance(h, tuple) else (h,))]
+        grads = torch.autograd.grad(sum((o * o).sum() for o in out), leaves, create_graph=True)
+        second = torch.autograd.grad(sum((g * g).sum() for g in grads), leaves)
+        results.append((grads, second))
+    for (got_grads, got_second), (expected_grads, expected_second) in zip(results[1:], results):
+        for index, (a, b) in enumerate(zip(got_grads, expected_grads)):
+            assert_close(a, b, msg=f"gradient {index}")
+        for index, (a, b) in enumerate(zip(got_second, expected_second)):
+            assert_close(a, b, msg=f"second derivative {index}")
