@@ -37,6 +37,8 @@ def _mismatch() -> str | None:
             "reference loop meanwhile")
 
 
+layer_forward = None  # set below where the extension loads
+
 # Set when the extension was built for another torch: CPU layers then raise
 # this instead of falling back to the reference loop (tens of times slower).
 MISMATCH: str | None = _mismatch()
@@ -49,8 +51,9 @@ else:
 
         _LOAD_ERROR = None
         # torch.ops.fastrnn.layer_forward without boxing its arguments (no
-        # __torch_function__ handling: the caller checks for it).
-        layer_forward = _C.layer_forward
+        # __torch_function__ handling: the caller checks for it); None in a
+        # build from before it existed, whose callers use torch.ops.
+        layer_forward = getattr(_C, "layer_forward", None)
     except ImportError as error:  # a source checkout whose extension is not built
         _LOAD_ERROR = f"the compiled extension fastrnn._C could not be loaded ({error})"
         warnings.warn(

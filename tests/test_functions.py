@@ -185,26 +185,33 @@ NODE_LAYERS = [("rnn_tanh", 0), ("rnn_relu", 0), ("gru", 0), ("lstm", 0), ("lstm
 @pytest.mark.parametrize("cell, proj", NODE_LAYERS, ids=[f"{c}-P{p}" for c, p in NODE_LAYERS])
 @lengths_param
 @reverse_param
-def test_cpp_node_agrees_with_layer_function(cell, proj, lengths, reverse):
+@pytest.mark.parametrize("partial", [False, True], ids=["all_inputs", "some_inputs"])
+def test_cpp_node_agrees_with_layer_function(cell, proj, lengths, reverse, partial):
     # In eager mode the C++ engine's op records its own C++ node
     # (csrc/autograd.cpp); torch.compile and torch.func trace LayerFunction.
-    # Both run the same engine ops: outputs, gradients and (under
-    # create_graph, through the reference loop) second derivatives agree.
+    # Both run the same engine ops: outputs, gradients (the engine's sweep)
+    # and second derivatives (create_graph, through the reference loop) are
+    # the same bits. `some_inputs`: x and the states need no gradient, no
+    # biases, and only the output gets one.
     description = fastrnn.cells.CELLS[cell]
     T, B, I, H = 4, 3, 3, 4
     K, G = proj or H, description.gates * H
     generator = torch.Generator().manual_seed(23)
 
-    def rand(*shape):
-        return (torch.randn(*shape, dtype=torch.float64, generator=generator) * 0.5).requires_grad_()
+    def rand(*shape, grad=True):
+        t = torch.randn(*shape, dtype=torch.float64, generator=generator) * 0.5
+        return t.requires_grad_(grad)
 
-    x, w_ih, w_hh, b_ih, b_hh = rand(T, B, I), rand(G, I), rand(G, K), rand(G), rand(G)
+    x, w_ih, w_hh = rand(T, B, I, grad=not partial), rand(G, I), rand(G, K)
+    b_ih, b_hh = (None, None) if partial else (rand(G), rand(G))
     w_hr = rand(proj, H) if proj else None
-    hx = (rand(B, K),) + tuple(rand(B, H) for _ in description.states[1:])
+    hx = (rand(B, K, grad=not partial),) + tuple(rand(B, H, grad=not partial)
+                                                 for _ in description.states[1:])
     lengths_t = None if lengths is None else torch.tensor(lengths)
-    leaves = [t for t in (x, w_ih, w_hh, b_ih, b_hh, w_hr, *hx) if t is not None]
+    leaves = [t for t in (x, w_ih, w_hh, b_ih, b_hh, w_hr, *hx) if t is not None and t.requires_grad]
     upstream = [torch.randn(T, B, K, dtype=torch.float64, generator=generator)]
-    upstream += [torch.randn(h.shape, dtype=torch.float64, generator=generator) for h in hx]
+    if not partial:
+        upstream += [torch.randn(h.shape, dtype=torch.float64, generator=generator) for h in hx]
 
     def node():
         return fastrnn.autograd.layer(cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths_t, reverse,
@@ -219,13 +226,16 @@ def test_cpp_node_agrees_with_layer_function(cell, proj, lengths, reverse):
     results = []
     for run in (node, function):
         output, h_n = run()
-        grads = torch.autograd.grad((output, *h_n), leaves, upstream, create_graph=True)
+        outputs = (output, *h_n)[:len(upstream)]
+        first = torch.autograd.grad(outputs, leaves, upstream, retain_graph=True)
+        grads = torch.autograd.grad(outputs, leaves, upstream, create_graph=True)
         # A second derivative: of a function of the first-order gradients.
         second = torch.autograd.grad(sum((g * g).sum() for g in grads), leaves)
-        results.append((type(output.grad_fn).__name__, [output, *h_n], grads, second))
+        results.append((type(output.grad_fn).__name__, [output, *h_n], first, grads, second))
     (node_type, *node_results), (function_type, *function_results) = results
     assert node_type != function_type == "LayerFunctionBackward"
     for got, expected in zip(node_results, function_results):
+        assert len(got) == len(expected)
         for a, b in zip(got, expected):
             assert torch.equal(a, b)
 

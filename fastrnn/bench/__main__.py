@@ -61,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"single-step calls per timed run in the step modes (default {STEP_CALLS})")
     parser.add_argument("--backend", choices=fastrnn.BACKENDS, default="auto",
                         help="the engine fastrnn's layers run on (default: auto)")
-    parser.add_argument("--min-run-time", type=float, default=0.3, help="seconds of timed calls per case")
+    parser.add_argument("--min-run-time", type=float, default=0.3,
+                        help="seconds of timed calls per case and provider")
     parser.add_argument("--out", default="bench/results", help="folder for the JSON, CSV and PNG")
     return parser.parse_args(argv)
 
@@ -96,6 +97,8 @@ def main(argv=None) -> int:
         # under the same conditions on a machine whose speed drifts.
         calls = {provider: measure.make_call(provider, case, device, args.backend)
                  for provider in args.providers if measure.runs_provider(provider, case)}
+        if not calls:
+            continue
         timings = measure.time_calls(calls, device, args.min_run_time)
         records += [measure.record(case, provider, timing, machine, rate)
                     for provider, timing in timings.items()]
@@ -109,14 +112,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def _progress(jobs: list) -> list:
-    """``jobs`` (the cases) behind a tqdm progress bar, or as they are without tqdm."""
+def _progress(cases: list) -> list:
+    """``cases`` behind a tqdm progress bar, or as they are without tqdm."""
     try:
         from tqdm import tqdm
     except ImportError:
         print(f"fastrnn.bench: {report.EXTRA_HINT}", file=sys.stderr)
-        return jobs
-    return tqdm(jobs, desc="benchmark", unit="case", file=sys.stderr)
+        return cases
+    return tqdm(cases, desc="benchmark", unit="case", file=sys.stderr)
 
 
 if __name__ == "__main__":
