@@ -7,6 +7,7 @@
 // fastrnn::layer_gradients (the reference loop's differentiable graph,
 // defined in Python), as the Function's do.
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include "op_handles.h"
@@ -51,7 +52,7 @@ struct LayerNode : public torch::autograd::Function<LayerNode> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [output, h_n, workspace] =
         layer_forward_op().call(cell, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-                          lengths, reverse, /*save_workspace=*/true, strategy);
+                                lengths, reverse, /*save_workspace=*/true, strategy);
     variable_list saved = {x, weight_ih, weight_hh, bias_ih.value_or(Tensor()),
                            bias_hh.value_or(Tensor()), weight_hr.value_or(Tensor()),
                            lengths.value_or(Tensor()), output, workspace};
@@ -109,9 +110,9 @@ struct LayerNode : public torch::autograd::Function<LayerNode> {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       auto [grad_x, grad_hx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr] =
           layer_backward_op().call(cell, grad_output, grad_hy, x, hx, saved[kWeightIh],
-                             saved[kWeightHh], optional(saved[kWeightHr]), output,
-                             saved[kWorkspace], optional(saved[kLengths]), reverse,
-                             requires_grad(x), ctx->saved_data["strategy"].toStringRef());
+                                   saved[kWeightHh], optional(saved[kWeightHr]), output,
+                                   saved[kWorkspace], optional(saved[kLengths]), reverse,
+                                   requires_grad(x), ctx->saved_data["strategy"].toStringRef());
       std::vector<Tensor> all = {grad_x};
       all.insert(all.end(), grad_hx.begin(), grad_hx.end());
       all.insert(all.end(), {grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr});
@@ -135,18 +136,11 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor> layer_forward_autograd(
     const Tensor& weight_hh, const OptionalTensor& bias_ih, const OptionalTensor& bias_hh,
     const OptionalTensor& weight_hr, const OptionalTensor& lengths, bool reverse,
     bool save_workspace, c10::string_view strategy) {
-  bool differentiable = false;
-  if (at::GradMode::is_enabled()) {
-    differentiable = requires_grad(x) || requires_grad(weight_ih) || requires_grad(weight_hh);
-    for (const auto* t : {&bias_ih, &bias_hh, &weight_hr}) {
-      differentiable = differentiable || (t->has_value() && requires_grad(**t));
-    }
-    for (const Tensor& h : hx) differentiable = differentiable || requires_grad(h);
-  }
-  if (!differentiable) {
+  if (!torch::autograd::compute_requires_grad(x, hx, weight_ih, weight_hh, bias_ih, bias_hh,
+                                              weight_hr)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return layer_forward_op().call(cell, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-                             lengths, reverse, save_workspace, strategy);
+    return layer_forward_op().call(cell, x, hx, weight_ih, weight_hh, bias_ih, bias_hh,
+                                   weight_hr, lengths, reverse, save_workspace, strategy);
   }
   TORCH_CHECK(save_workspace, "fastrnn: differentiating a layer op needs save_workspace=True "
               "(the workspace is what its backward reads)");
