@@ -1,6 +1,7 @@
 // The CPU kernels of the fastrnn layer ops. The schemas are defined in Python
 // (fastrnn/ops.py), so that the ops exist, for the Triton engine and for
 // torch.compile, without this library; loading it adds the CPU kernels.
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -30,6 +31,23 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> call_layer_forward(
                                           strategy);
 }
 
+// One step of a layer on a (B, I) input (a cell's call): the same dispatch
+// as call_layer_forward over the input as a length-1 sequence, returning
+// only the states after it. The workspace is kept where autograd will record
+// the step, the one case where backward reads it.
+std::vector<at::Tensor> call_layer_step(c10::string_view cell, const at::Tensor& input,
+                                        const std::vector<at::Tensor>& hx,
+                                        const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                                        const std::optional<at::Tensor>& bias_ih,
+                                        const std::optional<at::Tensor>& bias_hh,
+                                        c10::string_view strategy) {
+  const bool recorded = torch::autograd::compute_requires_grad(
+      input, at::TensorList(hx), weight_ih, weight_hh, bias_ih, bias_hh);
+  return std::get<1>(fastrnn::layer_forward_op().call(
+      cell, input.unsqueeze(0), hx, weight_ih, weight_hh, bias_ih, bias_hh, std::nullopt,
+      std::nullopt, /*reverse=*/false, /*save_workspace=*/recorded, strategy));
+}
+
 }  // namespace
 
 // Importing fastrnn._C loads this library and so registers the kernels above.
@@ -45,6 +63,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_forward", &call_layer_forward, py::call_guard<py::gil_scoped_release>(),
         "torch.ops.fastrnn.layer_forward, the same dispatch without boxing its arguments "
         "(no __torch_function__ handling: callers check for it).");
+  m.def("layer_step", &call_layer_step, py::call_guard<py::gil_scoped_release>(),
+        "One step on a (B, I) input: the states layer_forward leaves after it as a "
+        "length-1 sequence (no __torch_function__ handling: callers check for it).");
   m.def("set_product_kernel", &fastrnn::cpu::set_product_kernel,
         "Chooses one of product_kernels().");
 }

@@ -222,6 +222,20 @@ def _cpp_forward(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_h
     return cpp.layer_forward(*args)
 
 
+def cpp_step(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,
+             b_ih: Tensor | None, b_hh: Tensor | None) -> tuple[Tensor, ...] | None:
+    """The states after one step of ``cell`` on a (B, I) input, from the C++
+    engine's forward op over it as a length-1 sequence, in one call to the
+    extension (its C++ node records the step where an input requires grad);
+    None where that call does not serve: under torch.compile or torch.func,
+    where ``__torch_function__`` is overridden, or in a build without it."""
+    if (cpp.layer_step is None or not _eager()
+            or torch._C._has_torch_function((x, *hx, w_ih, w_hh, b_ih, b_hh))):
+        return None
+    return tuple(cpp.layer_step(cell, x, list(hx), w_ih, w_hh, b_ih, b_hh,
+                                settings.triton_strategy))
+
+
 def layer(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,
           b_ih: Tensor | None, b_hh: Tensor | None, lengths: Tensor | None, reverse: bool,
           engine: str | None = None, w_hr: Tensor | None = None

@@ -37,7 +37,7 @@ def _mismatch() -> str | None:
             "reference loop meanwhile")
 
 
-layer_forward = None  # set below where the extension loads
+layer_forward = layer_step = None  # set below where the extension loads
 
 # Set when the extension was built for another torch: CPU layers then raise
 # this instead of falling back to the reference loop (tens of times slower).
@@ -50,10 +50,12 @@ else:
         from fastrnn import _C  # loading it registers the CPU kernels
 
         _LOAD_ERROR = None
-        # torch.ops.fastrnn.layer_forward without boxing its arguments (no
-        # __torch_function__ handling: the caller checks for it); None in a
-        # build from before it existed, whose callers use torch.ops.
+        # torch.ops.fastrnn.layer_forward without boxing its arguments, and
+        # one step of it (no __torch_function__ handling: the callers check
+        # for it); None in a build from before they existed, whose callers
+        # use torch.ops.
         layer_forward = getattr(_C, "layer_forward", None)
+        layer_step = getattr(_C, "layer_step", None)
     except ImportError as error:  # a source checkout whose extension is not built
         _LOAD_ERROR = f"the compiled extension fastrnn._C could not be loaded ({error})"
         warnings.warn(

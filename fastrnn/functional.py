@@ -87,6 +87,21 @@ def layer(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tens
     return _engine_layer(engine, cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse, w_hr)
 
 
+def step(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,
+         b_ih: Tensor | None = None, b_hh: Tensor | None = None) -> tuple[Tensor, ...]:
+    """One step of ``cell`` on a (B, I) input from the states ``hx``: the
+    states after it, as ``layer`` leaves them after a length-1 sequence (a
+    cell module's call). On the C++ engine in eager mode that is a single
+    call into the extension: a step's arithmetic is microseconds, so the
+    calls around it are most of its time."""
+    if (x.dtype not in _WIDENED and _autocast_dtype(x) is None
+            and backends.resolve(x.device) == "cpp"):
+        states = autograd.cpp_step(cell, x, hx, w_ih, w_hh, b_ih, b_hh)
+        if states is not None:
+            return states
+    return layer(cell, x.unsqueeze(0), hx, w_ih, w_hh, b_ih, b_hh)[1]
+
+
 def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
               b_hh: Tensor | None = None, lengths: Tensor | None = None, reverse: bool = False,
               nonlinearity: str = "tanh") -> tuple[Tensor, Tensor]:

@@ -242,10 +242,12 @@ def test_cpp_node_agrees_with_layer_function(cell, proj, lengths, reverse, parti
 
 @pytest.mark.skipif(not fastrnn.cpp.available(), reason="needs the C++ engine")
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
-def test_torch_function_modes_see_the_layer_op(grad):
-    # Eager CPU layers call the op through the extension's unboxed entry
-    # point, which __torch_function__ would not see: under a mode (or with a
-    # tensor subclass that overrides it) they go through torch.ops instead.
+@pytest.mark.parametrize("module", ["GRU", "GRUCell"])
+def test_torch_function_modes_see_the_layer_op(grad, module):
+    # Eager CPU layers (and cells' steps) call the op through the
+    # extension's unboxed entry points, which __torch_function__ would not
+    # see: under a mode (or with a tensor subclass that overrides it) they go
+    # through torch.ops instead.
     class Recorder(torch.overrides.TorchFunctionMode):
         def __init__(self):
             super().__init__()
@@ -256,12 +258,57 @@ def test_torch_function_modes_see_the_layer_op(grad):
             return func(*args, **(kwargs or {}))
 
     torch.manual_seed(3)
-    module = fastrnn.GRU(3, 4, dtype=torch.float64)
-    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    model = getattr(fastrnn, module)(3, 4, dtype=torch.float64)
+    x = torch.randn(*(() if module == "GRUCell" else (5,)), 2, 3, dtype=torch.float64)
     with torch.set_grad_enabled(grad):
-        expected = module(x)
+        expected = model(x)
         with Recorder() as recorder:
-            got = module(x)
+            got = model(x)
     assert torch.ops.fastrnn.layer_forward.default in recorder.called
-    for a, b in zip(got, expected):
+    assert torch.equal(got[0], expected[0])
+    assert torch.equal(got[1], expected[1])
+
+
+STEP_CELLS = [("rnn_tanh", nn.RNNCell, {}), ("rnn_relu", nn.RNNCell, {"nonlinearity": "relu"}),
+              ("gru", nn.GRUCell, {}), ("lstm", nn.LSTMCell, {})]
+
+
+@pytest.mark.skipif(not fastrnn.cpp.available(), reason="needs the C++ engine")
+@pytest.mark.parametrize("cell, torch_cls, kwargs", STEP_CELLS, ids=[c for c, _, _ in STEP_CELLS])
+@pytest.mark.parametrize("grad", ["none", "weights_only", "all"])
+def test_cell_step_in_one_call(monkeypatch, cell, torch_cls, kwargs, grad):
+    # In eager mode a cell's step is one call into the extension
+    # (fastrnn._C.layer_step): its states and gradients are the same bits as
+    # the general path's (a layer over a length-1 sequence), and torch.nn's.
+    calls = []
+    step = fastrnn.cpp.layer_step
+    monkeypatch.setattr(fastrnn.cpp, "layer_step", lambda *args: calls.append(1) or step(*args))
+    generator = torch.Generator().manual_seed(31)
+    B, I, H = 3, 5, 4
+    reference = torch_cls(I, H, dtype=torch.float64, **kwargs)
+    weights = [p.detach().clone().requires_grad_(grad != "none") for p in reference.parameters()]
+    x = torch.randn(B, I, dtype=torch.float64, generator=generator).requires_grad_(grad == "all")
+    hx = tuple(torch.randn(B, H, dtype=torch.float64, generator=generator).requires_grad_(grad == "all")
+               for _ in fastrnn.cells.CELLS[cell].states)
+    leaves = [t for t in (x, *hx, *weights) if t.requires_grad]
+
+    def general():
+        return fastrnn.functional.layer(cell, x.unsqueeze(0), hx, *weights)[1]
+
+    def one_call():
+        return fastrnn.functional.step(cell, x, hx, *weights)
+
+    results = []
+    for run in (general, one_call):
+        states = run()
+        upstream = [torch.ones_like(h) for h in states]
+        grads = torch.autograd.grad(states, leaves, upstream) if leaves else ()
+        results.append((states, grads))
+    assert calls == [1]  # the general path does not call it
+    (states, grads), (one_states, one_grads) = results
+    for a, b in zip((*one_states, *one_grads), (*states, *grads)):
         assert torch.equal(a, b)
+    expected = reference(x, hx if cell == "lstm" else hx[0])
+    for a, b in zip(one_states, expected if cell == "lstm" else (expected,)):
+        assert_close(a, b)
+

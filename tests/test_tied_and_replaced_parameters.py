@@ -119,3 +119,35 @@ def test_one_tensor_in_two_places_second_order(kind):
             assert_close(a, b, msg=f"gradient {index}")
         for index, (a, b) in enumerate(zip(got_second, expected_second)):
             assert_close(a, b, msg=f"second derivative {index}")
+
+
+class _Doubled(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+@pytest.mark.parametrize("kind", list(CELL_KINDS))
+@pytest.mark.parametrize("change", ["parametrized", "plain_tensor"])
+def test_cell_weights_not_registered_under_their_names(kind, change):
+    # A cell reads its weights from its registered parameters where they
+    # are; a parametrized weight, or a plain tensor put where a deleted
+    # parameter was, is not registered under the weight's name and must be
+    # read as torch.nn reads it, as an attribute.
+    torch_cls, fast_cls, kwargs = CELL_KINDS[kind]
+    reference, candidate = make_pair(torch_cls, fast_cls, I, H, dtype=torch.float64, **kwargs)
+    gen = torch.Generator().manual_seed(8)
+    plain = torch.randn(reference.weight_ih.shape, dtype=torch.float64, generator=gen)
+    for m in (reference, candidate):
+        if change == "parametrized":
+            torch.nn.utils.parametrize.register_parametrization(m, "weight_hh", _Doubled())
+        else:
+            del m.weight_ih
+            m.weight_ih = plain.clone().requires_grad_()
+    x = torch.randn(B, I, dtype=torch.float64, generator=gen)
+    hx = make_state(kind, (B,), torch.float64, gen, hidden=H)
+    assert_results_close(forward_backward(candidate, x, hx), forward_backward(reference, x, hx),
+                         torch.float64)
+    if change == "plain_tensor":  # not a parameter: its gradient taken on its own
+        grads = [torch.autograd.grad(flatten_outputs(m(x, hx))[0].sum(), m.weight_ih)[0]
+                 for m in (reference, candidate)]
+        assert_close(grads[1], grads[0])
