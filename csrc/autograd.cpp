@@ -6,6 +6,8 @@
 // is most of a single step's. Under create_graph the gradients come from
 // fastrnn::layer_gradients (the reference loop's differentiable graph,
 // defined in Python), as the Function's do.
+#include <algorithm>
+
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
@@ -107,12 +109,14 @@ struct LayerNode : public torch::autograd::Function<LayerNode> {
         const Tensor& g = grads[2 + i];
         grad_hy.push_back(g.defined() ? g : at::zeros(hx[i].sizes(), output.options()));
       }
+      const bool hx_requires_grad = std::any_of(hx.begin(), hx.end(), requires_grad);
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       auto [grad_x, grad_hx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr] =
           layer_backward_op().call(cell, grad_output, grad_hy, x, hx, saved[kWeightIh],
                                    saved[kWeightHh], optional(saved[kWeightHr]), output,
                                    saved[kWorkspace], optional(saved[kLengths]), reverse,
-                                   requires_grad(x), ctx->saved_data["strategy"].toStringRef());
+                                   requires_grad(x), hx_requires_grad,
+                                   ctx->saved_data["strategy"].toStringRef());
       std::vector<Tensor> all = {grad_x};
       all.insert(all.end(), grad_hx.begin(), grad_hx.end());
       all.insert(all.end(), {grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr});

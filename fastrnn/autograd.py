@@ -130,7 +130,7 @@ def _gradients(ctx, grad_output: Tensor | None, grad_hy: list) -> tuple:
     with _below_autograd():
         grad_x, grad_hx, *weights = _op(ctx.family[1])(
             ctx.cell, grad_output, grad_hy, x, hx, w_ih, w_hh, w_hr, output, workspace, lengths,
-            ctx.reverse, ctx.needs[0], ctx.strategy)
+            ctx.reverse, ctx.needs[0], any(ctx.needs[1:1 + len(hx)]), ctx.strategy)
     grads = [g if need else None for g, need in zip((grad_x, *grad_hx, *weights), ctx.needs)]
     return _split(grads, len(hx))
 

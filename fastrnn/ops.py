@@ -29,7 +29,8 @@ FORWARD_SCHEMA = (
 BACKWARD_SCHEMA = (
     "(str cell, Tensor grad_output, Tensor[] grad_hy, Tensor input, Tensor[] hx, "
     "Tensor weight_ih, Tensor weight_hh, Tensor? weight_hr, Tensor output, Tensor workspace, "
-    "Tensor? lengths, bool reverse, bool input_requires_grad, str strategy) "
+    "Tensor? lengths, bool reverse, bool input_requires_grad, bool hx_requires_grad, "
+    "str strategy) "
     "-> (Tensor, Tensor[], Tensor, Tensor, Tensor, Tensor, Tensor)")
 # The gradients of a layer's inputs that require grad, in the order (input,
 # each state, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr), themselves
@@ -87,15 +88,17 @@ def fake_forward(cell, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight
 
 
 def fake_backward(cell, grad_output, grad_hy, input, hx, weight_ih, weight_hh, weight_hr, output,
-                  workspace, lengths, reverse, input_requires_grad, strategy):
+                  workspace, lengths, reverse, input_requires_grad, hx_requires_grad, strategy):
     """(grad_input, [grad per state tensor], grad_weight_ih, grad_weight_hh, grad_bias_ih,
     grad_bias_hh, grad_weight_hr); grad_input is empty when ``input_requires_grad``
-    is False, grad_weight_hr without ``weight_hr``."""
+    is False, each state's gradient when ``hx_requires_grad`` is False,
+    grad_weight_hr without ``weight_hr``."""
     check_same_device(grad_output, *grad_hy, input, *hx, weight_ih, weight_hh, weight_hr, output,
                       workspace, lengths=lengths)
     rows = weight_hh.shape[0]
     return (input.new_empty(input.shape if input_requires_grad else (0,)),
-            [h.new_empty(h.shape) for h in hx], weight_ih.new_empty(weight_ih.shape),
+            [h.new_empty(h.shape if hx_requires_grad else (0,)) for h in hx],
+            weight_ih.new_empty(weight_ih.shape),
             weight_hh.new_empty(weight_hh.shape), weight_hh.new_empty(rows),
             weight_hh.new_empty(rows),
             weight_hh.new_empty((0,) if weight_hr is None else weight_hr.shape))

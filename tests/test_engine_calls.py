@@ -73,7 +73,8 @@ def op_backward(cell, a, reverse=False):
     """The backward op on ``a`` (layer tensors plus output, workspace, grad_output, grad_hy)."""
     grad_input, (grad_hx,), *weights = ops.layer_backward(
         op_cell(cell), a["grad_output"], [a["grad_hy"]], a["input"], [a["hx"]], a["weight_ih"],
-        a["weight_hh"], None, a["output"], a["workspace"], a["lengths"], reverse, True, "auto")
+        a["weight_hh"], None, a["output"], a["workspace"], a["lengths"], reverse, True, True,
+        "auto")
     return (grad_input, grad_hx, *weights[:4])
 
 

@@ -54,9 +54,12 @@ def op_cases(names, device):
             output, h_n, workspace = forward(*plain)
             _, x, hx, w_ih, w_hh, _, _, w_hr, lens, reverse, _, strategy = plain
             upstream = [torch.randn_like(h) for h in h_n]
-            cases.append((f"{names[1]}-{tag}", backward,
-                          (cell, torch.randn_like(output), upstream, x, hx, w_ih, w_hh, w_hr,
-                           output, workspace, lens, reverse, True, strategy)))
+            # Every gradient, and (as when neither x nor the states require
+            # grad) the weights' only.
+            for wanted, needs in (("all", True), ("weights", False)):
+                cases.append((f"{names[1]}-{tag}-{wanted}", backward,
+                              (cell, torch.randn_like(output), upstream, x, hx, w_ih, w_hh, w_hr,
+                               output, workspace, lens, reverse, needs, needs, strategy)))
         inference = layer_args(cell, proj, [3, 1], device, requires_grad=False)
         cases.append((f"{names[0]}-{name}-inference", forward, (*inference[:10], False, "auto")))
     return cases
@@ -104,6 +107,6 @@ def test_backward_op_is_not_differentiated_silently():
     grad_output = torch.randn_like(output, requires_grad=True)
     grads = torch.ops.fastrnn.layer_backward("gru", grad_output, [torch.zeros_like(h_n[0])], x, hx,
                                              w_ih, w_hh, w_hr, output, workspace, lengths, reverse,
-                                             True, strategy)
+                                             True, True, strategy)
     with pytest.raises(RuntimeError, match="not differentiable"):
         grads[2].sum().backward()

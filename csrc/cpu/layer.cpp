@@ -138,7 +138,7 @@ BackwardOutputs backward_layer(const LayerSizes& s, const at::Tensor& grad_outpu
                                const std::optional<at::Tensor>& weight_hr,
                                const at::Tensor& output, const at::Tensor& workspace,
                                const std::optional<at::Tensor>& lengths, bool reverse,
-                               bool input_requires_grad) {
+                               bool input_requires_grad, bool hx_requires_grad) {
   constexpr int64_t kSaved = Cell::kSaved;
   // Every gate's hidden-side product adds straight to its pre-activation:
   // both sides have the same gradient, one tensor.
@@ -185,7 +185,7 @@ BackwardOutputs backward_layer(const LayerSizes& s, const at::Tensor& grad_outpu
   scalar_t* gh = grad_hh.mutable_data_ptr<scalar_t>();
   auto grad_h0 = sweep_backward<scalar_t>(
       grad_hh, w_hh, grad_hy[0].clone(at::MemoryFormat::Contiguous), dc, projection, map, H,
-      [&](int64_t row, int64_t j0, int64_t j1, const scalar_t* dh, scalar_t* carry,
+      hx_requires_grad, [&](int64_t row, int64_t j0, int64_t j1, const scalar_t* dh, scalar_t* carry,
           scalar_t* dcb) {
         Cell::template backward<scalar_t>(BackwardRow<scalar_t>{
             projects ? nullptr : g + row * K + j0, dh + j0,
@@ -202,6 +202,9 @@ BackwardOutputs backward_layer(const LayerSizes& s, const at::Tensor& grad_outpu
   std::vector<at::Tensor> grad_states{grad_h0};
   if (dc.defined()) {
     grad_states.push_back(dc);
+  }
+  if (!hx_requires_grad) {
+    for (auto& grad : grad_states) grad = at::empty({0}, input.options());
   }
   return {grad_input, grad_states, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
 }
@@ -268,7 +271,8 @@ BackwardOutputs layer_backward(c10::string_view cell, const at::Tensor& grad_out
                                const std::optional<at::Tensor>& weight_hr,
                                const at::Tensor& output, const at::Tensor& workspace,
                                const std::optional<at::Tensor>& lengths, bool reverse,
-                               bool input_requires_grad, c10::string_view /*strategy*/) {
+                               bool input_requires_grad, bool hx_requires_grad,
+                               c10::string_view /*strategy*/) {
   return with_cell(cell, [&](auto trait) {
     using Cell = decltype(trait);
     check_state_count<Cell>(cell, hx, "hx");
@@ -287,7 +291,7 @@ BackwardOutputs layer_backward(c10::string_view cell, const at::Tensor& grad_out
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::layer_backward", [&] {
       result = backward_layer<Cell, scalar_t>(s, grad_output, grad_hy, input, hx, weight_ih,
                                               weight_hh, weight_hr, output, workspace, lengths,
-                                              reverse, input_requires_grad);
+                                              reverse, input_requires_grad, hx_requires_grad);
     });
     return result;
   });

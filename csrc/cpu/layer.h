@@ -391,12 +391,13 @@ struct GradProjection {
 // null (h reaches the earlier step through W_hh alone). A step's product
 // needs every unit's gradients, so it runs at the start of the next step,
 // after the threads have met. grad_hh (T, B, G) must be zero at padded
-// positions. Returns the gradient of the initial h; dc ends as the initial
-// second state's.
+// positions. Returns the gradient of the initial h (undefined unless
+// `initial_h`: its product, the first step's, is skipped); dc ends as the
+// initial second state's.
 template <typename scalar_t, typename RowFn>
 at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::Tensor dh,
                           at::Tensor& dc, const GradProjection<scalar_t>& projection,
-                          const StepMap& map, int64_t H, const RowFn& row_fn) {
+                          const StepMap& map, int64_t H, bool initial_h, const RowFn& row_fn) {
   const int64_t T = grad_hh.size(0), B = grad_hh.size(1), G = grad_hh.size(2);
   const int64_t K = dh.size(1), P = projection.P;
   const bool projects = projection.weight != nullptr;
@@ -479,6 +480,9 @@ at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::
     std::swap(dh, carry);
     pending = sb ? sb : gh + map.uniform_time_of(s) * B * G;
     pending_rows = rows;
+  }
+  if (!initial_h) {
+    return at::Tensor();
   }
   if (pending) {
     scalar_t* dhp = dh.mutable_data_ptr<scalar_t>();

@@ -26,7 +26,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> layer_forward(
     bool reverse, bool save_workspace, c10::string_view strategy);
 
 // (grad_input ((0,) unless input_requires_grad), grads of the initial
-// states, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh,
+// states (each (0,) unless hx_requires_grad), grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh,
 // grad_weight_hr ((0,) without weight_hr)).
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor>
@@ -35,6 +35,7 @@ layer_backward(c10::string_view cell, const at::Tensor& grad_output, at::TensorL
                const at::Tensor& weight_hh, const std::optional<at::Tensor>& weight_hr,
                const at::Tensor& output,
                const at::Tensor& workspace, const std::optional<at::Tensor>& lengths,
-               bool reverse, bool input_requires_grad, c10::string_view strategy);
+               bool reverse, bool input_requires_grad, bool hx_requires_grad,
+               c10::string_view strategy);
 
 }  // namespace fastrnn::cpu

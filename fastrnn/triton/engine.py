@@ -523,11 +523,11 @@ def layer_backward(cell: str, grad_output: Tensor, grad_hy: list[Tensor], input:
                    hx: list[Tensor], weight_ih: Tensor, weight_hh: Tensor,
                    weight_hr: Tensor | None, output: Tensor, workspace: Tensor,
                    lengths: Tensor | None, reverse: bool, input_requires_grad: bool,
-                   strategy: str):
+                   hx_requires_grad: bool, strategy: str):
     """One layer's backward (``fastrnn::layer_backward``): (grad_input, grad_hx,
     grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_weight_hr
     (empty without a projection)); grad_input is empty unless
-    ``input_requires_grad``. ``output`` and ``workspace`` are what forward
+    ``input_requires_grad``, each of grad_hx unless ``hx_requires_grad``. ``output`` and ``workspace`` are what forward
     returned (with ``save_workspace``)."""
     desc = CELLS[cell]
     _check(desc, input, hx, weight_ih, weight_hh, weight_hr)
@@ -538,8 +538,12 @@ def layer_backward(cell: str, grad_output: Tensor, grad_hy: list[Tensor], input:
                            f"({T}, {B}, {desc.saved * H}), got {tuple(workspace.shape)} (forward "
                            "without save_workspace?)")
     with _on_device(input.device):
-        return _backward(desc, grad_output, grad_hy, input, hx, weight_ih, weight_hh, weight_hr,
-                         output, workspace, lengths, reverse, input_requires_grad, strategy)
+        grad_x, grad_hx, *grad_weights = _backward(
+            desc, grad_output, grad_hy, input, hx, weight_ih, weight_hh, weight_hr, output,
+            workspace, lengths, reverse, input_requires_grad, strategy)
+    if not hx_requires_grad:  # computed on the way (the kernels carry it), not returned
+        grad_hx = [h.new_empty(0) for h in grad_hx]
+    return (grad_x, grad_hx, *grad_weights)
 
 
 def _backward(cell: Cell, grad_output: Tensor, grad_hy: list[Tensor], x: Tensor, hx: list[Tensor],
