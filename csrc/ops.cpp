@@ -19,33 +19,35 @@ namespace {
 // torch.ops.fastrnn.layer_forward called through the dispatcher (every
 // dispatch key, autograd included, as from torch.ops) without the boxing of
 // its arguments and results that torch.ops does: 3 of the 7 microseconds a
-// single small step takes that way.
+// single small step takes that way. With save_workspace None the workspace
+// is kept where autograd will record the layer, the one case where backward
+// reads it.
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> call_layer_forward(
     c10::string_view cell, const at::Tensor& input, const std::vector<at::Tensor>& hx,
     const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
     const std::optional<at::Tensor>& weight_hr, const std::optional<at::Tensor>& lengths,
-    bool reverse, bool save_workspace, c10::string_view strategy) {
+    bool reverse, std::optional<bool> save_workspace, c10::string_view strategy) {
+  const bool keep = save_workspace.has_value()
+                        ? *save_workspace
+                        : torch::autograd::compute_requires_grad(
+                              input, at::TensorList(hx), weight_ih, weight_hh, bias_ih, bias_hh,
+                              weight_hr);
   return fastrnn::layer_forward_op().call(cell, input, hx, weight_ih, weight_hh, bias_ih,
-                                          bias_hh, weight_hr, lengths, reverse, save_workspace,
-                                          strategy);
+                                          bias_hh, weight_hr, lengths, reverse, keep, strategy);
 }
 
-// One step of a layer on a (B, I) input (a cell's call): the same dispatch
-// as call_layer_forward over the input as a length-1 sequence, returning
-// only the states after it. The workspace is kept where autograd will record
-// the step, the one case where backward reads it.
+// One step of a layer on a (B, I) input (a cell's call): call_layer_forward
+// over the input as a length-1 sequence, returning only the states after it.
 std::vector<at::Tensor> call_layer_step(c10::string_view cell, const at::Tensor& input,
                                         const std::vector<at::Tensor>& hx,
                                         const at::Tensor& weight_ih, const at::Tensor& weight_hh,
                                         const std::optional<at::Tensor>& bias_ih,
                                         const std::optional<at::Tensor>& bias_hh,
                                         c10::string_view strategy) {
-  const bool recorded = torch::autograd::compute_requires_grad(
-      input, at::TensorList(hx), weight_ih, weight_hh, bias_ih, bias_hh);
-  return std::get<1>(fastrnn::layer_forward_op().call(
-      cell, input.unsqueeze(0), hx, weight_ih, weight_hh, bias_ih, bias_hh, std::nullopt,
-      std::nullopt, /*reverse=*/false, /*save_workspace=*/recorded, strategy));
+  return std::get<1>(call_layer_forward(cell, input.unsqueeze(0), hx, weight_ih, weight_hh,
+                                        bias_ih, bias_hh, std::nullopt, std::nullopt,
+                                        /*reverse=*/false, std::nullopt, strategy));
 }
 
 }  // namespace
@@ -62,7 +64,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released while the layer runs, as torch.ops does.
   m.def("layer_forward", &call_layer_forward, py::call_guard<py::gil_scoped_release>(),
         "torch.ops.fastrnn.layer_forward, the same dispatch without boxing its arguments "
-        "(no __torch_function__ handling: callers check for it).");
+        "(no __torch_function__ handling: callers check for it); save_workspace None: "
+        "where autograd records the layer.");
   m.def("layer_step", &call_layer_step, py::call_guard<py::gil_scoped_release>(),
         "One step on a (B, I) input: the states layer_forward leaves after it as a "
         "length-1 sequence (no __torch_function__ handling: callers check for it).");

@@ -207,17 +207,27 @@ def _eager() -> bool:
     return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
 
 
+def _records(x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor, b_ih, b_hh,
+             w_hr) -> bool:
+    """Whether autograd records a layer over these inputs."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x, w_ih, w_hh, b_ih, b_hh, w_hr, *hx))
+
+
 def _cpp_forward(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,
-                 b_ih, b_hh, w_hr, lengths, reverse: bool, save_workspace: bool):
+                 b_ih, b_hh, w_hr, lengths, reverse: bool, save_workspace: bool | None):
     """The C++ engine's forward op in eager mode: (output, h_n, workspace).
     Its C++ autograd kernel records the layer's node when an input requires
-    grad, and passes other calls straight down. Called through the
+    grad, and passes other calls straight down. ``save_workspace`` None
+    keeps the workspace where the node is recorded. Called through the
     extension's unboxed entry point unless a tensor or mode overrides
     ``__torch_function__``, which only torch.ops honours."""
-    args = (cell, x, list(hx), w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save_workspace,
-            settings.triton_strategy)
+    args = [cell, x, list(hx), w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save_workspace,
+            settings.triton_strategy]
     if (cpp.layer_forward is None
             or torch._C._has_torch_function((x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths))):
+        if save_workspace is None:
+            args[10] = _records(x, hx, w_ih, w_hh, b_ih, b_hh, w_hr)
         return _op(ops.DISPATCHED[0])(*args)
     return cpp.layer_forward(*args)
 
@@ -234,6 +244,22 @@ def cpp_step(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: T
         return None
     return tuple(cpp.layer_step(cell, x, list(hx), w_ih, w_hh, b_ih, b_hh,
                                 settings.triton_strategy))
+
+
+def run(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,
+        b_ih: Tensor | None, b_hh: Tensor | None, lengths: Tensor | None, reverse: bool,
+        engine: str, w_hr: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """(output, h_n) of one layer on ``engine``: ``layer`` where autograd
+    records it, else ``inference``. On the C++ engine in eager mode both
+    are one call of the forward op, whose C++ autograd kernel tells them
+    apart."""
+    if engine == "cpp" and _eager():
+        output, h_n, _ = _cpp_forward(cell, x, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
+                                      None)
+        return output, tuple(h_n)
+    if _records(x, hx, w_ih, w_hh, b_ih, b_hh, w_hr):
+        return layer(cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse, engine, w_hr)
+    return inference(cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse, engine, w_hr)
 
 
 def layer(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,

@@ -33,13 +33,8 @@ def _engine_layer(engine: str, cell: str, x: Tensor, hx: tuple[Tensor, ...], w_i
         hx = tuple(h.float() for h in hx)
     # The Triton engine takes half types as they are but returns the float32
     # state it kept (and saves it for backward); both are narrowed here.
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (x, w_ih, w_hh, b_ih, b_hh, w_hr, *hx)):
-        output, h_n = autograd.layer(cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
-                                     engine, w_hr)
-    else:
-        output, h_n = autograd.inference(cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
-                                         engine, w_hr)
+    output, h_n = autograd.run(cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse, engine,
+                               w_hr)
     if output.dtype == dtype:
         return output, h_n
     return output.to(dtype), tuple([h.to(dtype) for h in h_n])

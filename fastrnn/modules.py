@@ -96,6 +96,19 @@ class _RecurrentModule(_Namesake, nn.RNNBase):
     def flatten_parameters(self) -> None:
         """Does nothing: fastrnn's engines read the parameters where they are."""
 
+    def _update_flat_weights(self) -> None:
+        """torch.nn's: re-reads the weights where one is no longer the tensor
+        read last (torch.func.functional_call swaps them in). A registered
+        weight is taken from the parameter dict, where nn.Module's attribute
+        look-up ends after Python's own has failed: a microsecond per weight
+        and call, a fifth of a small layer's step."""
+        parameters = self._parameters
+        for ref, name in zip(self._flat_weight_refs, self._flat_weights_names):
+            weight = parameters[name] if name in parameters else getattr(self, name, None)
+            if weight is not None and ref is not None and ref() is not weight:
+                self._init_flat_weights()
+                return
+
     def forward(self, input, hx: Tensor | None = None):
         """Runs the layers over ``input``, as the torch.nn namesake does.
 
