@@ -1,9 +1,10 @@
 """Layer functions: run one layer on the engine the backend picks, or stack them.
 
-Data flows one way: modules -> ``recurrent_layers`` -> ``layer`` -> the
-autograd Function (``fastrnn.autograd``; on the CPU in eager mode, the op's
-own C++ autograd node) -> a layer op (``fastrnn.ops``), whose kernel the
-tensors' device picks -> an engine; or the reference loop.
+Data flows one way: modules -> ``recurrent_layers`` (a cell: ``step``) ->
+``layer`` -> the autograd Function (``fastrnn.autograd``; on the CPU in
+eager mode, the op's own C++ autograd node) -> a layer op
+(``fastrnn.ops``), whose kernel the tensors' device picks -> an engine; or
+the reference loop.
 """
 
 from __future__ import annotations
