@@ -224,8 +224,7 @@ def _cpp_forward(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_h
     ``__torch_function__``, which only torch.ops honours."""
     args = [cell, x, list(hx), w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save_workspace,
             settings.triton_strategy]
-    if (cpp.layer_forward is None
-            or torch._C._has_torch_function((x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths))):
+    if torch._C._has_torch_function((x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)):
         if save_workspace is None:
             args[10] = _records(x, hx, w_ih, w_hh, b_ih, b_hh, w_hr)
         return _op(ops.DISPATCHED[0])(*args)
@@ -238,9 +237,8 @@ def cpp_step(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: T
     engine's forward op over it as a length-1 sequence, in one call to the
     extension (its C++ node records the step where an input requires grad);
     None where that call does not serve: under torch.compile or torch.func,
-    where ``__torch_function__`` is overridden, or in a build without it."""
-    if (cpp.layer_step is None or not _eager()
-            or torch._C._has_torch_function((x, *hx, w_ih, w_hh, b_ih, b_hh))):
+    or where ``__torch_function__`` is overridden."""
+    if not _eager() or torch._C._has_torch_function((x, *hx, w_ih, w_hh, b_ih, b_hh)):
         return None
     return tuple(cpp.layer_step(cell, x, list(hx), w_ih, w_hh, b_ih, b_hh,
                                 settings.triton_strategy))

@@ -52,10 +52,8 @@ else:
         _LOAD_ERROR = None
         # torch.ops.fastrnn.layer_forward without boxing its arguments, and
         # one step of it (no __torch_function__ handling: the callers check
-        # for it); None in a build from before they existed, whose callers
-        # use torch.ops.
-        layer_forward = getattr(_C, "layer_forward", None)
-        layer_step = getattr(_C, "layer_step", None)
+        # for it).
+        layer_forward, layer_step = _C.layer_forward, _C.layer_step
     except ImportError as error:  # a source checkout whose extension is not built
         _LOAD_ERROR = f"the compiled extension fastrnn._C could not be loaded ({error})"
         warnings.warn(

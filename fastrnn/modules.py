@@ -295,9 +295,10 @@ def _cell_inputs(cell: nn.RNNCellBase, name: str, input: Tensor,
     if not is_batched:
         input = input.unsqueeze(0)
     if states is None:
-        zeros = torch.zeros(input.size(0), cell.hidden_size, dtype=input.dtype,
-                            device=input.device)
-        states = (zeros,) * count
+        # One tensor each: torch.compile cannot trace an autograd Function
+        # given one tensor twice.
+        states = tuple(torch.zeros(input.size(0), cell.hidden_size, dtype=input.dtype,
+                                   device=input.device) for _ in range(count))
     elif not is_batched:
         # Indexed as torch.nn's cells index it (a longer tuple loses its tail).
         states = tuple(states[i].unsqueeze(0) for i in range(count))

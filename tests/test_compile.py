@@ -174,3 +174,22 @@ def test_compiled_module_follows_a_strategy_change(monkeypatch):
             with fastrnn.triton.use_strategy(strategy):
                 torch.testing.assert_close(module(x)[0], expected, rtol=1e-5, atol=1e-5)
             assert planned == [strategy]
+
+
+class _Doubled(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+@pytest.mark.parametrize("name", sorted(CELLS))
+def test_parametrized_cell_compiles_to_one_graph(name):
+    # A parametrized weight is not in the cell's parameter dict under its
+    # name: the cell reads it as an attribute, inside the graph as well.
+    # Without hx: the cell's zero states (an LSTMCell's two) made in the graph.
+    torch_cls, fast_cls = CELLS[name]
+    reference, fast = make_pair(torch_cls, fast_cls, INPUT_SIZE, HIDDEN_SIZE)
+    for m in (reference, fast):
+        torch.nn.utils.parametrize.register_parametrization(m, "weight_hh", _Doubled())
+    x = torch.randn(BATCH, INPUT_SIZE)
+    expected = forward_backward(reference, x)
+    assert_results_close(forward_backward(compiled(fast), x), expected, torch.float32)
