@@ -283,11 +283,8 @@ def inference(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: 
               b_ih: Tensor | None, b_hh: Tensor | None, lengths: Tensor | None, reverse: bool,
               engine: str, w_hr: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
     """(output, h_n) of one layer that nothing will differentiate: the forward
-    op alone, saving no workspace."""
-    if engine == "cpp" and _eager():
-        output, h_n, _ = _cpp_forward(cell, x, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
-                                      False)
-        return output, tuple(h_n)
+    op alone, below its autograd kernels, saving no workspace (eager C++
+    layers never come here: ``run`` calls the op itself)."""
     with _below_autograd():
         output, h_n, _ = _op(family(engine, x.device)[0])(
             cell, x, list(hx), w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, False,

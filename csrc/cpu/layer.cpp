@@ -185,7 +185,8 @@ BackwardOutputs backward_layer(const LayerSizes& s, const at::Tensor& grad_outpu
   scalar_t* gh = grad_hh.mutable_data_ptr<scalar_t>();
   auto grad_h0 = sweep_backward<scalar_t>(
       grad_hh, w_hh, grad_hy[0].clone(at::MemoryFormat::Contiguous), dc, projection, map, H,
-      hx_requires_grad, [&](int64_t row, int64_t j0, int64_t j1, const scalar_t* dh, scalar_t* carry,
+      hx_requires_grad,
+      [&](int64_t row, int64_t j0, int64_t j1, const scalar_t* dh, scalar_t* carry,
           scalar_t* dcb) {
         Cell::template backward<scalar_t>(BackwardRow<scalar_t>{
             projects ? nullptr : g + row * K + j0, dh + j0,

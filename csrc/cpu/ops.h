@@ -26,8 +26,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> layer_forward(
     bool reverse, bool save_workspace, c10::string_view strategy);
 
 // (grad_input ((0,) unless input_requires_grad), grads of the initial
-// states (each (0,) unless hx_requires_grad), grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh,
-// grad_weight_hr ((0,) without weight_hr)).
+// states (each (0,) unless hx_requires_grad), grad_weight_ih,
+// grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_weight_hr ((0,) without
+// weight_hr)).
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor>
 layer_backward(c10::string_view cell, const at::Tensor& grad_output, at::TensorList grad_hy,

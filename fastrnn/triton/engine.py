@@ -527,8 +527,9 @@ def layer_backward(cell: str, grad_output: Tensor, grad_hy: list[Tensor], input:
     """One layer's backward (``fastrnn::layer_backward``): (grad_input, grad_hx,
     grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_weight_hr
     (empty without a projection)); grad_input is empty unless
-    ``input_requires_grad``, each of grad_hx unless ``hx_requires_grad``. ``output`` and ``workspace`` are what forward
-    returned (with ``save_workspace``)."""
+    ``input_requires_grad``, each of grad_hx unless ``hx_requires_grad``.
+    ``output`` and ``workspace`` are what forward returned (with
+    ``save_workspace``)."""
     desc = CELLS[cell]
     _check(desc, input, hx, weight_ih, weight_hh, weight_hr)
     T, B, _ = input.shape
