@@ -237,11 +237,12 @@ def cpp_step(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: T
     engine's forward op over it as a length-1 sequence, in one call to the
     extension (its C++ node records the step where an input requires grad);
     None where that call does not serve: under torch.compile or torch.func,
-    or where ``__torch_function__`` is overridden."""
-    if not _eager() or torch._C._has_torch_function((x, *hx, w_ih, w_hh, b_ih, b_hh)):
+    under autocast (``functional.layer`` casts), or where
+    ``__torch_function__`` is overridden."""
+    if (not _eager() or torch._C._is_any_autocast_enabled()
+            or torch._C._has_torch_function((x, *hx, w_ih, w_hh, b_ih, b_hh))):
         return None
-    return tuple(cpp.layer_step(cell, x, list(hx), w_ih, w_hh, b_ih, b_hh,
-                                settings.triton_strategy))
+    return tuple(cpp.layer_step(cell, x, hx, w_ih, w_hh, b_ih, b_hh, settings.triton_strategy))
 
 
 def run(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,

@@ -21,6 +21,8 @@ from fastrnn.settings import setting, settings
 
 BACKENDS = ("auto", "cpp", "triton", "reference")
 
+_CPU = torch.device("cpu")
+
 
 def current_backend() -> str:
     """The backend name in force: one of ``BACKENDS``."""
@@ -46,6 +48,8 @@ def resolve(device: torch.device) -> str:
     """The engine that runs layers on ``device`` now: "cpp", "triton" or "reference"."""
     name = settings.backend
     if name == "auto":
+        if device == _CPU and cpp.available():
+            return "cpp"  # without device.type, which builds a string on every call
         return _auto_engine(device.type)
     problem = _forced_engine_problem(name, str(device))
     if problem is not None:

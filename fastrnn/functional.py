@@ -90,8 +90,7 @@ def step(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tenso
     cell module's call). On the C++ engine in eager mode that is a single
     call into the extension: a step's arithmetic is microseconds, so the
     calls around it are most of its time."""
-    if (x.dtype not in _WIDENED and _autocast_dtype(x) is None
-            and backends.resolve(x.device) == "cpp"):
+    if x.dtype not in _WIDENED and backends.resolve(x.device) == "cpp":
         states = autograd.cpp_step(cell, x, hx, w_ih, w_hh, b_ih, b_hh)
         if states is not None:
             return states

@@ -285,6 +285,19 @@ def _cell_inputs(cell: nn.RNNCellBase, name: str, input: Tensor,
     """torch.nn's cell checks of the input and the ``count`` state tensors
     (None: zeros) against ``weights`` (w_ih, w_hh, b_ih, b_hh), read once per
     call; returns batched (input, states) and whether input was batched."""
+    w_ih, w_hh = weights[0], weights[1]
+    if (input.dim() == 2 and type(states) is tuple and len(states) == count
+            and w_ih.dim() == 2 and w_hh.dim() == 2):
+        # The common call, in a few comparisons of shapes (reading a size
+        # through Tensor.size costs more than the whole shape).
+        batch, features = input.shape
+        expected = (batch, w_hh.shape[1])
+        for h in states:
+            if h.dim() != 2 or h.shape != expected:
+                break
+        else:
+            if features == w_ih.shape[1]:
+                return input, states, True
     if input.dim() not in (1, 2):
         raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
     for index, h in enumerate(() if states is None else states):
@@ -324,8 +337,13 @@ def _cell_inputs(cell: nn.RNNCellBase, name: str, input: Tensor,
 
 
 def _mixed_devices(input: Tensor, tensors) -> bool:
-    if input.is_cpu and all(t is None or t.is_cpu for t in tensors):
-        return False  # the common case, without making a device object per tensor
+    if input.is_cpu:
+        # The common case, without making a device object per tensor.
+        for t in tensors:
+            if t is not None and not t.is_cpu:
+                break
+        else:
+            return False
     device = input.device
     return any(t is not None and t.device != device for t in tensors)
 
