@@ -241,6 +241,50 @@ def test_cpp_node_agrees_with_layer_function(cell, proj, lengths, reverse, parti
 
 
 @pytest.mark.skipif(not fastrnn.cpp.available(), reason="needs the C++ engine")
+@pytest.mark.parametrize("module", ["GRU", "LSTMCell"])
+def test_cpp_node_behaves_as_torch_nn_graphs(module):
+    # The C++ node is a hand-written autograd Node: what users do with a
+    # graph behaves as with torch.nn's. Gradients for some leaves only,
+    # saved-tensor hooks, a second backward without retain_graph, an input
+    # changed in place after the forward.
+    torch.manual_seed(5)
+    reference = getattr(nn, module)(3, 4, dtype=torch.float64)
+    model = getattr(fastrnn, module)(3, 4, dtype=torch.float64)
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(*(() if module.endswith("Cell") else (5,)), 2, 3, dtype=torch.float64)
+
+    def loss_of(m, x):
+        result = m(x)
+        return sum(t.square().sum() for t in torch.utils._pytree.tree_leaves(result))
+
+    def failure(fn):
+        with pytest.raises(RuntimeError) as error:
+            fn()
+        return str(error.value).split(".")[0]
+
+    expected_failures, got_failures = [], []
+    for m, failures in ((reference, expected_failures), (model, got_failures)):
+        leaf = x.clone().requires_grad_()
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(1) or t, lambda t: t):
+            loss = loss_of(m, leaf)
+        assert packed
+        weight = m.weight_hh_l0 if hasattr(m, "weight_hh_l0") else m.weight_hh
+        subset = torch.autograd.grad(loss, [weight, leaf])
+        failures.append(failure(lambda: torch.autograd.grad(loss, [weight])))
+        failures.append(subset)
+        leaf = x.clone().requires_grad_()
+        loss = loss_of(m, leaf)
+        with torch.no_grad():
+            leaf.mul_(2)
+        failures.append(failure(loss.backward))
+    assert got_failures[0] == expected_failures[0]
+    assert got_failures[2] == expected_failures[2]
+    for a, b in zip(got_failures[1], expected_failures[1]):
+        assert_close(a, b)
+
+
+@pytest.mark.skipif(not fastrnn.cpp.available(), reason="needs the C++ engine")
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 @pytest.mark.parametrize("module", ["GRU", "GRUCell"])
 def test_torch_function_modes_see_the_layer_op(grad, module):
