@@ -7,6 +7,7 @@
 #include <c10/core/GradMode.h>
 
 #include <algorithm>
+#include <cmath>
 #include <initializer_list>
 #include <limits>
 #include <optional>
@@ -191,15 +192,19 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, co
 template <typename scalar_t>
 class WeightProduct {
  public:
-  // total_rows: the rows of all its products together. Packing costs about
-  // what a few hundred rows of products gain (bench/NOTES.md): for fewer
-  // the weight stays as it is, on the BLAS.
+  // total_rows: the rows of all its products together; product_rows: the
+  // rows of each (a sweep's batch; a single product's all). Packing costs
+  // about 0.4 ns a value; the kernel gains over the BLAS about 0.03 ns a value
+  // a row at one row a product, falling about as 1/sqrt(rows a product)
+  // (bench/NOTES.md). So a weight is packed past 24 sqrt(product_rows) rows
+  // in all (break-even measured at 20-24 for the largest weights), and past
+  // 256 whatever the products; for fewer it stays as it is, on the BLAS.
   WeightProduct(const scalar_t* weight, int64_t R, int64_t N, int64_t segment, bool transposed,
-                int64_t total_rows)
+                int64_t total_rows, int64_t product_rows = -1)
       : weight_(weight), R_(R), N_(N), segment_(segment), transposed_(transposed) {
-    constexpr int64_t kMinPackedRows = 256;
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (N > 0 && R > 0 && total_rows >= kMinPackedRows && product_kernel() != "blas") {
+      if (N > 0 && R > 0 && packs(total_rows, product_rows < 0 ? total_rows : product_rows) &&
+          product_kernel() != "blas") {
         packed_.emplace(weight, R, N, segment, transposed);
       }
     }
@@ -252,6 +257,11 @@ class WeightProduct {
     for (int64_t s = 0; s < N_; s += segment_) {
       product(s + c0, c1 - c0);
     }
+  }
+
+  static bool packs(int64_t total_rows, int64_t product_rows) {
+    const double enough = std::min(256.0, 24.0 * std::sqrt(static_cast<double>(product_rows)));
+    return static_cast<double>(total_rows) >= enough;
   }
 
   const scalar_t* weight_;
@@ -311,10 +321,10 @@ std::vector<at::Tensor> sweep_forward(const at::Tensor& weight_hh, const at::Ten
   const at::Tensor m = projection.weight ? at::empty({B, H}, state.options()) : at::Tensor();
   // q = h W_hh^T, and h = m W_hr^T with a projection.
   const WeightProduct<scalar_t> recurrent(weight_hh.const_data_ptr<scalar_t>(), K, G, H, true,
-                                          T * B);
+                                          T * B, B);
   const std::optional<WeightProduct<scalar_t>> project =
       projection.weight ? std::make_optional<WeightProduct<scalar_t>>(projection.weight, H, P, P,
-                                                                      true, T * B)
+                                                                      true, T * B, B)
                         : std::nullopt;
   scalar_t* q = hh.mutable_data_ptr<scalar_t>();
   scalar_t* c = cell.defined() ? cell.mutable_data_ptr<scalar_t>() : nullptr;
@@ -413,10 +423,10 @@ at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::
   scalar_t* dcp = dc.defined() ? dc.mutable_data_ptr<scalar_t>() : nullptr;
   // dh += grad_hh W_hh, and dm = dh W_hr with a projection.
   const WeightProduct<scalar_t> recurrent(weight_hh.const_data_ptr<scalar_t>(), G, K, K, false,
-                                          T * B);
+                                          T * B, B);
   const std::optional<WeightProduct<scalar_t>> project =
       projects ? std::make_optional<WeightProduct<scalar_t>>(projection.weight, P, H, H, false,
-                                                             T * B)
+                                                             T * B, B)
                : std::nullopt;
   const scalar_t* pending = nullptr;  // the later step's grad_hh rows
   int64_t pending_rows = 0;
