@@ -126,6 +126,13 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor> layer_forward_autograd(
     const Tensor& weight_hh, const OptionalTensor& bias_ih, const OptionalTensor& bias_hh,
     const OptionalTensor& weight_hr, const OptionalTensor& lengths, bool reverse,
     bool save_workspace, c10::string_view strategy) {
+  using torch::autograd::isFwGradDefined;
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !(isFwGradDefined(x) || torch::autograd::isFwGradDefinedTensorList(hx) ||
+        isFwGradDefined(weight_ih) || isFwGradDefined(weight_hh) || isFwGradDefined(bias_ih) ||
+        isFwGradDefined(bias_hh) || isFwGradDefined(weight_hr)),
+      "fastrnn::layer_forward has no forward-mode AD formula; fastrnn's modules and layer "
+      "functions run inputs with tangents through the reference loop");
   const bool records = torch::autograd::compute_requires_grad(x, hx, weight_ih, weight_hh,
                                                               bias_ih, bias_hh, weight_hr);
   if (records) {

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
@@ -56,6 +57,16 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     return None
 
 
+def _carries_tangents(tensors) -> bool:
+    """Whether forward-mode AD (``torch.autograd.forward_ad``) gives any of
+    ``tensors`` a tangent. Only the reference loop, in plain PyTorch ops,
+    carries tangents through a layer; the engines' ops have no forward-mode
+    formula."""
+    if forward_ad._current_level < 0:
+        return False  # no dual level open: the common case, in one read
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def layer(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,
           b_ih: Tensor | None = None, b_hh: Tensor | None = None, lengths: Tensor | None = None,
           reverse: bool = False, w_hr: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -78,7 +89,7 @@ def layer(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tens
         with torch.autocast(x.device.type, enabled=False):
             return layer(cell, x, tuple(hx), w_ih, w_hh, b_ih, b_hh, lengths, reverse, w_hr)
     engine = backends.resolve(x.device)
-    if engine == "reference":
+    if engine == "reference" or _carries_tangents((x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr)):
         return reference.layer(cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse, w_hr)
     return _engine_layer(engine, cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse, w_hr)
 
@@ -90,7 +101,8 @@ def step(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tenso
     cell module's call). On the C++ engine in eager mode that is a single
     call into the extension: a step's arithmetic is microseconds, so the
     calls around it are most of its time."""
-    if x.dtype not in _WIDENED and backends.resolve(x.device) == "cpp":
+    if (x.dtype not in _WIDENED and backends.resolve(x.device) == "cpp"
+            and not _carries_tangents((x, *hx, w_ih, w_hh, b_ih, b_hh))):
         states = autograd.cpp_step(cell, x, hx, w_ih, w_hh, b_ih, b_hh)
         if states is not None:
             return states

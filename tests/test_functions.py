@@ -284,6 +284,50 @@ def test_cpp_node_behaves_as_torch_nn_graphs(module):
         assert_close(a, b)
 
 
+FORWARD_AD_MODULES = [("GRU", {}), ("LSTM", {"proj_size": 3}), ("RNNCell", {}), ("LSTMCell", {})]
+
+
+@pytest.mark.parametrize("module, kwargs", FORWARD_AD_MODULES, ids=[m for m, _ in FORWARD_AD_MODULES])
+def test_forward_mode_ad_matches_torch_nn(module, kwargs):
+    # Forward-mode AD (torch.autograd.forward_ad): the tangents of every
+    # output, for tangents on the input and on a weight, are torch.nn's. The
+    # engines' ops have no forward-mode formula; inputs with tangents take
+    # the reference loop, and the op itself refuses them rather than drop them.
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(11)
+    reference = getattr(nn, module)(3, 4, dtype=torch.float64, **kwargs)
+    model = getattr(fastrnn, module)(3, 4, dtype=torch.float64, **kwargs)
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(*(() if module.endswith("Cell") else (5,)), 2, 3, dtype=torch.float64)
+    x_tangent, w_tangent = torch.randn_like(x), torch.randn_like(reference.weight_hh_l0 if hasattr(
+        reference, "weight_hh_l0") else reference.weight_hh)
+
+    def tangents(m):
+        name = "weight_hh_l0" if hasattr(m, "weight_hh_l0") else "weight_hh"
+        with fwAD.dual_level():
+            weight = fwAD.make_dual(getattr(m, name).detach(), w_tangent)
+            out = torch.func.functional_call(m, {name: weight}, (fwAD.make_dual(x, x_tangent),))
+            return [fwAD.unpack_dual(t).tangent for t in torch.utils._pytree.tree_leaves(out)]
+
+    expected, got = tangents(reference), tangents(model)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert a is not None
+        assert_close(a, b)
+
+
+@pytest.mark.skipif(not fastrnn.cpp.available(), reason="needs the C++ engine")
+def test_layer_op_refuses_tangents():
+    import torch.autograd.forward_ad as fwAD
+
+    x, h = torch.randn(5, 2, 3), torch.zeros(2, 4)
+    w_ih, w_hh = torch.randn(4, 3), torch.randn(4, 4)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="no forward-mode AD formula"):
+        torch.ops.fastrnn.layer_forward("rnn_tanh", fwAD.make_dual(x, torch.randn_like(x)), [h],
+                                        w_ih, w_hh, None, None, None, None, False, False, "auto")
+
+
 @pytest.mark.skipif(not fastrnn.cpp.available(), reason="needs the C++ engine")
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 @pytest.mark.parametrize("module", ["GRU", "GRUCell"])
