@@ -280,24 +280,36 @@ class LSTM(_RecurrentModule):
             raise RuntimeError("lstm expects two hidden states")
 
 
+def _common_cell_call(input: Tensor, states, weights: tuple, count: int) -> bool:
+    """Whether a cell's call is the common one, which torch.nn's checks pass:
+    a batched input, ``count`` 2-D states of the input's batch and the
+    weights' sizes. Tested in a few comparisons of shapes (reading a size
+    through Tensor.size costs more than the whole shape); the states' ranks
+    first, as torch.nn reads them."""
+    if input.dim() != 2 or type(states) is not tuple or len(states) != count:
+        return False
+    for h in states:
+        if h.dim() != 2:
+            return False
+    w_ih, w_hh = weights[0], weights[1]
+    if not (isinstance(w_ih, Tensor) and isinstance(w_hh, Tensor)
+            and w_ih.dim() == 2 and w_hh.dim() == 2):
+        return False
+    batch, features = input.shape
+    expected = (batch, w_hh.shape[1])
+    for h in states:
+        if h.shape != expected:
+            return False
+    return features == w_ih.shape[1]
+
+
 def _cell_inputs(cell: nn.RNNCellBase, name: str, input: Tensor,
                  states: tuple[Tensor, ...] | None, weights: tuple, count: int = 1):
     """torch.nn's cell checks of the input and the ``count`` state tensors
     (None: zeros) against ``weights`` (w_ih, w_hh, b_ih, b_hh), read once per
     call; returns batched (input, states) and whether input was batched."""
-    w_ih, w_hh = weights[0], weights[1]
-    if (input.dim() == 2 and type(states) is tuple and len(states) == count
-            and w_ih.dim() == 2 and w_hh.dim() == 2):
-        # The common call, in a few comparisons of shapes (reading a size
-        # through Tensor.size costs more than the whole shape).
-        batch, features = input.shape
-        expected = (batch, w_hh.shape[1])
-        for h in states:
-            if h.dim() != 2 or h.shape != expected:
-                break
-        else:
-            if features == w_ih.shape[1]:
-                return input, states, True
+    if _common_cell_call(input, states, weights, count):
+        return input, states, True
     if input.dim() not in (1, 2):
         raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
     for index, h in enumerate(() if states is None else states):

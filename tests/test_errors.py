@@ -289,6 +289,20 @@ def test_bad_input(name, case):
     assert_same_exception(lambda: reference(*args), lambda: candidate(*args))
 
 
+@pytest.mark.parametrize("name", ["RNNCell", "GRUCell", "LSTMCell"])
+def test_cell_checks_states_before_weights(name):
+    # A 3-D state fails torch.nn's rank check before any weight is read, even
+    # one set to None (the cells test their common call first, in shapes).
+    torch_cls, fast_cls = getattr(nn, name), getattr(fastrnn, name)
+    reference, candidate = make_pair(torch_cls, fast_cls, ARG_I, ARG_H)
+    for module in (reference, candidate):
+        module.weight_ih = None
+    h = torch.randn(1, 2, ARG_H)
+    hx = (h, h.clone()) if name == "LSTMCell" else h
+    x = torch.randn(2, ARG_I)
+    assert_same_exception(lambda: reference(x, hx), lambda: candidate(x, hx))
+
+
 @pytest.mark.usefixtures("intra_op_threads")
 @pytest.mark.parametrize("name", list(MODULES))
 def test_all_on_meta_gives_torch_shapes(name):

@@ -196,9 +196,10 @@ class WeightProduct {
   // rows of each (a sweep's batch; a single product's all). Packing costs
   // about 0.4 ns a value; the kernel gains over the BLAS about 0.03 ns a value
   // a row at one row a product, falling about as 1/sqrt(rows a product)
-  // (bench/NOTES.md). So a weight is packed past 24 sqrt(product_rows) rows
-  // in all (break-even measured at 20-24 for the largest weights), and past
-  // 256 whatever the products; for fewer it stays as it is, on the BLAS.
+  // (bench/NOTES.md): break-even near 13 sqrt(product_rows) rows in all on
+  // those figures, measured at 20-24 at one row for the largest weights
+  // (beyond L2). So a weight is packed from 24 sqrt(product_rows) rows, and
+  // from 256 whatever the products; for fewer it stays as it is, on the BLAS.
   WeightProduct(const scalar_t* weight, int64_t R, int64_t N, int64_t segment, bool transposed,
                 int64_t total_rows, int64_t product_rows = -1)
       : weight_(weight), R_(R), N_(N), segment_(segment), transposed_(transposed) {

@@ -128,11 +128,11 @@ PackedWeight::PackedWeight(const float* weight, int64_t R, int64_t N, int64_t se
   const int64_t segments = N / segment;
   panels_ = at::empty({segments, panels_per_segment_, R, kPanel}, at::kFloat);
   float* p = panels_.mutable_data_ptr<float>();
-  // Panel by panel, in tiles of kTile rows of the reduction: a tile reads
-  // kTile consecutive values of each of the panel's columns (M^T's rows) and
-  // writes kTile whole rows of the panel, so both sides stay in L1. (Column
-  // by column, each value went a panel row from the last: 0.4-3 ns a value,
-  // against 0.1-0.4 so.)
+  // Panel by panel, in tiles of kTile rows of the reduction. From M^T a tile
+  // reads kTile consecutive values of each of the panel's columns (M^T's
+  // rows) and writes kTile whole rows of the panel, so both sides stay in
+  // L1; from M it copies kTile row pieces. (Column by column, each value
+  // went a panel row from the last: 0.4-3 ns a value, against 0.1-0.4 now.)
   constexpr int64_t kTile = 16;
   for (int64_t panel = 0; panel < segments * panels_per_segment_; ++panel) {
     const int64_t s = panel / panels_per_segment_;
