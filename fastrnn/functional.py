@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.autograd import forward_ad
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fastrnn import autograd, backends, reference
