@@ -12,6 +12,7 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include "autograd.h"
 #include "op_handles.h"
 
 namespace fastrnn {
@@ -63,8 +64,14 @@ struct LayerBackward : public torch::autograd::Node {
     unpacked.reserve(saved.size());
     for (auto& variable : saved) unpacked.push_back(variable.unpack(getptr()));
     const at::TensorList hx(unpacked.data() + kStates, unpacked.size() - kStates);
-    const Tensor& x = unpacked[kX];
     const Tensor& output = unpacked[kOutput];
+    // A step's (B, I) input ran as the (1, B, I) sequence x; its gradient
+    // goes back as (B, I).
+    const Tensor& step_input = unpacked[kX];
+    const Tensor x = step ? step_input.unsqueeze(0) : step_input;
+    const auto to_input_shape = [&](const Tensor& grad) {
+      return step && grad.defined() ? grad.reshape(step_input.sizes()) : grad;
+    };
     // Every differentiable input, in the order of the edges.
     std::vector<Tensor> inputs = {x};
     inputs.insert(inputs.end(), hx.begin(), hx.end());
@@ -87,7 +94,9 @@ struct LayerBackward : public torch::autograd::Node {
         if (requires_grad(inputs[i])) {
           TORCH_CHECK(next < gradients.size(), "fastrnn::layer_gradients returned ",
                       gradients.size(), " gradients, fewer than the inputs requiring grad");
-          if (task_should_compute_output(i)) result[i] = gradients[next];
+          if (task_should_compute_output(i)) {
+            result[i] = i == 0 ? to_input_shape(gradients[next]) : gradients[next];
+          }
           ++next;
         }
       }
@@ -111,7 +120,7 @@ struct LayerBackward : public torch::autograd::Node {
     all.insert(all.end(), grad_hx.begin(), grad_hx.end());
     all.insert(all.end(), {grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr});
     for (size_t i = 0; i < all.size(); ++i) {
-      if (task_should_compute_output(i)) result[i] = all[i];
+      if (task_should_compute_output(i)) result[i] = i == 0 ? to_input_shape(all[i]) : all[i];
     }
     return result;
   }
@@ -119,13 +128,19 @@ struct LayerBackward : public torch::autograd::Node {
   std::vector<torch::autograd::SavedVariable> saved;
   std::string cell, strategy;
   bool reverse = false;
+  bool step = false;  // x is one step's (B, I) input, run as a length-1 sequence
 };
 
-std::tuple<Tensor, std::vector<Tensor>, Tensor> layer_forward_autograd(
-    c10::string_view cell, const Tensor& x, at::TensorList hx, const Tensor& weight_ih,
-    const Tensor& weight_hh, const OptionalTensor& bias_ih, const OptionalTensor& bias_hh,
-    const OptionalTensor& weight_hr, const OptionalTensor& lengths, bool reverse,
-    bool save_workspace, c10::string_view strategy) {
+// The layer op below autograd and, where an input requires grad, its node.
+// With `step`, x is one step's (B, I) input, run as the sequence (1, B, I)
+// with the node's edge on x itself: a differentiable unsqueeze would add a
+// node of its own to every step's graph.
+std::tuple<Tensor, std::vector<Tensor>, Tensor> forward_and_record(
+    c10::string_view cell, const Tensor& x, bool step, at::TensorList hx,
+    const Tensor& weight_ih, const Tensor& weight_hh, const OptionalTensor& bias_ih,
+    const OptionalTensor& bias_hh, const OptionalTensor& weight_hr,
+    const OptionalTensor& lengths, bool reverse, bool save_workspace,
+    c10::string_view strategy) {
   using torch::autograd::isFwGradDefined;
   TORCH_CHECK_NOT_IMPLEMENTED(
       !(isFwGradDefined(x) || torch::autograd::isFwGradDefinedTensorList(hx) ||
@@ -145,8 +160,9 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor> layer_forward_autograd(
   }
   auto result = [&] {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return layer_forward_op().call(cell, x, hx, weight_ih, weight_hh, bias_ih, bias_hh,
-                                   weight_hr, lengths, reverse, save_workspace, strategy);
+    return layer_forward_op().call(cell, step ? x.unsqueeze(0) : x, hx, weight_ih, weight_hh,
+                                   bias_ih, bias_hh, weight_hr, lengths, reverse,
+                                   save_workspace, strategy);
   }();
   if (!records) return result;
   auto& [output, h_n, workspace] = result;
@@ -170,10 +186,32 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor> layer_forward_autograd(
   node->cell = std::string(cell);
   node->strategy = std::string(strategy);
   node->reverse = reverse;
+  node->step = step;
   return result;
 }
 
+// The op's autograd kernel.
+std::tuple<Tensor, std::vector<Tensor>, Tensor> layer_forward_autograd(
+    c10::string_view cell, const Tensor& x, at::TensorList hx, const Tensor& weight_ih,
+    const Tensor& weight_hh, const OptionalTensor& bias_ih, const OptionalTensor& bias_hh,
+    const OptionalTensor& weight_hr, const OptionalTensor& lengths, bool reverse,
+    bool save_workspace, c10::string_view strategy) {
+  return forward_and_record(cell, x, /*step=*/false, hx, weight_ih, weight_hh, bias_ih, bias_hh,
+                            weight_hr, lengths, reverse, save_workspace, strategy);
+}
+
 }  // namespace
+
+std::vector<Tensor> layer_step(c10::string_view cell, const Tensor& x,
+                               const std::vector<Tensor>& hx, const Tensor& weight_ih,
+                               const Tensor& weight_hh, const OptionalTensor& bias_ih,
+                               const OptionalTensor& bias_hh, c10::string_view strategy) {
+  const bool records = torch::autograd::compute_requires_grad(x, at::TensorList(hx), weight_ih,
+                                                              weight_hh, bias_ih, bias_hh);
+  return std::get<1>(forward_and_record(cell, x, /*step=*/true, hx, weight_ih, weight_hh,
+                                        bias_ih, bias_hh, std::nullopt, std::nullopt,
+                                        /*reverse=*/false, records, strategy));
+}
 
 TORCH_LIBRARY_IMPL(fastrnn, AutogradCPU, m) {
   m.impl("layer_forward", &layer_forward_autograd);

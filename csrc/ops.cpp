@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "autograd.h"
 #include "cpu/ops.h"
 #include "cpu/panels.h"
 #include "op_handles.h"
@@ -37,19 +38,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> call_layer_forward(
                                           bias_hh, weight_hr, lengths, reverse, keep, strategy);
 }
 
-// One step of a layer on a (B, I) input (a cell's call): call_layer_forward
-// over the input as a length-1 sequence, returning only the states after it.
-std::vector<at::Tensor> call_layer_step(c10::string_view cell, const at::Tensor& input,
-                                        const std::vector<at::Tensor>& hx,
-                                        const at::Tensor& weight_ih, const at::Tensor& weight_hh,
-                                        const std::optional<at::Tensor>& bias_ih,
-                                        const std::optional<at::Tensor>& bias_hh,
-                                        c10::string_view strategy) {
-  return std::get<1>(call_layer_forward(cell, input.unsqueeze(0), hx, weight_ih, weight_hh,
-                                        bias_ih, bias_hh, std::nullopt, std::nullopt,
-                                        /*reverse=*/false, std::nullopt, strategy));
-}
-
 }  // namespace
 
 // Importing fastrnn._C loads this library and so registers the kernels above.
@@ -66,7 +54,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "torch.ops.fastrnn.layer_forward, the same dispatch without boxing its arguments "
         "(no __torch_function__ handling: callers check for it); save_workspace None: "
         "where autograd records the layer.");
-  m.def("layer_step", &call_layer_step, py::call_guard<py::gil_scoped_release>(),
+  m.def("layer_step", &fastrnn::layer_step, py::call_guard<py::gil_scoped_release>(),
         "One step on a (B, I) input: the states layer_forward leaves after it as a "
         "length-1 sequence (no __torch_function__ handling: callers check for it).");
   m.def("set_product_kernel", &fastrnn::cpu::set_product_kernel,

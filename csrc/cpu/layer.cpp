@@ -162,7 +162,7 @@ BackwardOutputs backward_layer(const LayerSizes& s, const at::Tensor& grad_outpu
   at::Tensor c_prev, dc;
   if constexpr (Cell::kStates == 2) {
     c_prev = previous_states(ws.narrow(2, (kSaved - 1) * H, H), hx[1], map, reverse);
-    dc = grad_hy[1].clone(at::MemoryFormat::Contiguous);
+    dc = contiguous_copy(grad_hy[1]);
   }
   // With a projection: the gradient reaching h, and m, at every step.
   at::Tensor grad_h, m;
@@ -184,7 +184,7 @@ BackwardOutputs backward_layer(const LayerSizes& s, const at::Tensor& grad_outpu
   scalar_t* gi = grad_ih.mutable_data_ptr<scalar_t>();
   scalar_t* gh = grad_hh.mutable_data_ptr<scalar_t>();
   auto grad_h0 = sweep_backward<scalar_t>(
-      grad_hh, w_hh, grad_hy[0].clone(at::MemoryFormat::Contiguous), dc, projection, map, H,
+      grad_hh, w_hh, contiguous_copy(grad_hy[0]), dc, projection, map, H,
       hx_requires_grad,
       [&](int64_t row, int64_t j0, int64_t j1, const scalar_t* dh, scalar_t* carry,
           scalar_t* dcb) {

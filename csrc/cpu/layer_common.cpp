@@ -2,6 +2,8 @@
 // input projection, the previous states and the batched end of backward.
 #include "layer.h"
 
+#include <ATen/AccumulateType.h>
+
 namespace fastrnn::cpu {
 
 namespace {
@@ -223,25 +225,55 @@ at::Tensor previous_states(const at::Tensor& output, const at::Tensor& hx, const
 LayerGrads finish_backward(const at::Tensor& grad_ih, const at::Tensor& grad_hh,
                            const at::Tensor& input, const at::Tensor& prev_states,
                            const at::Tensor& weight_ih, bool input_requires_grad) {
-  const int64_t rows = input.size(0) * input.size(1);
-  const auto d_ih = grad_ih.view({rows, grad_ih.size(2)});
-  const auto d_hh = grad_hh.view({rows, grad_hh.size(2)});
-  auto grad_w_ih = at::mm(d_ih.t(), input.reshape({rows, input.size(2)}));
-  auto grad_w_hh = at::mm(d_hh.t(), prev_states.view({rows, prev_states.size(2)}));
-  auto grad_b_ih = d_ih.sum(0);
-  auto grad_b_hh = grad_hh.is_same(grad_ih) ? grad_b_ih.clone() : d_hh.sum(0);
-  auto grad_input = at::empty({0}, input.options());
-  if (input_requires_grad) {  // grad_ih W_ih
-    const auto w = weight_ih.contiguous();
-    const auto d = d_ih.contiguous();
-    const int64_t G = w.size(0), I = w.size(1);
-    grad_input = at::empty(input.sizes(), input.options());
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::grad_input", [&] {
+  const int64_t rows = input.size(0) * input.size(1), I = input.size(2);
+  const int64_t G = grad_ih.size(2), K = prev_states.size(-1);
+  const bool shared = grad_hh.is_same(grad_ih);
+  const auto x = input.reshape({rows, I}).contiguous();
+  const auto prev = prev_states.reshape({rows, K}).contiguous();
+  const auto options = input.options();
+  auto grad_w_ih = at::empty({G, I}, options), grad_w_hh = at::empty({G, K}, options);
+  auto grad_b_ih = at::empty({G}, options), grad_b_hh = at::empty({G}, options);
+  auto grad_input = at::empty(input_requires_grad ? input.sizes() : at::IntArrayRef{0}, options);
+  // Direct BLAS calls and a loop over the rows for the biases: at a single
+  // step's sizes the dispatch and allocations of at::mm, at::sum and clone
+  // cost more than their arithmetic. Many rows are summed by at::sum, which
+  // runs on every thread.
+  constexpr int64_t kRowsSummedHere = 64;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::finish_backward", [&] {
+    const scalar_t* d_ih = grad_ih.const_data_ptr<scalar_t>();
+    const scalar_t* d_hh = grad_hh.const_data_ptr<scalar_t>();
+    // Column-major: grad_W^T (cols x G) = a^T (cols x rows) d (rows x G).
+    gemm<scalar_t>(false, true, I, G, rows, x.const_data_ptr<scalar_t>(), I, d_ih, G, 0,
+                   grad_w_ih.mutable_data_ptr<scalar_t>(), I);
+    gemm<scalar_t>(false, true, K, G, rows, prev.const_data_ptr<scalar_t>(), K, d_hh, G, 0,
+                   grad_w_hh.mutable_data_ptr<scalar_t>(), K);
+    if (rows <= kRowsSummedHere) {
+      using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+      scalar_t* b_ih = grad_b_ih.mutable_data_ptr<scalar_t>();
+      scalar_t* b_hh = grad_b_hh.mutable_data_ptr<scalar_t>();
+      for (int64_t j = 0; j < G; ++j) {
+        acc_t sum_ih = 0, sum_hh = 0;
+        for (int64_t r = 0; r < rows; ++r) {
+          sum_ih += d_ih[r * G + j];
+          sum_hh += d_hh[r * G + j];
+        }
+        b_ih[j] = sum_ih;
+        b_hh[j] = shared ? sum_ih : sum_hh;
+      }
+    } else {
+      at::sum_out(grad_b_ih, grad_ih.view({rows, G}), 0);
+      if (shared) {
+        grad_b_hh.copy_(grad_b_ih);
+      } else {
+        at::sum_out(grad_b_hh, grad_hh.view({rows, G}), 0);
+      }
+    }
+    if (input_requires_grad) {  // grad_ih W_ih
+      const auto w = weight_ih.contiguous();
       const WeightProduct<scalar_t> product(w.const_data_ptr<scalar_t>(), G, I, I, false, rows);
-      product.multiply(grad_input.mutable_data_ptr<scalar_t>(), I, d.const_data_ptr<scalar_t>(), G,
-                       rows, scalar_t(0));
-    });
-  }
+      product.multiply(grad_input.mutable_data_ptr<scalar_t>(), I, d_ih, G, rows, scalar_t(0));
+    }
+  });
   return {grad_input, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
 }
 
