@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "autograd.h"
+#include "cpu/buffers.h"
 #include "cpu/ops.h"
 #include "cpu/panels.h"
 #include "op_handles.h"
@@ -59,4 +60,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "length-1 sequence (no __torch_function__ handling: callers check for it).");
   m.def("set_product_kernel", &fastrnn::cpu::set_product_kernel,
         "Chooses one of product_kernels().");
+  m.def("cached_bytes", &fastrnn::cpu::cached_bytes,
+        "Bytes the cache of large CPU buffers holds in blocks no tensor uses.");
+  m.def("empty_cache", &fastrnn::cpu::empty_cache,
+        "Frees the blocks of the cache of large CPU buffers that no tensor uses.");
 }

@@ -67,7 +67,7 @@ ForwardOutputs forward_layer(const LayerSizes& s, const at::Tensor& input, at::T
   const at::Tensor bias_rest = unfolded_bias<Cell>(bias_hh, input, H);
   const auto target = projection_target<Cell>(save_workspace);
 
-  auto workspace = save_workspace ? at::empty({T, B, kSaved * H}, input.options())
+  auto workspace = save_workspace ? empty_buffer({T, B, kSaved * H}, input.options())
                                   : at::empty({0}, input.options());
   if constexpr (kSaved > Cell::kGates) {
     if (target == Projection::kWorkspace && present(lengths)) {
@@ -93,8 +93,8 @@ ForwardOutputs forward_layer(const LayerSizes& s, const at::Tensor& input, at::T
   }
   const StepMap map(T, B, lengths, reverse);
   if (!output.defined()) {
-    output = map.has_lengths() ? at::zeros({T, B, K}, input.options())
-                               : at::empty({T, B, K}, input.options());
+    output = map.has_lengths() ? zeros_buffer({T, B, K}, input.options())
+                               : empty_buffer({T, B, K}, input.options());
   }
 
   const scalar_t* p = proj.defined() ? proj.const_data_ptr<scalar_t>() : nullptr;
@@ -153,8 +153,8 @@ BackwardOutputs backward_layer(const LayerSizes& s, const at::Tensor& grad_outpu
   const auto go = grad_output.contiguous();
   // The sweep leaves padded positions alone: they must read zero.
   auto make = [&](int64_t width) {
-    return map.has_lengths() ? at::zeros({T, B, width}, input.options())
-                             : at::empty({T, B, width}, input.options());
+    return map.has_lengths() ? zeros_buffer({T, B, width}, input.options())
+                             : empty_buffer({T, B, width}, input.options());
   };
   at::Tensor grad_hh = make(G);
   at::Tensor grad_ih = kSharedGrads ? grad_hh : make(G);

@@ -15,6 +15,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/buffers.h"
 #include "cpu/panels.h"
 
 namespace fastrnn::cpu {

@@ -147,7 +147,7 @@ at::Tensor project_input(const at::Tensor& input, const at::Tensor& weight_ih,
   const auto w = weight_ih.contiguous();
   const int64_t rows = x2d.size(0), I = x2d.size(1), G = w.size(0);
   if (!out.defined()) {
-    out = at::empty({rows, G}, input.options());
+    out = empty_buffer({rows, G}, input.options());
   }
   const auto contiguous_or_none = [](const std::optional<at::Tensor>& t) {
     return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
@@ -190,7 +190,7 @@ at::Tensor previous_states(const at::Tensor& output, const at::Tensor& hx, const
   if (T == 1 && !map.has_lengths()) {
     return hx.unsqueeze(0).contiguous();  // a single step started from hx
   }
-  auto prev = at::empty_like(output);
+  auto prev = empty_buffer(output.sizes(), output.options());
   if (T == 0) {
     return prev;
   }
@@ -231,9 +231,9 @@ LayerGrads finish_backward(const at::Tensor& grad_ih, const at::Tensor& grad_hh,
   const auto x = input.reshape({rows, I}).contiguous();
   const auto prev = prev_states.reshape({rows, K}).contiguous();
   const auto options = input.options();
-  auto grad_w_ih = at::empty({G, I}, options), grad_w_hh = at::empty({G, K}, options);
+  auto grad_w_ih = empty_buffer({G, I}, options), grad_w_hh = empty_buffer({G, K}, options);
   auto grad_b_ih = at::empty({G}, options), grad_b_hh = at::empty({G}, options);
-  auto grad_input = at::empty(input_requires_grad ? input.sizes() : at::IntArrayRef{0}, options);
+  auto grad_input = empty_buffer(input_requires_grad ? input.sizes() : at::IntArrayRef{0}, options);
   // Direct BLAS calls and a loop over the rows for the biases: at a single
   // step's sizes the dispatch and allocations of at::mm, at::sum and clone
   // cost more than their arithmetic. Many rows are summed by at::sum, which
