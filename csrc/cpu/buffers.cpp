@@ -140,6 +140,10 @@ at::Tensor zeros_buffer(at::IntArrayRef sizes, const at::TensorOptions& options)
   return empty_buffer(sizes, options).zero_();
 }
 
+at::Tensor contiguous_buffer(const at::Tensor& t) {
+  return t.is_contiguous() ? t : empty_buffer(t.sizes(), t.options()).copy_(t);
+}
+
 int64_t cached_bytes() { return cache().unused_bytes(); }
 
 void empty_cache() { cache().release(0); }

@@ -19,6 +19,9 @@ at::Tensor empty_buffer(at::IntArrayRef sizes, const at::TensorOptions& options)
 // The same, zero-filled.
 at::Tensor zeros_buffer(at::IntArrayRef sizes, const at::TensorOptions& options);
 
+// t where it is contiguous, else a contiguous copy of it in a buffer as above.
+at::Tensor contiguous_buffer(const at::Tensor& t);
+
 // Bytes the cache holds in blocks no tensor uses.
 int64_t cached_bytes();
 

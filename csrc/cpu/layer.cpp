@@ -77,7 +77,7 @@ ForwardOutputs forward_layer(const LayerSizes& s, const at::Tensor& input, at::T
       workspace.narrow(2, Cell::kGates * H, (kSaved - Cell::kGates) * H).zero_();
     }
   }
-  const auto x = input.contiguous();
+  const auto x = contiguous_buffer(input);
   at::Tensor proj, output;
   switch (target) {
     case Projection::kWorkspace:
@@ -145,12 +145,12 @@ BackwardOutputs backward_layer(const LayerSizes& s, const at::Tensor& grad_outpu
   constexpr bool kSharedGrads = Cell::kFoldedGates == Cell::kGates;
   const int64_t T = s.T, B = s.B, H = s.H, G = s.G, K = s.K;
   const StepMap map(T, B, lengths, reverse);
-  const auto out = output.contiguous();
+  const auto out = contiguous_buffer(output);
   const auto prev = previous_states(out, hx[0], map, reverse);
-  const auto ws = workspace.contiguous();
+  const auto ws = contiguous_buffer(workspace);
   const auto w_hh = weight_hh.contiguous();
   const auto w_hr = present(weight_hr) ? weight_hr->contiguous() : at::Tensor();
-  const auto go = grad_output.contiguous();
+  const auto go = contiguous_buffer(grad_output);
   // The sweep leaves padded positions alone: they must read zero.
   auto make = [&](int64_t width) {
     return map.has_lengths() ? zeros_buffer({T, B, width}, input.options())

@@ -143,7 +143,7 @@ at::Tensor project_input(const at::Tensor& input, const at::Tensor& weight_ih,
                          const std::optional<at::Tensor>& bias_ih,
                          const std::optional<at::Tensor>& bias_hh, int64_t folded_columns,
                          at::Tensor out) {
-  const auto x2d = input.reshape({input.size(0) * input.size(1), input.size(2)}).contiguous();
+  const auto x2d = contiguous_buffer(input).view({input.size(0) * input.size(1), input.size(2)});
   const auto w = weight_ih.contiguous();
   const int64_t rows = x2d.size(0), I = x2d.size(1), G = w.size(0);
   if (!out.defined()) {
@@ -228,8 +228,8 @@ LayerGrads finish_backward(const at::Tensor& grad_ih, const at::Tensor& grad_hh,
   const int64_t rows = input.size(0) * input.size(1), I = input.size(2);
   const int64_t G = grad_ih.size(2), K = prev_states.size(-1);
   const bool shared = grad_hh.is_same(grad_ih);
-  const auto x = input.reshape({rows, I}).contiguous();
-  const auto prev = prev_states.reshape({rows, K}).contiguous();
+  const auto x = contiguous_buffer(input).view({rows, I});
+  const auto prev = contiguous_buffer(prev_states).view({rows, K});
   const auto options = input.options();
   auto grad_w_ih = empty_buffer({G, I}, options), grad_w_hh = empty_buffer({G, K}, options);
   auto grad_b_ih = at::empty({G}, options), grad_b_hh = at::empty({G}, options);
