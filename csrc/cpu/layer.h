@@ -221,30 +221,42 @@ class WeightProduct {
     columns(out + k.b0 * N_, N_, a + k.b0 * R_, R_, n, k.j0, k.j1, beta);
   }
 
-  // The whole product over n rows (row strides ldo and lda), on every thread.
+  // The whole product over n rows (row strides ldo and lda), on every thread;
+  // with `bias` (N values; beta must be 0) out = bias + a M. The micro-kernel
+  // starts its sums from the bias, where the BLAS needs it written to every
+  // row of out first: a pass over the whole output.
   void multiply(scalar_t* out, int64_t ldo, const scalar_t* a, int64_t lda, int64_t n,
-                scalar_t beta) const {
+                scalar_t beta, const scalar_t* bias = nullptr) const {
+    TORCH_INTERNAL_ASSERT(bias == nullptr || beta == scalar_t(0));
     if (!packed_) {  // the BLAS threads it
+      if (bias != nullptr) {
+        const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, N_));
+        at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) std::copy(bias, bias + N_, out + r * ldo);
+        });
+        beta = 1;
+      }
       columns(out, ldo, a, lda, n, 0, segment_, beta);
       return;
     }
     constexpr int64_t kRowsPerTask = 96;
     at::parallel_for(0, (n + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t t0, int64_t t1) {
       const int64_t r0 = t0 * kRowsPerTask, r1 = std::min(n, t1 * kRowsPerTask);
-      columns(out + r0 * ldo, ldo, a + r0 * lda, lda, r1 - r0, 0, segment_, beta);
+      columns(out + r0 * ldo, ldo, a + r0 * lda, lda, r1 - r0, 0, segment_, beta, bias);
     });
   }
 
  private:
-  // Rows [0, n) x columns [c0, c1) of every segment, on this thread (or the BLAS's).
+  // Rows [0, n) x columns [c0, c1) of every segment, on this thread (or the
+  // BLAS's); a bias only where packed.
   void columns(scalar_t* out, int64_t ldo, const scalar_t* a, int64_t lda, int64_t n, int64_t c0,
-               int64_t c1, scalar_t beta) const {
+               int64_t c1, scalar_t beta, const scalar_t* bias = nullptr) const {
     if (n <= 0 || c1 <= c0) {
       return;
     }
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (packed_) {
-        packed_->multiply(out, ldo, a, lda, n, c0, c1, beta);
+        packed_->multiply(out, ldo, a, lda, n, c0, c1, beta, bias);
         return;
       }
     }

@@ -156,30 +156,23 @@ at::Tensor project_input(const at::Tensor& input, const at::Tensor& weight_ih,
   const at::Tensor b_hh = folded_columns > 0 ? contiguous_or_none(bias_hh) : at::Tensor();
   const bool has_bias = b_ih.defined() || b_hh.defined();
   // Written into strided rows in place, where at::addmm_out would compute
-  // into a contiguous temporary and copy; the biases are summed into each
-  // row here rather than into a tensor of their own (a small call's cost
-  // is its allocations).
+  // into a contiguous temporary and copy; the biases are summed into one row
+  // here rather than into a tensor of their own (a small call's cost is its
+  // allocations), which the product adds to every row.
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::project_input", [&] {
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    const int64_t ldo = out.stride(0);
-    if (has_bias && rows > 0) {
+    std::vector<scalar_t> bias_row;
+    if (has_bias) {
       const scalar_t* bi = b_ih.defined() ? b_ih.const_data_ptr<scalar_t>() : nullptr;
       const scalar_t* bh = b_hh.defined() ? b_hh.const_data_ptr<scalar_t>() : nullptr;
-      scalar_t* first = o;
+      bias_row.resize(G);
       for (int64_t j = 0; j < G; ++j) {
-        first[j] = (bi ? bi[j] : scalar_t(0)) + (bh && j < folded_columns ? bh[j] : scalar_t(0));
+        bias_row[j] = (bi ? bi[j] : scalar_t(0)) + (bh && j < folded_columns ? bh[j] : scalar_t(0));
       }
-      // As at::copy_ would, across threads where the rows are many.
-      const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, G));
-      at::parallel_for(1, rows, grain, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          std::copy(first, first + G, o + r * ldo);
-        }
-      });
     }
     const WeightProduct<scalar_t> product(w.const_data_ptr<scalar_t>(), I, G, G, true, rows);
-    product.multiply(o, ldo, x2d.const_data_ptr<scalar_t>(), I, rows,
-                     scalar_t(has_bias ? 1 : 0));
+    product.multiply(out.mutable_data_ptr<scalar_t>(), out.stride(0),
+                     x2d.const_data_ptr<scalar_t>(), I, rows, scalar_t(0),
+                     has_bias ? bias_row.data() : nullptr);
   });
   return out;
 }

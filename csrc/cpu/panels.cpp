@@ -17,10 +17,12 @@ namespace {
 constexpr int64_t kPanel = PackedWeight::kPanelWidth;
 
 // One instruction set's micro-kernel (panel_kernel.inc): out (n x cols) =
-// beta out + a (n x R) panel (R x cols) for n <= its rows and cols <= its
-// pass width; `panel` points at the pass's first column.
+// beta out + bias + a (n x R) panel (R x cols) for n <= its rows and cols <=
+// its pass width; `panel` and `bias` (null: none) point at the pass's first
+// column.
 using Kernel = void (*)(float* out, int64_t ldo, const float* a, int64_t lda, int64_t n,
-                        const float* panel, int64_t R, int64_t cols, float beta);
+                        const float* panel, int64_t R, int64_t cols, float beta,
+                        const float* bias);
 
 #ifdef FASTRNN_X86_KERNELS
 #pragma GCC push_options
@@ -162,7 +164,7 @@ PackedWeight::PackedWeight(const float* weight, int64_t R, int64_t N, int64_t se
 }
 
 void PackedWeight::multiply(float* out, int64_t ldo, const float* a, int64_t lda, int64_t n,
-                            int64_t c0, int64_t c1, float beta) const {
+                            int64_t c0, int64_t c1, float beta, const float* bias) const {
   TORCH_INTERNAL_ASSERT(c0 % kPanel == 0);
   const KernelInfo& info = kernel_table()[kernel_];
   const float* panels = panels_.const_data_ptr<float>();
@@ -177,10 +179,11 @@ void PackedWeight::multiply(float* out, int64_t ldo, const float* a, int64_t lda
         const int64_t panel_cols = std::min(kPanel, c1 - c);
         for (int64_t pass = 0; pass < panel_cols; pass += info.pass_width) {
           const int64_t cols = std::min(info.pass_width, panel_cols - pass);
-          float* o = out + s * segment_ + c + pass;
+          const int64_t column = s * segment_ + c + pass;
+          const float* b = bias ? bias + column : nullptr;
           for (int64_t i = i0; i < i1; i += info.rows) {
-            info.kernel(o + i * ldo, ldo, a + i * lda, lda, std::min(info.rows, i1 - i),
-                        panel + pass, R_, cols, beta);
+            info.kernel(out + column + i * ldo, ldo, a + i * lda, lda,
+                        std::min(info.rows, i1 - i), panel + pass, R_, cols, beta, b);
           }
         }
       }

@@ -37,11 +37,11 @@ class PackedWeight {
   // weight holds M (R x N, row-major), or M^T (N x R) when `transposed`.
   PackedWeight(const float* weight, int64_t R, int64_t N, int64_t segment, bool transposed);
 
-  // out[i * ldo + s * segment + c] = beta out[...] + sum_r a[i * lda + r] M[r][s * segment + c]
-  // for rows i < n and columns c in [c0, c1) of every segment s; c0 is a
-  // multiple of kPanelWidth.
+  // out[i * ldo + j] = beta out[...] + bias[j] + sum_r a[i * lda + r] M[r][j],
+  // j = s * segment + c, for rows i < n and columns c in [c0, c1) of every
+  // segment s; c0 is a multiple of kPanelWidth. bias (N values) may be null.
   void multiply(float* out, int64_t ldo, const float* a, int64_t lda, int64_t n, int64_t c0,
-                int64_t c1, float beta) const;
+                int64_t c1, float beta, const float* bias = nullptr) const;
 
  private:
   at::Tensor panels_;  // (segments, panels per segment, R, kPanelWidth)
