@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <vector>
 
@@ -140,8 +141,18 @@ at::Tensor zeros_buffer(at::IntArrayRef sizes, const at::TensorOptions& options)
   return empty_buffer(sizes, options).zero_();
 }
 
+at::Tensor contiguous_copy(const at::Tensor& t) {
+  auto copy = empty_buffer(t.sizes(), t.options());
+  if (!t.is_contiguous()) {
+    copy.copy_(t);
+  } else if (t.numel() > 0) {
+    std::memcpy(copy.data_ptr(), t.const_data_ptr(), t.nbytes());
+  }
+  return copy;
+}
+
 at::Tensor contiguous_buffer(const at::Tensor& t) {
-  return t.is_contiguous() ? t : empty_buffer(t.sizes(), t.options()).copy_(t);
+  return t.is_contiguous() ? t : contiguous_copy(t);
 }
 
 int64_t cached_bytes() { return cache().unused_bytes(); }

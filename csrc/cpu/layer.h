@@ -8,7 +8,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <initializer_list>
 #include <limits>
 #include <optional>
@@ -284,19 +283,6 @@ class WeightProduct {
   bool transposed_;
   std::optional<PackedWeight> packed_;  // float only
 };
-
-// A contiguous copy of t: an allocation and a memcpy where t is contiguous,
-// which at a small step's sizes costs a fraction of clone()'s dispatch and
-// TensorIterator.
-inline at::Tensor contiguous_copy(const at::Tensor& t) {
-  auto copy = at::empty(t.sizes(), t.options());
-  if (!t.is_contiguous()) {
-    copy.copy_(t);
-  } else if (t.numel() > 0) {
-    std::memcpy(copy.data_ptr(), t.const_data_ptr(), t.nbytes());
-  }
-  return copy;
-}
 
 // Copies (or, from null, zeroes) units [j0, j1) of every gate of one (G)-row.
 template <typename scalar_t>
