@@ -134,12 +134,13 @@ struct LayerBackward : public torch::autograd::Node {
 // The layer op below autograd and, where an input requires grad, its node.
 // With `step`, x is one step's (B, I) input, run as the sequence (1, B, I)
 // with the node's edge on x itself: a differentiable unsqueeze would add a
-// node of its own to every step's graph.
+// node of its own to every step's graph. save_workspace nullopt: where the
+// node is recorded.
 std::tuple<Tensor, std::vector<Tensor>, Tensor> forward_and_record(
     c10::string_view cell, const Tensor& x, bool step, at::TensorList hx,
     const Tensor& weight_ih, const Tensor& weight_hh, const OptionalTensor& bias_ih,
     const OptionalTensor& bias_hh, const OptionalTensor& weight_hr,
-    const OptionalTensor& lengths, bool reverse, bool save_workspace,
+    const OptionalTensor& lengths, bool reverse, std::optional<bool> save_workspace,
     c10::string_view strategy) {
   using torch::autograd::isFwGradDefined;
   TORCH_CHECK_NOT_IMPLEMENTED(
@@ -150,8 +151,9 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor> forward_and_record(
       "functions run inputs with tangents through the reference loop");
   const bool records = torch::autograd::compute_requires_grad(x, hx, weight_ih, weight_hh,
                                                               bias_ih, bias_hh, weight_hr);
+  const bool keep = save_workspace.value_or(records);
   if (records) {
-    TORCH_CHECK(save_workspace, "fastrnn: differentiating a layer op needs save_workspace=True "
+    TORCH_CHECK(keep, "fastrnn: differentiating a layer op needs save_workspace=True "
                 "(the workspace is what its backward reads)");
     if (const auto& functorch = at::functorch::functorchTLSAccessor()) {
       // torch.func runs the layer's Python Function (fastrnn.autograd) instead.
@@ -162,7 +164,7 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor> forward_and_record(
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return layer_forward_op().call(cell, step ? x.unsqueeze(0) : x, hx, weight_ih, weight_hh,
                                    bias_ih, bias_hh, weight_hr, lengths, reverse,
-                                   save_workspace, strategy);
+                                   keep, strategy);
   }();
   if (!records) return result;
   auto& [output, h_n, workspace] = result;
@@ -206,11 +208,9 @@ std::vector<Tensor> layer_step(c10::string_view cell, const Tensor& x,
                                const std::vector<Tensor>& hx, const Tensor& weight_ih,
                                const Tensor& weight_hh, const OptionalTensor& bias_ih,
                                const OptionalTensor& bias_hh, c10::string_view strategy) {
-  const bool records = torch::autograd::compute_requires_grad(x, at::TensorList(hx), weight_ih,
-                                                              weight_hh, bias_ih, bias_hh);
   return std::get<1>(forward_and_record(cell, x, /*step=*/true, hx, weight_ih, weight_hh,
                                         bias_ih, bias_hh, std::nullopt, std::nullopt,
-                                        /*reverse=*/false, records, strategy));
+                                        /*reverse=*/false, std::nullopt, strategy));
 }
 
 TORCH_LIBRARY_IMPL(fastrnn, AutogradCPU, m) {
