@@ -6,6 +6,7 @@
 // tests/test_math.py through the engine). double: libm, exactly.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -29,11 +30,15 @@ namespace fastrnn::cpu {
 // series to r^7 (truncation below 1e-8 relative). Saturates outside
 // [-87, 88]; NaN propagates.
 FASTRNN_INLINE float exp(float x) {
-  const float xs = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // keeps NaN
-  const float xn = xs == xs ? xs : 0.0f;                            // finite, for n
-  // Round x/ln2 to the nearest integer with the 1.5 * 2^23 trick.
+  // std::max / std::min keep a NaN x (they return their first argument
+  // unless the comparison holds), and compile to vmaxps / vminps.
+  const float xs = std::min(std::max(x, -87.0f), 88.0f);
+  // x/ln2 rounded to the nearest integer n by adding 1.5 * 2^23: n lands in
+  // the low bits of t, so 2^n is built from t's bits without a float-to-int
+  // conversion (undefined for NaN).
   const float shifter = 12582912.0f;
-  const float n = (xn * 1.44269504088896341f + shifter) - shifter;
+  const float t = xs * 1.44269504088896341f + shifter;
+  const float n = t - shifter;
   const float r = (xs - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
   float p = 1.0f / 5040.0f;
   p = p * r + 1.0f / 720.0f;
@@ -43,7 +48,9 @@ FASTRNN_INLINE float exp(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  uint32_t bits;  // unsigned: a NaN's bits wrap rather than overflow
+  std::memcpy(&bits, &t, sizeof(bits));
+  bits = (bits - 0x4B400000u + 127u) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   // Outside the clamp, saturate as std::exp does (to 0 and to inf), so that
