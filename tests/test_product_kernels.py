@@ -46,7 +46,7 @@ def product_kernel(request):
     _C.set_product_kernel(previous)
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+@pytest.fixture(params=[1, 2, 3], ids=["1thread", "2threads", "3threads"])
 def threads(request):
     previous = torch.get_num_threads()
     torch.set_num_threads(request.param)

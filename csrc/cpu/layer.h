@@ -16,6 +16,7 @@
 
 #include "cpu/buffers.h"
 #include "cpu/panels.h"
+#include "cpu/team.h"
 
 namespace fastrnn::cpu {
 
@@ -90,37 +91,6 @@ at::Tensor project_input(const at::Tensor& input, const at::Tensor& weight_ih,
 // padded positions are zero.
 at::Tensor previous_states(const at::Tensor& output, const at::Tensor& hx,
                            const StepMap& map, bool reverse);
-
-// The part of a step one thread computes: sequences [b0, b1), units [j0, j1).
-struct Block {
-  int64_t b0, b1, j0, j1;
-};
-
-// Runs fn(Block) over a step's B sequences x H units, in parallel once the
-// step's work (work_per_row for each sequence) pays for waking the other
-// threads. Large batches split by sequences: each thread multiplies its rows
-// by all of W_hh. Smaller ones split by hidden units, in whole SIMD blocks:
-// each thread multiplies the whole batch by its slice of W_hh, which stays
-// in its cache, where a split by rows would leave each thread too few rows
-// for an efficient product; the blocks are whole panels of the packed
-// weights.
-template <typename F>
-inline void parallel_blocks(int64_t B, int64_t H, int64_t work_per_row, const F& fn) {
-  constexpr int64_t kMinWork = 16384;
-  constexpr int64_t kUnitBlock = PackedWeight::kPanelWidth;
-  constexpr int64_t kMinRowsPerThread = 32;
-  if (B >= kMinRowsPerThread * at::get_num_threads()) {
-    const int64_t grain = std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_row));
-    at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) { fn(Block{b0, b1, 0, H}); });
-    return;
-  }
-  const int64_t blocks = (H + kUnitBlock - 1) / kUnitBlock;
-  const int64_t block_work = std::max<int64_t>(1, B * work_per_row / std::max<int64_t>(1, blocks));
-  const int64_t grain = std::max<int64_t>(1, kMinWork / block_work);
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    fn(Block{0, B, begin * kUnitBlock, std::min(H, end * kUnitBlock)});
-  });
-}
 
 // The Fortran BLAS that PyTorch's CPU library exports where it links one
 // (MKL on x86-64). Weak: where it is absent they are null and gemm() below
@@ -308,18 +278,19 @@ struct OutputProjection {
   int64_t P = 0;
 };
 
-// The forward time loop every cell shares. Each step, each thread takes a
-// block of sequences x hidden units (parallel_blocks): it multiplies its
-// sequences' states h_b (K wide: H, or P with a projection) by those units'
-// rows of W_hh (every gate), then row_fn(row, j0, j1, q_b, h_b, next_b, c_b)
-// updates units [j0, j1) of sequence b at time-major row `row` = t * B + b
-// from q_b = (W_hh h_b) (G) and the state h_b, writing the new state (or the
-// m it projects) to next_b and the outputs; c_b is the row of the second
-// state, updated in place (null without one). The state is double-buffered:
-// other threads may still read this step's state while the next is written.
-// With a projection a second pass over the P units of each step computes
-// h = m W_hr^T and hands each active row to out_fn(row, p0, p1, h_b). A
-// sequence past its end holds its states. Returns the final states.
+// The forward time loop every cell shares. Each step, each thread of the
+// sweep's team takes a block of sequences x hidden units (split_step): it
+// multiplies its sequences' states h_b (K wide: H, or P with a projection)
+// by those units' rows of W_hh (every gate), then row_fn(row, j0, j1, q_b,
+// h_b, next_b, c_b) updates units [j0, j1) of sequence b at time-major row
+// `row` = t * B + b from q_b = (W_hh h_b) (G) and the state h_b, writing the
+// new state (or the m it projects) to next_b and the outputs; c_b is the row
+// of the second state, updated in place (null without one). The state is
+// double-buffered: other threads may still read this step's state while the
+// next is written; the threads meet after each step. With a projection a
+// second pass over the P units of each step computes h = m W_hr^T and hands
+// each active row to out_fn(row, p0, p1, h_b). A sequence past its end holds
+// its states. Returns the final states.
 template <typename scalar_t, typename RowFn, typename OutFn>
 std::vector<at::Tensor> sweep_forward(const at::Tensor& weight_hh, const at::Tensor& hx,
                                       const at::Tensor& cx,
@@ -327,15 +298,17 @@ std::vector<at::Tensor> sweep_forward(const at::Tensor& weight_hh, const at::Ten
                                       const StepMap& map, int64_t T, int64_t H,
                                       const RowFn& row_fn, const OutFn& out_fn) {
   const int64_t B = hx.size(0), K = hx.size(1), G = weight_hh.size(0), P = projection.P;
+  // The steps that run: every sequence has ended after the last.
+  int64_t steps = 0;
+  while (steps < T && map.rows(steps) > 0) ++steps;
   // Two state buffers, each step reading one and writing the other (a
   // sequence past its end copies its state across once, and then both hold
   // it). A single step only writes the second: the first can be hx itself.
-  auto state = T > 1 ? contiguous_copy(hx) : hx.contiguous();
-  bool state_is_hx = T <= 1;
-  auto hh = at::empty({B, G}, state.options());
-  auto next = at::empty(state.sizes(), state.options());
+  const at::Tensor buffers[2] = {steps > 1 ? contiguous_copy(hx) : hx.contiguous(),
+                                 at::empty({B, K}, hx.options())};
+  auto hh = at::empty({B, G}, hx.options());
   auto cell = cx.defined() ? contiguous_copy(cx) : at::Tensor();
-  const at::Tensor m = projection.weight ? at::empty({B, H}, state.options()) : at::Tensor();
+  const at::Tensor m = projection.weight ? at::empty({B, H}, hx.options()) : at::Tensor();
   // q = h W_hh^T, and h = m W_hr^T with a projection.
   const WeightProduct<scalar_t> recurrent(weight_hh.const_data_ptr<scalar_t>(), K, G, H, true,
                                           T * B, B);
@@ -343,52 +316,58 @@ std::vector<at::Tensor> sweep_forward(const at::Tensor& weight_hh, const at::Ten
       projection.weight ? std::make_optional<WeightProduct<scalar_t>>(projection.weight, H, P, P,
                                                                       true, T * B, B)
                         : std::nullopt;
+  const int64_t threads = team_threads();
+  const auto blocks = split_step(B, H, G * K, PackedWeight::kPanelWidth, threads);
+  const auto projected_blocks =
+      m.defined() ? split_step(B, P, P * H, PackedWeight::kPanelWidth, threads)
+                  : std::vector<Block>{};
   scalar_t* q = hh.mutable_data_ptr<scalar_t>();
   scalar_t* c = cell.defined() ? cell.mutable_data_ptr<scalar_t>() : nullptr;
-  for (int64_t s = 0; s < T; ++s) {
-    const int64_t rows = map.rows(s);
-    if (rows == 0) {
-      break;  // rows never grows again, and both buffers hold every final state
-    }
-    const scalar_t* h = state.const_data_ptr<scalar_t>();
-    scalar_t* hn = next.mutable_data_ptr<scalar_t>();
-    scalar_t* dest = m.defined() ? m.mutable_data_ptr<scalar_t>() : hn;
-    parallel_blocks(B, H, G * K, [&](const Block& k) {
-      recurrent.block(q, h, rows, k);
-      for (int64_t b = k.b0; b < k.b1; ++b) {
-        if (map.active(s, b)) {
-          row_fn(map.time(s, b) * B + b, k.j0, k.j1, q + b * G, h + b * K, dest + b * H,
-                 c ? c + b * H : nullptr);
-        } else if (!m.defined() && s == map.length(b)) {
-          // First step past the end: after this copy both buffers hold it.
-          std::copy(h + b * H + k.j0, h + b * H + k.j1, hn + b * H + k.j0);
-        }
-      }
-    });
-    if (m.defined()) {
-      const scalar_t* mp = m.const_data_ptr<scalar_t>();
-      parallel_blocks(B, P, P * H, [&](const Block& k) {
-        project->block(hn, mp, rows, k);
+  scalar_t* mp = m.defined() ? m.mutable_data_ptr<scalar_t>() : nullptr;
+  // buffers[0] is written from the second step on, where it is a copy.
+  scalar_t* const state[2] = {const_cast<scalar_t*>(buffers[0].const_data_ptr<scalar_t>()),
+                              buffers[1].mutable_data_ptr<scalar_t>()};
+  Team::run(std::max(blocks.size(), projected_blocks.size()), [&](const Team& team) {
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t rows = map.rows(s);
+      const scalar_t* h = state[s & 1];
+      scalar_t* hn = state[(s + 1) & 1];
+      scalar_t* dest = mp ? mp : hn;
+      team.each(blocks, [&](const Block& k) {
+        recurrent.block(q, h, rows, k);
         for (int64_t b = k.b0; b < k.b1; ++b) {
           if (map.active(s, b)) {
-            out_fn(map.time(s, b) * B + b, k.j0, k.j1, hn + b * P);
-          } else if (b < rows || s == map.length(b)) {
-            // Held: the product overwrote it, or this is the first step past the end.
-            std::copy(h + b * P + k.j0, h + b * P + k.j1, hn + b * P + k.j0);
+            row_fn(map.time(s, b) * B + b, k.j0, k.j1, q + b * G, h + b * K, dest + b * H,
+                   c ? c + b * H : nullptr);
+          } else if (!mp && s == map.length(b)) {
+            // First step past the end: after this copy both buffers hold it.
+            std::copy(h + b * H + k.j0, h + b * H + k.j1, hn + b * H + k.j0);
           }
         }
       });
+      team.sync();
+      if (mp) {
+        team.each(projected_blocks, [&](const Block& k) {
+          project->block(hn, mp, rows, k);
+          for (int64_t b = k.b0; b < k.b1; ++b) {
+            if (map.active(s, b)) {
+              out_fn(map.time(s, b) * B + b, k.j0, k.j1, hn + b * P);
+            } else if (b < rows || s == map.length(b)) {
+              // Held: the product overwrote it, or this is the first step past the end.
+              std::copy(h + b * P + k.j0, h + b * P + k.j1, hn + b * P + k.j0);
+            }
+          }
+        });
+        team.sync();
+      }
     }
-    std::swap(state, next);
-    state_is_hx = false;
-  }
-  if (state_is_hx) {
-    state = state.clone();  // no step ran: the final state must not be hx itself
-  }
+  });
+  // No step ran: the final state must not be hx itself.
+  at::Tensor final_state = steps == 0 ? buffers[0].clone() : buffers[steps & 1];
   if (cell.defined()) {
-    return {state, cell};
+    return {final_state, cell};
   }
-  return {state};
+  return {final_state};
 }
 
 // The projection's part of the reverse sweep: W_hr (P, H), and per row
@@ -405,7 +384,7 @@ struct GradProjection {
 // The reverse sweep every cell shares. Steps run from last to first; a
 // sequence past its end at a step held its states, so their gradients pass
 // through. Each step, each thread takes a block of sequences x hidden units
-// [j0, j1) (parallel_blocks): it first completes its block of dh with the
+// [j0, j1) (split_step): it first completes its block of dh with the
 // previous (later) step's product grad_hh_{t+1} W_hh, then for each active
 // sequence b row_fn(row, j0, j1, dh_b, carry_b, dc_b) computes the cell's
 // gradients of those units at time-major row `row` = t * B + b: it writes
@@ -417,7 +396,7 @@ struct GradProjection {
 // through W_hr to the H units (dm), which row_fn gets as dh_b, with carry_b
 // null (h reaches the earlier step through W_hh alone). A step's product
 // needs every unit's gradients, so it runs at the start of the next step,
-// after the threads have met. grad_hh (T, B, G) must be zero at padded
+// after the threads of the sweep's team have met. grad_hh (T, B, G) must be zero at padded
 // positions. Returns the gradient of the initial h (undefined unless
 // `initial_h`: its product, the first step's, is skipped); dc ends as the
 // initial second state's.
@@ -445,77 +424,96 @@ at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::
       projects ? std::make_optional<WeightProduct<scalar_t>>(projection.weight, P, H, H, false,
                                                              T * B, B)
                : std::nullopt;
-  const scalar_t* pending = nullptr;  // the later step's grad_hh rows
-  int64_t pending_rows = 0;
-  for (int64_t s = T - 1; s >= 0; --s) {
-    const int64_t rows = map.rows(s);
-    if (rows == 0) {
-      continue;  // every sequence is past its end: the gradients pass through
-    }
-    scalar_t* dhp = dh.mutable_data_ptr<scalar_t>();
-    scalar_t* cp = carry.mutable_data_ptr<scalar_t>();
-    scalar_t* sb = gathered.defined() ? gathered.mutable_data_ptr<scalar_t>() + (s & 1) * B * G
-                                      : nullptr;
-    if (projects) {
-      scalar_t* gs = grad_step.mutable_data_ptr<scalar_t>();
-      parallel_blocks(B, P, G * P, [&](const Block& k) {
-        if (pending) {
+  const int64_t threads = team_threads();
+  const auto blocks = split_step(B, H, G * K, PackedWeight::kPanelWidth, threads);
+  const auto projected_blocks = projects
+                                    ? split_step(B, P, G * P, PackedWeight::kPanelWidth, threads)
+                                    : std::vector<Block>{};
+  const auto initial_blocks = split_step(B, K, G * K, PackedWeight::kPanelWidth, threads);
+  // dh and carry trade places after every step that runs.
+  scalar_t* const grads[2] = {dh.mutable_data_ptr<scalar_t>(), carry.mutable_data_ptr<scalar_t>()};
+  scalar_t* gs = projects ? grad_step.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* dm = projects ? grad_m.mutable_data_ptr<scalar_t>() : nullptr;
+  int64_t steps = 0;  // that run
+  for (int64_t s = 0; s < T; ++s) steps += map.rows(s) > 0;
+  Team::run(std::max({blocks.size(), projected_blocks.size(), initial_blocks.size()}),
+            [&](const Team& team) {
+    int64_t d = 0;                      // grads[d] is dh, grads[d ^ 1] carry
+    const scalar_t* pending = nullptr;  // the later step's grad_hh rows
+    int64_t pending_rows = 0;
+    for (int64_t s = T - 1; s >= 0; --s) {
+      const int64_t rows = map.rows(s);
+      if (rows == 0) {
+        continue;  // every sequence is past its end: the gradients pass through
+      }
+      scalar_t* dhp = grads[d];
+      scalar_t* cp = grads[d ^ 1];
+      scalar_t* sb = gathered.defined()
+                         ? gathered.mutable_data_ptr<scalar_t>() + (s & 1) * B * G
+                         : nullptr;
+      if (projects) {
+        team.each(projected_blocks, [&](const Block& k) {
+          if (pending) {
+            recurrent.block(dhp, pending, pending_rows, k, scalar_t(1));
+          }
+          for (int64_t b = k.b0; b < k.b1; ++b) {
+            scalar_t* dhb = dhp + b * P;
+            if (!map.active(s, b)) {
+              std::copy(dhb + k.j0, dhb + k.j1, cp + b * P + k.j0);
+              std::fill(gs + b * P + k.j0, gs + b * P + k.j1, scalar_t(0));
+              continue;
+            }
+            const int64_t row = map.time(s, b) * B + b;
+            for (int64_t p = k.j0; p < k.j1; ++p) {
+              const scalar_t g = projection.grad_out[row * P + p] + dhb[p];
+              gs[b * P + p] = g;
+              projection.grad_h[row * P + p] = g;
+              cp[b * P + p] = scalar_t(0);
+            }
+          }
+        });
+        team.sync();
+      }
+      team.each(blocks, [&](const Block& k) {
+        if (projects) {
+          project->block(dm, gs, rows, k);
+        } else if (pending) {
           recurrent.block(dhp, pending, pending_rows, k, scalar_t(1));
         }
         for (int64_t b = k.b0; b < k.b1; ++b) {
-          scalar_t* dhb = dhp + b * P;
           if (!map.active(s, b)) {
-            std::copy(dhb + k.j0, dhb + k.j1, cp + b * P + k.j0);
-            std::fill(gs + b * P + k.j0, gs + b * P + k.j1, scalar_t(0));
+            if (!projects) {
+              std::copy(dhp + b * H + k.j0, dhp + b * H + k.j1, cp + b * H + k.j0);
+            }
+            if (sb && b < rows) {
+              copy_units<scalar_t>(nullptr, sb + b * G, G, H, k.j0, k.j1);
+            }
             continue;
           }
           const int64_t row = map.time(s, b) * B + b;
-          for (int64_t p = k.j0; p < k.j1; ++p) {
-            const scalar_t g = projection.grad_out[row * P + p] + dhb[p];
-            gs[b * P + p] = g;
-            projection.grad_h[row * P + p] = g;
-            cp[b * P + p] = scalar_t(0);
+          row_fn(row, k.j0, k.j1, projects ? dm + b * H : dhp + b * H,
+                 projects ? nullptr : cp + b * H, dcp ? dcp + b * H : nullptr);
+          if (sb) {
+            copy_units<scalar_t>(gh + row * G, sb + b * G, G, H, k.j0, k.j1);
           }
         }
       });
+      team.sync();
+      d ^= 1;
+      pending = sb ? sb : gh + map.uniform_time_of(s) * B * G;
+      pending_rows = rows;
     }
-    scalar_t* dm = projects ? grad_m.mutable_data_ptr<scalar_t>() : nullptr;
-    parallel_blocks(B, H, G * K, [&](const Block& k) {
-      if (projects) {
-        project->block(dm, grad_step.const_data_ptr<scalar_t>(), rows, k);
-      } else if (pending) {
-        recurrent.block(dhp, pending, pending_rows, k, scalar_t(1));
-      }
-      for (int64_t b = k.b0; b < k.b1; ++b) {
-        if (!map.active(s, b)) {
-          if (!projects) {
-            std::copy(dhp + b * H + k.j0, dhp + b * H + k.j1, cp + b * H + k.j0);
-          }
-          if (sb && b < rows) {
-            copy_units<scalar_t>(nullptr, sb + b * G, G, H, k.j0, k.j1);
-          }
-          continue;
-        }
-        const int64_t row = map.time(s, b) * B + b;
-        row_fn(row, k.j0, k.j1, projects ? dm + b * H : dhp + b * H,
-               projects ? nullptr : cp + b * H, dcp ? dcp + b * H : nullptr);
-        if (sb) {
-          copy_units<scalar_t>(gh + row * G, sb + b * G, G, H, k.j0, k.j1);
-        }
-      }
-    });
-    std::swap(dh, carry);
-    pending = sb ? sb : gh + map.uniform_time_of(s) * B * G;
-    pending_rows = rows;
-  }
+    if (initial_h && pending) {
+      team.each(initial_blocks, [&](const Block& k) {
+        recurrent.block(grads[d], pending, pending_rows, k, scalar_t(1));
+      });
+    }
+  });
   if (!initial_h) {
     return at::Tensor();
   }
-  if (pending) {
-    scalar_t* dhp = dh.mutable_data_ptr<scalar_t>();
-    parallel_blocks(B, K, G * K, [&](const Block& k) {
-      recurrent.block(dhp, pending, pending_rows, k, scalar_t(1));
-    });
+  if (steps & 1) {
+    std::swap(dh, carry);
   }
   return dh;
 }
