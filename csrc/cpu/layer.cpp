@@ -146,7 +146,14 @@ BackwardOutputs backward_layer(const LayerSizes& s, const at::Tensor& grad_outpu
   const int64_t T = s.T, B = s.B, H = s.H, G = s.G, K = s.K;
   const StepMap map(T, B, lengths, reverse);
   const auto out = contiguous_buffer(output);
-  const auto prev = previous_states(out, hx[0], map, reverse);
+  const auto h0 = hx[0].contiguous();
+  // The states each step started from, for grad W_hh: built only where
+  // they cannot be read in place (finish_backward), with lengths or at one
+  // step (where they are hx itself).
+  PreviousStates prev{at::Tensor(), out, h0, reverse};
+  if (map.has_lengths() || T <= 1) {
+    prev.states = previous_states(out, h0, map, reverse);
+  }
   const auto ws = contiguous_buffer(workspace);
   const auto w_hh = weight_hh.contiguous();
   const auto w_hr = present(weight_hr) ? weight_hr->contiguous() : at::Tensor();
@@ -159,9 +166,9 @@ BackwardOutputs backward_layer(const LayerSizes& s, const at::Tensor& grad_outpu
   at::Tensor grad_hh = make(G);
   at::Tensor grad_ih = kSharedGrads ? grad_hh : make(G);
   // A second state's value after each step is the last H of its workspace row.
-  at::Tensor c_prev, dc;
+  at::Tensor c0, dc;
   if constexpr (Cell::kStates == 2) {
-    c_prev = previous_states(ws.narrow(2, (kSaved - 1) * H, H), hx[1], map, reverse);
+    c0 = hx[1].contiguous();
     dc = contiguous_copy(grad_hy[1]);
   }
   // With a projection: the gradient reaching h, and m, at every step.
@@ -177,9 +184,19 @@ BackwardOutputs backward_layer(const LayerSizes& s, const at::Tensor& grad_outpu
 
   const scalar_t* g = go.const_data_ptr<scalar_t>();
   const scalar_t* o = out.const_data_ptr<scalar_t>();
-  const scalar_t* hp = prev.const_data_ptr<scalar_t>();
+  const scalar_t* h0p = h0.const_data_ptr<scalar_t>();
   const scalar_t* sv = kSaved > 0 ? ws.const_data_ptr<scalar_t>() : nullptr;
-  const scalar_t* cp = c_prev.defined() ? c_prev.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* c0p = c0.defined() ? c0.const_data_ptr<scalar_t>() : nullptr;
+  // The states a row's step started from, read in place: the step before's
+  // output (and second state, from its workspace row), or the initial ones.
+  auto h_before = [&](int64_t row) {
+    const int64_t before = map.previous_row(row);
+    return before < 0 ? h0p + (row % B) * K : o + before * K;
+  };
+  auto c_before = [&](int64_t row) {
+    const int64_t before = map.previous_row(row);
+    return before < 0 ? c0p + (row % B) * H : sv + before * kSaved * H + (kSaved - 1) * H;
+  };
   scalar_t* mp = m.defined() ? m.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* gi = grad_ih.mutable_data_ptr<scalar_t>();
   scalar_t* gh = grad_hh.mutable_data_ptr<scalar_t>();
@@ -190,9 +207,9 @@ BackwardOutputs backward_layer(const LayerSizes& s, const at::Tensor& grad_outpu
           scalar_t* dcb) {
         Cell::template backward<scalar_t>(BackwardRow<scalar_t>{
             projects ? nullptr : g + row * K + j0, dh + j0,
-            projects ? nullptr : o + row * K + j0, projects ? nullptr : hp + row * K + j0,
+            projects ? nullptr : o + row * K + j0, projects ? nullptr : h_before(row) + j0,
             sv ? sv + row * kSaved * H + j0 : nullptr, gi + row * G + j0, gh + row * G + j0,
-            carry ? carry + j0 : nullptr, j1 - j0, H, cp ? cp + row * H + j0 : nullptr,
+            carry ? carry + j0 : nullptr, j1 - j0, H, c0p ? c_before(row) + j0 : nullptr,
             dcb ? dcb + j0 : nullptr, mp ? mp + row * H + j0 : nullptr});
       });
   auto [grad_input, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh] =

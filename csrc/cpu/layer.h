@@ -68,9 +68,19 @@ class StepMap {
   // recurrent GEMM of that step skips the rest (sorted batches shrink).
   int64_t rows(int64_t s) const { return rows_[s]; }
   bool has_lengths() const { return len_ != nullptr; }
+  // The time-major row (t * B + b) of the step before `row`'s in the
+  // sweep's order, or -1 at its sequence's first step (which starts from
+  // the initial state).
+  int64_t previous_row(int64_t row) const {
+    const int64_t t = row / B_, b = row - t * B_;
+    if (reverse_ ? t == length(b) - 1 : t == 0) {
+      return -1;
+    }
+    return reverse_ ? row + B_ : row - B_;
+  }
 
  private:
-  int64_t T_;
+  int64_t T_, B_;
   const int64_t* len_;
   bool reverse_;
   std::vector<int64_t> rows_;
@@ -527,8 +537,17 @@ using LayerGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
 // gradients are large GEMMs and reductions over all T*B rows.
 // grad_ih / grad_hh: (T, B, G) gradients of the input-side and hidden-side
 // pre-activations (the same tensor for an RNN).
+// The states each step of a layer started from, which grad W_hh multiplies:
+// `states` (T, B, K) where built (with lengths, whose padded positions must
+// read zero); else undefined, and they are read in place: the output
+// (T, B, K) one step earlier in the sweep's order, and hx (B, K) at the first.
+struct PreviousStates {
+  at::Tensor states, output, hx;
+  bool reverse = false;
+};
+
 LayerGrads finish_backward(
     const at::Tensor& grad_ih, const at::Tensor& grad_hh, const at::Tensor& input,
-    const at::Tensor& prev_states, const at::Tensor& weight_ih, bool input_requires_grad);
+    const PreviousStates& prev, const at::Tensor& weight_ih, bool input_requires_grad);
 
 }  // namespace fastrnn::cpu

@@ -121,7 +121,7 @@ void check_grad_args(const LayerSizes& s, const at::Tensor& grad_output, at::Ten
 }
 
 StepMap::StepMap(int64_t T, int64_t B, const std::optional<at::Tensor>& lengths, bool reverse)
-    : T_(T), len_(nullptr), reverse_(reverse), rows_(T, B) {
+    : T_(T), B_(B), len_(nullptr), reverse_(reverse), rows_(T, B) {
   if (!lengths.has_value() || !lengths->defined()) {
     return;
   }
@@ -216,13 +216,15 @@ at::Tensor previous_states(const at::Tensor& output, const at::Tensor& hx, const
 }
 
 LayerGrads finish_backward(const at::Tensor& grad_ih, const at::Tensor& grad_hh,
-                           const at::Tensor& input, const at::Tensor& prev_states,
+                           const at::Tensor& input, const PreviousStates& prev,
                            const at::Tensor& weight_ih, bool input_requires_grad) {
-  const int64_t rows = input.size(0) * input.size(1), I = input.size(2);
-  const int64_t G = grad_ih.size(2), K = prev_states.size(-1);
+  const int64_t B = input.size(1), rows = input.size(0) * B, I = input.size(2);
+  const int64_t G = grad_ih.size(2), K = prev.hx.size(-1);
   const bool shared = grad_hh.is_same(grad_ih);
   const auto x = contiguous_buffer(input).view({rows, I});
-  const auto prev = contiguous_buffer(prev_states).view({rows, K});
+  const auto states = prev.states.defined() ? contiguous_buffer(prev.states) : at::Tensor();
+  const auto output = states.defined() ? at::Tensor() : contiguous_buffer(prev.output);
+  const auto hx = states.defined() ? at::Tensor() : prev.hx.contiguous();
   const auto options = input.options();
   auto grad_w_ih = empty_buffer({G, I}, options), grad_w_hh = empty_buffer({G, K}, options);
   auto grad_b_ih = at::empty({G}, options), grad_b_hh = at::empty({G}, options);
@@ -238,8 +240,21 @@ LayerGrads finish_backward(const at::Tensor& grad_ih, const at::Tensor& grad_hh,
     // Column-major: grad_W^T (cols x G) = a^T (cols x rows) d (rows x G).
     gemm<scalar_t>(false, true, I, G, rows, x.const_data_ptr<scalar_t>(), I, d_ih, G, 0,
                    grad_w_ih.mutable_data_ptr<scalar_t>(), I);
-    gemm<scalar_t>(false, true, K, G, rows, prev.const_data_ptr<scalar_t>(), K, d_hh, G, 0,
-                   grad_w_hh.mutable_data_ptr<scalar_t>(), K);
+    scalar_t* dw_hh = grad_w_hh.mutable_data_ptr<scalar_t>();
+    if (states.defined()) {
+      gemm<scalar_t>(false, true, K, G, rows, states.const_data_ptr<scalar_t>(), K, d_hh, G, 0,
+                     dw_hh, K);
+    } else {
+      // Every step but the first started from the output one step before
+      // (in the sweep's order), the first from hx: two products, and no
+      // (T, B, K) copy of the output shifted by a step.
+      const scalar_t* out = output.const_data_ptr<scalar_t>();
+      const int64_t later = rows - B;  // rows past the first step
+      gemm<scalar_t>(false, true, K, G, later, prev.reverse ? out + B * K : out, K,
+                     prev.reverse ? d_hh : d_hh + B * G, G, 0, dw_hh, K);
+      gemm<scalar_t>(false, true, K, G, B, hx.const_data_ptr<scalar_t>(), K,
+                     prev.reverse ? d_hh + later * G : d_hh, G, 1, dw_hh, K);
+    }
     if (rows <= kRowsSummedHere) {
       using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
       scalar_t* b_ih = grad_b_ih.mutable_data_ptr<scalar_t>();
