@@ -256,17 +256,22 @@ LayerGrads finish_backward(const at::Tensor& grad_ih, const at::Tensor& grad_hh,
                      prev.reverse ? d_hh + later * G : d_hh, G, 1, dw_hh, K);
     }
     if (rows <= kRowsSummedHere) {
+      // Row by row into G running sums, so that the inner loop reads
+      // contiguous values and vectorises (column by column it strode G
+      // values: 6% of an LSTMCell training step at B=32, H=256).
       using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+      std::vector<acc_t> sum_ih(G, acc_t(0)), sum_hh(shared ? 0 : G, acc_t(0));
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t j = 0; j < G; ++j) sum_ih[j] += d_ih[r * G + j];
+        if (!shared) {
+          for (int64_t j = 0; j < G; ++j) sum_hh[j] += d_hh[r * G + j];
+        }
+      }
       scalar_t* b_ih = grad_b_ih.mutable_data_ptr<scalar_t>();
       scalar_t* b_hh = grad_b_hh.mutable_data_ptr<scalar_t>();
       for (int64_t j = 0; j < G; ++j) {
-        acc_t sum_ih = 0, sum_hh = 0;
-        for (int64_t r = 0; r < rows; ++r) {
-          sum_ih += d_ih[r * G + j];
-          sum_hh += d_hh[r * G + j];
-        }
-        b_ih[j] = sum_ih;
-        b_hh[j] = shared ? sum_ih : sum_hh;
+        b_ih[j] = static_cast<scalar_t>(sum_ih[j]);
+        b_hh[j] = static_cast<scalar_t>(shared ? sum_ih[j] : sum_hh[j]);
       }
     } else {
       at::sum_out(grad_b_ih, grad_ih.view({rows, G}), 0);
