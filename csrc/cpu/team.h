@@ -103,7 +103,7 @@ class Team {
       if (thread < threads) {
         barrier.resize(threads);
         at::internal::ThreadIdGuard id(thread);
-        c10::ParallelGuard nested(true);  // parallel_for inside runs inline
+        c10::ParallelGuard marked(true);  // as at::parallel_for marks its threads
         try {
           body(Team(thread, threads, barrier));
         } catch (...) {
