@@ -67,6 +67,9 @@ class StepMap {
   // Rows [0, rows(s)) hold every sequence still active at step s; the
   // recurrent GEMM of that step skips the rest (sorted batches shrink).
   int64_t rows(int64_t s) const { return rows_[s]; }
+  // The steps that run: rows(s) > 0 for s < steps(), and every sequence has
+  // ended after them (rows never grows again).
+  int64_t steps() const { return std::find(rows_.begin(), rows_.end(), 0) - rows_.begin(); }
   bool has_lengths() const { return len_ != nullptr; }
   // The time-major row (t * B + b) of the step before `row`'s in the
   // sweep's order, or -1 at its sequence's first step (which starts from
@@ -308,9 +311,7 @@ std::vector<at::Tensor> sweep_forward(const at::Tensor& weight_hh, const at::Ten
                                       const StepMap& map, int64_t T, int64_t H,
                                       const RowFn& row_fn, const OutFn& out_fn) {
   const int64_t B = hx.size(0), K = hx.size(1), G = weight_hh.size(0), P = projection.P;
-  // The steps that run: every sequence has ended after the last.
-  int64_t steps = 0;
-  while (steps < T && map.rows(steps) > 0) ++steps;
+  const int64_t steps = map.steps();
   // Two state buffers, each step reading one and writing the other (a
   // sequence past its end copies its state across once, and then both hold
   // it). A single step only writes the second: the first can be hx itself.
@@ -444,18 +445,15 @@ at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::
   scalar_t* const grads[2] = {dh.mutable_data_ptr<scalar_t>(), carry.mutable_data_ptr<scalar_t>()};
   scalar_t* gs = projects ? grad_step.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* dm = projects ? grad_m.mutable_data_ptr<scalar_t>() : nullptr;
-  int64_t steps = 0;  // that run
-  for (int64_t s = 0; s < T; ++s) steps += map.rows(s) > 0;
+  const int64_t steps = map.steps();
   Team::run(std::max({blocks.size(), projected_blocks.size(), initial_blocks.size()}),
             [&](const Team& team) {
     int64_t d = 0;                      // grads[d] is dh, grads[d ^ 1] carry
     const scalar_t* pending = nullptr;  // the later step's grad_hh rows
     int64_t pending_rows = 0;
-    for (int64_t s = T - 1; s >= 0; --s) {
+    // Past the steps that run every sequence has ended: the gradients pass through.
+    for (int64_t s = steps - 1; s >= 0; --s) {
       const int64_t rows = map.rows(s);
-      if (rows == 0) {
-        continue;  // every sequence is past its end: the gradients pass through
-      }
       scalar_t* dhp = grads[d];
       scalar_t* cp = grads[d ^ 1];
       scalar_t* sb = gathered.defined()
