@@ -84,3 +84,31 @@ def test_pytest_benchmark_suite_runs():
     # step (3 providers for each sequence layer, 2 per single-step case).
     layers = [cell for cell in measure.CELLS if not measure.is_cell(cell)]
     assert f"{3 * len(layers) + 2 * len(measure.CELLS)} passed" in result.stdout
+
+
+def test_compare_runs_probe(tmp_path):
+    # Two builds' records: the second build twice as slow on one shape, the
+    # first build run twice (its lowest median counts).
+    fields = ["cell", "dtype", "batch", "hidden", "steps", "mode", "provider", "median_s"]
+    def write(name, rows):
+        (tmp_path / name).mkdir()
+        with open(tmp_path / name / "records.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(fields)
+            writer.writerows(rows)
+    shape = ["gru", "float32", "16", "64", "100"]
+    write("before1", [shape + ["forward", "fastrnn", "0.004"], shape + ["forward", "torch", "0.008"],
+                      shape + ["forward_backward", "fastrnn", "0.010"]])
+    write("before2", [shape + ["forward", "fastrnn", "0.002"], shape + ["forward", "torch", "0.006"],
+                      shape + ["forward_backward", "fastrnn", "0.012"]])
+    write("after1", [shape + ["forward", "fastrnn", "0.004"], shape + ["forward", "torch", "0.006"],
+                     shape + ["forward_backward", "fastrnn", "0.005"]])
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "probes", "compare_runs.py"),
+         "--before", str(tmp_path / "before*" / "*.csv"), "--after", str(tmp_path / "after*" / "*.csv")],
+        capture_output=True, text=True, timeout=60, check=True)
+    lines = result.stdout.splitlines()
+    # Slowest change first: forward at half the speed (2 -> 4 ms), then forward+backward at 2x.
+    assert lines[1] == " 0.50 | gru float32 16 64 100 forward | 2.000 | 4.000 | 3.00 | 1.50"
+    assert lines[2] == " 2.00 | gru float32 16 64 100 forward_backward | 10.000 | 5.000 | nan | nan"
+    assert lines[-1] == "2 shapes; slowest change 0.50x"
