@@ -35,6 +35,13 @@ CASES = [
     # Sweeps packed, the input projection and dx on the BLAS.
     ("GRU", (30, 1, 7, 33), dict(), None),
     ("LSTM", (16, 4, 6, 40), dict(proj_size=17), [16, 3, 9, 16]),
+    # Too few rows to pack, at least 16 a product: the forward's products on
+    # the kernel over the weights as they are (rows laid out in panels of 32:
+    # one partly filled, two, and split by rows across threads).
+    ("GRU", (3, 20, 7, 33), dict(bidirectional=True), [3, 1, 2, 3, 3, 1, 2, 3, 3, 3, 1, 2, 3, 3, 3,
+                                                      2, 1, 3, 3, 3]),
+    ("LSTM", (2, 40, 6, 40), dict(proj_size=17), None),
+    ("RNN", (1, 70, 5, 5), dict(), None),
 ]
 
 

@@ -183,14 +183,21 @@ class WeightProduct {
   // (bench/NOTES.md): break-even near 13 sqrt(product_rows) rows in all on
   // those figures, measured at 20-24 at one row for the largest weights
   // (beyond L2). So a weight is packed from 24 sqrt(product_rows) rows, and
-  // from 256 whatever the products; for fewer it stays as it is, on the BLAS.
+  // from 256 whatever the products. For fewer, a weight given as W (N x R,
+  // `transposed`) whose products have at least kUnpackedRows rows runs on the
+  // micro-kernel as it is (multiply_unpacked: the rows are laid out instead);
+  // any other stays as it is, on the BLAS.
   WeightProduct(const scalar_t* weight, int64_t R, int64_t N, int64_t segment, bool transposed,
                 int64_t total_rows, int64_t product_rows = -1)
       : weight_(weight), R_(R), N_(N), segment_(segment), transposed_(transposed) {
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (N > 0 && R > 0 && packs(total_rows, product_rows < 0 ? total_rows : product_rows) &&
-          product_kernel() != "blas") {
-        packed_.emplace(weight, R, N, segment, transposed);
+      if (product_rows < 0) product_rows = total_rows;
+      if (N > 0 && R > 0 && product_kernel() != "blas") {
+        if (packs(total_rows, product_rows)) {
+          packed_.emplace(weight, R, N, segment, transposed);
+        } else {
+          unpacked_ = transposed && product_rows >= kUnpackedRows;
+        }
       }
     }
   }
@@ -210,6 +217,17 @@ class WeightProduct {
   void multiply(scalar_t* out, int64_t ldo, const scalar_t* a, int64_t lda, int64_t n,
                 scalar_t beta, const scalar_t* bias = nullptr) const {
     TORCH_INTERNAL_ASSERT(bias == nullptr || beta == scalar_t(0));
+    if (unpacked_) {
+      // Few rows: the columns of every segment split across the threads, in
+      // units of 8 (the micro-kernel's rows of W), each thread taking all rows.
+      constexpr int64_t kColumnUnit = 8;
+      at::parallel_for(0, (segment_ + kColumnUnit - 1) / kColumnUnit, 1,
+                       [&](int64_t u0, int64_t u1) {
+                         columns(out, ldo, a, lda, n, u0 * kColumnUnit,
+                                 std::min(segment_, u1 * kColumnUnit), beta, bias);
+                       });
+      return;
+    }
     if (!packed_) {  // the BLAS threads it
       if (bias != nullptr) {
         const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, N_));
@@ -233,7 +251,7 @@ class WeightProduct {
 
  private:
   // Rows [0, n) x columns [c0, c1) of every segment, on this thread (or the
-  // BLAS's); a bias only where packed.
+  // BLAS's); a bias only on the micro-kernel.
   void columns(scalar_t* out, int64_t ldo, const scalar_t* a, int64_t lda, int64_t n, int64_t c0,
                int64_t c1, scalar_t beta, const scalar_t* bias = nullptr) const {
     if (n <= 0 || c1 <= c0) {
@@ -242,6 +260,10 @@ class WeightProduct {
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (packed_) {
         packed_->multiply(out, ldo, a, lda, n, c0, c1, beta, bias);
+        return;
+      }
+      if (unpacked_) {
+        multiply_unpacked(weight_, R_, N_, segment_, out, ldo, a, lda, n, c0, c1, beta, bias);
         return;
       }
     }
@@ -264,10 +286,14 @@ class WeightProduct {
     return static_cast<double>(total_rows) >= enough;
   }
 
+  // Below this many rows a product leaves most of a panel of rows empty.
+  static constexpr int64_t kUnpackedRows = 16;
+
   const scalar_t* weight_;
   int64_t R_, N_, segment_;
   bool transposed_;
   std::optional<PackedWeight> packed_;  // float only
+  bool unpacked_ = false;               // float only: multiply_unpacked
 };
 
 // Copies (or, from null, zeroes) units [j0, j1) of every gate of one (G)-row.

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <utility>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FASTRNN_X86_KERNELS 1
@@ -185,6 +186,50 @@ void PackedWeight::multiply(float* out, int64_t ldo, const float* a, int64_t lda
             info.kernel(out + column + i * ldo, ldo, a + i * lda, lda,
                         std::min(info.rows, i1 - i), panel + pass, R_, cols, beta, b);
           }
+        }
+      }
+    }
+  }
+}
+
+void multiply_unpacked(const float* weight, int64_t R, int64_t N, int64_t segment, float* out,
+                       int64_t ldo, const float* a, int64_t lda, int64_t n, int64_t c0,
+                       int64_t c1, float beta, const float* bias) {
+  const int index = chosen().load();
+  TORCH_INTERNAL_ASSERT(index >= 0 && segment > 0 && N % segment == 0 && c0 <= c1 &&
+                        c1 <= segment);
+  const KernelInfo& info = kernel_table()[index];
+  const int64_t cols_per_segment = c1 - c0, segments = N / segment;
+  // Per thread: a^T as one panel of kPanel rows of a (zero past n), and
+  // out^T for those rows, (segments * cols_per_segment) x kPanel.
+  thread_local std::vector<float> panel, product;
+  panel.resize(R * kPanel);
+  product.resize(segments * cols_per_segment * kPanel);
+  for (int64_t i0 = 0; i0 < n; i0 += kPanel) {
+    const int64_t rows = std::min(kPanel, n - i0);
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t i = 0; i < rows; ++i) panel[r * kPanel + i] = a[(i0 + i) * lda + r];
+      std::fill(panel.begin() + r * kPanel + rows, panel.begin() + (r + 1) * kPanel, 0.0f);
+    }
+    for (int64_t s = 0; s < segments; ++s) {
+      for (int64_t c = c0; c < c1; c += info.rows) {
+        const float* w = weight + (s * segment + c) * R;
+        float* o = product.data() + (s * cols_per_segment + c - c0) * kPanel;
+        for (int64_t pass = 0; pass < rows; pass += info.pass_width) {
+          info.kernel(o + pass, kPanel, w, R, std::min(info.rows, c1 - c), panel.data() + pass, R,
+                      std::min(info.pass_width, rows - pass), 0.0f, nullptr);
+        }
+      }
+    }
+    // out = beta out + bias + (out^T)^T, row by row.
+    for (int64_t i = 0; i < rows; ++i) {
+      float* o = out + (i0 + i) * ldo;
+      for (int64_t s = 0; s < segments; ++s) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t j = s * segment + c;
+          float v = product[(s * cols_per_segment + c - c0) * kPanel + i];
+          if (bias) v += bias[j];
+          o[j] = beta == 0.0f ? v : beta * o[j] + v;
         }
       }
     }

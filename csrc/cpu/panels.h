@@ -49,4 +49,15 @@ class PackedWeight {
   int kernel_;  // index into the kernel table, fixed at packing
 };
 
+// out[i * ldo + j] = beta out[...] + bias[j] + sum_r a[i * lda + r] W[j][r]
+// for rows i < n and columns j = s * segment + c, c in [c0, c1) of every
+// segment s, with W (N x R, row-major) read as it is: the few rows of `a`
+// are laid out as panels instead (R x kPanelWidth each), and the micro-kernel
+// takes W's rows as its left-hand rows, giving out^T. Where a weight is used
+// for too few rows to pay for packing it, this costs a pass over those rows
+// rather than over W. bias (N values) may be null.
+void multiply_unpacked(const float* weight, int64_t R, int64_t N, int64_t segment, float* out,
+                       int64_t ldo, const float* a, int64_t lda, int64_t n, int64_t c0,
+                       int64_t c1, float beta, const float* bias = nullptr);
+
 }  // namespace fastrnn::cpu
