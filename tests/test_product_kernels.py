@@ -20,10 +20,11 @@ from fastrnn import _C
 KERNELS = _C.product_kernels()
 
 CASES = [
-    # cls, (T, B, I, H), kwargs, lengths. A weight is packed, and the
-    # kernels run, once its products take min(256, 24 sqrt(B)) rows in all
-    # (csrc/cpu/layer.h): a sweep's from T * B >= 24 at B=1, the input
-    # projection's and dx's from T * B >= 256.
+    # cls, (T, B, I, H), kwargs, lengths. A weight is packed once its
+    # products take min(256, 24 sqrt(B)) rows in all (csrc/cpu/layer.h): a
+    # sweep's from T * B >= 24 at B=1, the input projection's and dx's from
+    # T * B >= 256. Below that, a forward product of at least 16 rows runs
+    # the kernels over the weight as it is; the others call the BLAS.
     ("RNN", (80, 7, 5, 5), dict(), None),
     ("RNN", (8, 70, 9, 33), dict(nonlinearity="relu"), None),
     ("GRU", (60, 9, 11, 96), dict(bidirectional=True), [60, 1, 30, 60, 20, 45, 60, 1, 12]),
@@ -32,7 +33,7 @@ CASES = [
     ("LSTM", (80, 7, 6, 33), dict(proj_size=17, bidirectional=True), [80, 2, 40, 1, 33, 80, 7]),
     ("LSTM", (8, 70, 4, 40), dict(proj_size=35), None),
     ("LSTM", (600, 1, 5, 5), dict(bidirectional=True), None),
-    # Sweeps packed, the input projection and dx on the BLAS.
+    # Sweeps packed, the input projection over the weight as it is, dx on the BLAS.
     ("GRU", (30, 1, 7, 33), dict(), None),
     ("LSTM", (16, 4, 6, 40), dict(proj_size=17), [16, 3, 9, 16]),
     # Too few rows to pack, at least 16 a product: the forward's products on
@@ -42,6 +43,8 @@ CASES = [
                                                       2, 1, 3, 3, 3]),
     ("LSTM", (2, 40, 6, 40), dict(proj_size=17), None),
     ("RNN", (1, 70, 5, 5), dict(), None),
+    # Every forward product under 16 rows: the BLAS beside a chosen kernel.
+    ("LSTM", (3, 4, 6, 40), dict(proj_size=17), None),
 ]
 
 

@@ -219,7 +219,7 @@ class WeightProduct {
     TORCH_INTERNAL_ASSERT(bias == nullptr || beta == scalar_t(0));
     if (unpacked_) {
       // Few rows: the columns of every segment split across the threads, in
-      // units of 8 (the micro-kernel's rows of W), each thread taking all rows.
+      // units of 8 (the AVX-512 kernel's rows of W), each thread taking all rows.
       constexpr int64_t kColumnUnit = 8;
       at::parallel_for(0, (segment_ + kColumnUnit - 1) / kColumnUnit, 1,
                        [&](int64_t u0, int64_t u1) {
