@@ -15,6 +15,7 @@ for _tool in ("matplotlib", "tqdm", "pytest_benchmark"):  # the `bench` extra
 
 from fastrnn.bench import measure  # noqa: E402
 from fastrnn.bench.__main__ import main  # noqa: E402
+from fastrnn.bench.report import file_stem  # noqa: E402
 
 BATCHES, HIDDEN, STEPS, CALLS = [1, 3], [4, 6], [2], 3
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,3 +113,13 @@ def test_compare_runs_probe(tmp_path):
     assert lines[1] == " 0.50 | gru float32 16 64 100 forward | 2.000 | 4.000 | 3.00 | 1.50"
     assert lines[2] == " 2.00 | gru float32 16 64 100 forward_backward | 10.000 | 5.000 | nan | nan"
     assert lines[-1] == "2 shapes; slowest change 0.50x"
+
+
+@pytest.mark.parametrize("name, stem", [
+    ("Intel(R) Xeon(R) Processor (2 threads)", "intel-xeon-processor-2-threads"),
+    ("AMD EPYC 9R14 96-Core Processor (2 threads)", "amd-epyc-9r14-96-core-processor-2-threads"),
+    ("NVIDIA H100 80GB HBM3", "nvidia-h100-80gb-hbm3"),
+    ("Intel(TM) Core(tm) i7", "intel-core-i7"),
+])
+def test_result_file_names(name, stem):
+    assert file_stem(name) == stem

@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import statistics
 from collections import defaultdict
 
@@ -131,8 +132,10 @@ def plot(records: list[dict], path: str, title: str) -> None:
 
 
 def file_stem(device_name: str) -> str:
-    """A file-name-safe stem from the device name."""
-    safe = "".join(c if c.isalnum() else "-" for c in device_name.lower())
+    """A file-name-safe stem from the device name, without trademark marks
+    ("Intel(R) Xeon(R) Processor (2 threads)" -> "intel-xeon-processor-2-threads")."""
+    name = re.sub(r"\((r|tm)\)", "", device_name.lower())
+    safe = "".join(c if c.isalnum() else "-" for c in name)
     return "-".join(part for part in safe.split("-") if part)
 
 
