@@ -58,11 +58,18 @@ def test_command_writes_table_records_and_plot(run, capsys):
     for r in records:
         assert r["dtype"] == "float32" and r["device"] and r["torch"] and r["fastrnn"]
         for key in ("median_s", "p20_s", "p80_s", "per_call_s", "flops", "achieved_flops",
-                    "gemm_fraction"):
+                    "gemm_flops", "gemm_fraction"):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert r["gemm_fraction"] == pytest.approx(r["achieved_flops"] / r["gemm_flops"])
         assert r["p20_s"] <= r["median_s"] <= r["p80_s"]
         # Each step-mode run makes CALLS calls: a call is faster than the run.
         assert (r["per_call_s"] < r["median_s"]) == r["mode"].startswith("step")
+    # The GEMM is timed in each case's rounds: one rate per case, shared by its providers.
+    rates = {}
+    for r in records:
+        case = (r["cell"], r["batch"], r["hidden"], r["steps"], r["mode"])
+        rates.setdefault(case, set()).add(r["gemm_flops"])
+    assert all(len(v) == 1 for v in rates.values())
 
     with open(stem + ".csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -40,6 +40,7 @@ GRIDS = {
 STEP_GRIDS = {"quick": dict(batch=[1], hidden=[64]), "default": dict(batch=[1, 32], hidden=[64, 256]),
               "full": dict(batch=[1, 32, 128], hidden=[64, 256, 1024])}
 STEP_CALLS = 100
+GEMM = "gemm"  # the yardstick GEMM among a case's timed calls (not a provider)
 DEFAULT_DTYPES = {"cpu": ["float32"], "cuda": ["float32", "bfloat16"]}
 
 
@@ -88,19 +89,22 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     machine = {"device": measure.device_name(device), **measure.versions()}
     rate = measure.gemm_rate(device)
+    gemm, gemm_flops = measure.gemm_call(device)
     versions = ", ".join(f"{k} {v}" for k, v in machine.items() if k != "device")
     print(f"{machine['device']}: float32 GEMM {rate / 1e9:.1f} GFLOP/s; {versions}")
     meta = {**machine, "gemm_flops": rate, "backend": args.backend, "command": sys.argv}
     records, paths = [], {}
     for case in _progress(cases(args, device)):
         # The providers of a case run by turns, so that their ratio is measured
-        # under the same conditions on a machine whose speed drifts.
+        # under the same conditions on a machine whose speed drifts; so does
+        # the GEMM whose rate their FLOP/s are a fraction of.
         calls = {provider: measure.make_call(provider, case, device, args.backend)
                  for provider in args.providers if measure.runs_provider(provider, case)}
         if not calls:
             continue
-        timings = measure.time_calls(calls, device, args.min_run_time)
-        records += [measure.record(case, provider, timing, machine, rate)
+        timings = measure.time_calls({**calls, GEMM: gemm}, device, args.min_run_time)
+        case_rate = gemm_flops / timings.pop(GEMM)["median_s"]
+        records += [measure.record(case, provider, timing, machine, case_rate)
                     for provider, timing in timings.items()]
         # Written after every case, so a run stopped early keeps what it measured.
         paths = report.write_records(records, meta, args.out)

@@ -217,15 +217,21 @@ def time_call(call: Callable[[], None], device: torch.device, min_run_time: floa
     return time_calls({"call": call}, device, min_run_time, min_runs)["call"]
 
 
-def gemm_rate(device: torch.device, dtype: torch.dtype = torch.float32, size: int | None = None,
-              min_run_time: float = 0.5) -> float:
-    """The machine's own square-GEMM rate in FLOP/s (torch.mm), the yardstick
-    for the FLOP/s the recurrences reach."""
+def gemm_call(device: torch.device, dtype: torch.dtype = torch.float32,
+              size: int | None = None) -> tuple[Callable[[], None], float]:
+    """A square GEMM (torch.mm) on ``device`` and its FLOP count: the
+    yardstick for the FLOP/s the recurrences reach."""
     size = size or (4096 if device.type == "cuda" else 1024)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    timing = time_call(lambda: torch.mm(a, b), device, min_run_time)
-    return 2.0 * size ** 3 / timing["median_s"]
+    return (lambda: torch.mm(a, b)), 2.0 * size ** 3
+
+
+def gemm_rate(device: torch.device, dtype: torch.dtype = torch.float32, size: int | None = None,
+              min_run_time: float = 0.5) -> float:
+    """The machine's own square-GEMM rate in FLOP/s, on its own."""
+    call, flops = gemm_call(device, dtype, size)
+    return flops / time_call(call, device, min_run_time)["median_s"]
 
 
 def device_name(device: torch.device) -> str:
@@ -254,10 +260,11 @@ def versions() -> dict:
 
 def record(case: Case, provider: str, timing: dict, machine: dict, rate: float) -> dict:
     """One result row: the case, the provider, its timing, the machine
-    (``device`` name and versions, gathered once per run) and the FLOP/s it
-    reached."""
+    (``device`` name and versions, gathered once per run), the FLOP/s it
+    reached, and that as a fraction of ``rate``, the GEMM rate measured in the
+    case's own rounds (``gemm_flops``)."""
     achieved = case.flops() / timing["median_s"]
     return {**asdict(case), "provider": provider, **timing,
             "per_call_s": timing["median_s"] / case.calls, **machine, "flops": case.flops(),
-            "achieved_flops": achieved,
+            "achieved_flops": achieved, "gemm_flops": rate,
             "gemm_fraction": achieved / rate if rate and math.isfinite(rate) else None}
