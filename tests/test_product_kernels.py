@@ -43,6 +43,9 @@ CASES = [
                                                       2, 1, 3, 3, 3]),
     ("LSTM", (2, 40, 6, 40), dict(proj_size=17), None),
     ("RNN", (1, 70, 5, 5), dict(), None),
+    # ... and with enough work to share across threads (csrc/cpu/team.h,
+    # kMinParallelWork): the columns split between them.
+    ("GRU", (2, 48, 130, 130), dict(), [2, 1] * 24),
     # Every forward product under 16 rows: the BLAS beside a chosen kernel.
     ("LSTM", (3, 4, 6, 40), dict(proj_size=17), None),
 ]

@@ -218,6 +218,10 @@ class WeightProduct {
                 scalar_t beta, const scalar_t* bias = nullptr) const {
     TORCH_INTERNAL_ASSERT(bias == nullptr || beta == scalar_t(0));
     if (unpacked_) {
+      if (n * R_ * N_ < kMinParallelWork) {
+        columns(out, ldo, a, lda, n, 0, segment_, beta, bias);
+        return;
+      }
       // Few rows: the columns of every segment split across the threads, in
       // units of 8 (the AVX-512 kernel's rows of W), each thread taking all rows.
       constexpr int64_t kColumnUnit = 8;
@@ -353,7 +357,7 @@ std::vector<at::Tensor> sweep_forward(const at::Tensor& weight_hh, const at::Ten
       projection.weight ? std::make_optional<WeightProduct<scalar_t>>(projection.weight, H, P, P,
                                                                       true, T * B, B)
                         : std::nullopt;
-  const int64_t threads = team_threads();
+  const int64_t threads = team_threads(steps * B * G * K);
   const auto blocks = split_step(B, H, G * K, PackedWeight::kPanelWidth, threads);
   const auto projected_blocks =
       m.defined() ? split_step(B, P, P * H, PackedWeight::kPanelWidth, threads)
@@ -461,7 +465,8 @@ at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::
       projects ? std::make_optional<WeightProduct<scalar_t>>(projection.weight, P, H, H, false,
                                                              T * B, B)
                : std::nullopt;
-  const int64_t threads = team_threads();
+  const int64_t steps = map.steps();
+  const int64_t threads = team_threads(steps * B * G * K);
   const auto blocks = split_step(B, H, G * K, PackedWeight::kPanelWidth, threads);
   const auto projected_blocks = projects
                                     ? split_step(B, P, G * P, PackedWeight::kPanelWidth, threads)
@@ -471,7 +476,6 @@ at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::
   scalar_t* const grads[2] = {dh.mutable_data_ptr<scalar_t>(), carry.mutable_data_ptr<scalar_t>()};
   scalar_t* gs = projects ? grad_step.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* dm = projects ? grad_m.mutable_data_ptr<scalar_t>() : nullptr;
-  const int64_t steps = map.steps();
   Team::run(std::max({blocks.size(), projected_blocks.size(), initial_blocks.size()}),
             [&](const Team& team) {
     int64_t d = 0;                      // grads[d] is dh, grads[d ^ 1] carry

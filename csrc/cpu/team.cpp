@@ -34,6 +34,10 @@ int64_t team_threads() {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), cpus));
 }
 
+int64_t team_threads(int64_t work) {
+  return work < kMinParallelWork ? 1 : team_threads();
+}
+
 std::vector<Block> split_step(int64_t B, int64_t H, int64_t work_per_row, int64_t unit_block,
                               int64_t threads) {
   // Below this many multiply-adds a thread's share does not pay for the meeting.
