@@ -130,3 +130,31 @@ def test_compare_runs_probe(tmp_path):
 ])
 def test_result_file_names(name, stem):
     assert file_stem(name) == stem
+
+
+def test_cpu_targets_probe(tmp_path):
+    # forward 2x (meets 1.5x), forward+backward 2x at 80% of the GEMM rate
+    # (meets 75%), a forward 1.2x at 50% (misses), a step slower than torch.nn.
+    fields = ["cell", "batch", "hidden", "steps", "mode", "provider", "median_s", "gemm_fraction"]
+    rows = [["gru", "16", "64", "100", "forward", "fastrnn", "1", "0.3"],
+            ["gru", "16", "64", "100", "forward", "torch", "2", "0.15"],
+            ["gru", "16", "64", "100", "forward_backward", "fastrnn", "1", "0.8"],
+            ["gru", "16", "64", "100", "forward_backward", "torch", "2", "0.4"],
+            ["lstm", "64", "512", "100", "forward", "fastrnn", "1", "0.5"],
+            ["lstm", "64", "512", "100", "forward", "torch", "1.2", "0.6"],
+            ["rnn_cell", "32", "64", "100", "step", "fastrnn", "1", "0.01"],
+            ["rnn_cell", "32", "64", "100", "step", "torch", "0.8", "0.01"]]
+    path = tmp_path / "records.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(fields)
+        writer.writerows(rows)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "probes", "cpu_targets.py"),
+                             str(path)], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.splitlines()[1:] == [
+        "lstm 64 512 100 forward | 1.20 | 50.0% | 1.5x or 75%",
+        "rnn_cell 32 64 100 step | 0.80 | 1.0% | slower",
+        "gru forward: 0 of 1 miss",
+        "gru forward_backward: 0 of 1 miss",
+        "lstm forward: 1 of 1 miss",
+    ]
