@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 for _tool in ("matplotlib", "tqdm", "pytest_benchmark"):  # the `bench` extra
     pytest.importorskip(_tool)
@@ -135,15 +136,15 @@ def test_result_file_names(name, stem):
 def test_cpu_targets_probe(tmp_path):
     # forward 2x (meets 1.5x), forward+backward 2x at 80% of the GEMM rate
     # (meets 75%), a forward 1.2x at 50% (misses), a step slower than torch.nn.
-    fields = ["cell", "batch", "hidden", "steps", "mode", "provider", "median_s", "gemm_fraction"]
-    rows = [["gru", "16", "64", "100", "forward", "fastrnn", "1", "0.3"],
-            ["gru", "16", "64", "100", "forward", "torch", "2", "0.15"],
-            ["gru", "16", "64", "100", "forward_backward", "fastrnn", "1", "0.8"],
-            ["gru", "16", "64", "100", "forward_backward", "torch", "2", "0.4"],
-            ["lstm", "64", "512", "100", "forward", "fastrnn", "1", "0.5"],
-            ["lstm", "64", "512", "100", "forward", "torch", "1.2", "0.6"],
-            ["rnn_cell", "32", "64", "100", "step", "fastrnn", "1", "0.01"],
-            ["rnn_cell", "32", "64", "100", "step", "torch", "0.8", "0.01"]]
+    fields = ["cell", "dtype", "batch", "hidden", "steps", "mode", "provider", "median_s", "gemm_fraction"]
+    rows = [["gru", "float32", "16", "64", "100", "forward", "fastrnn", "1", "0.3"],
+            ["gru", "float32", "16", "64", "100", "forward", "torch", "2", "0.15"],
+            ["gru", "float32", "16", "64", "100", "forward_backward", "fastrnn", "1", "0.8"],
+            ["gru", "float32", "16", "64", "100", "forward_backward", "torch", "2", "0.4"],
+            ["lstm", "float32", "64", "512", "100", "forward", "fastrnn", "1", "0.5"],
+            ["lstm", "float32", "64", "512", "100", "forward", "torch", "1.2", "0.6"],
+            ["rnn_cell", "float32", "32", "64", "100", "step", "fastrnn", "1", "0.01"],
+            ["rnn_cell", "float32", "32", "64", "100", "step", "torch", "0.8", "0.01"]]
     path = tmp_path / "records.csv"
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
@@ -152,9 +153,19 @@ def test_cpu_targets_probe(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "probes", "cpu_targets.py"),
                              str(path)], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.splitlines()[1:] == [
-        "lstm 64 512 100 forward | 1.20 | 50.0% | 1.5x or 75%",
-        "rnn_cell 32 64 100 step | 0.80 | 1.0% | slower",
-        "gru forward: 0 of 1 miss",
-        "gru forward_backward: 0 of 1 miss",
-        "lstm forward: 1 of 1 miss",
+        "lstm float32 64 512 100 forward | 1.20 | 50.0% | 1.5x or 75%",
+        "rnn_cell float32 32 64 100 step | 0.80 | 1.0% | slower",
+        "gru float32 forward: 0 of 1 miss",
+        "gru float32 forward_backward: 0 of 1 miss",
+        "lstm float32 forward: 1 of 1 miss",
     ]
+
+
+def test_calls_take_turns_in_rotating_order():
+    # After a warm-up call each, every round starts one call later, so that
+    # no call always runs right after the same other one.
+    order = []
+    calls = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    timings = measure.time_calls(calls, torch.device("cpu"), min_run_time=0.0, min_runs=3)
+    assert order == list("abc") + list("abc") + list("bca") + list("cab")
+    assert all(t["runs"] == 3 for t in timings.values())

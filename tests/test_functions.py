@@ -50,14 +50,15 @@ SIZES = [
     (11, 3, 2, 8, [11, 11, 4]),
     (5, 6, 9, 4, None),
     # Large enough per step for the engine to split each step across its
-    # (two, see two_threads) threads: by hidden units, in blocks of 16 (the
-    # last one partial at H=50) ...
+    # (two, see two_threads) threads, and per sweep to start them (2^18
+    # multiply-adds, kMinParallelWork in csrc/cpu/team.h, at one gate):
+    # by hidden units, in blocks of 16 (the last one partial at H=50) ...
     (5, 48, 6, 64, [(7 * b) % 5 + 1 for b in range(48)]),
     (4, 48, 6, 64, None),
-    (5, 20, 6, 50, [(3 * b) % 5 + 1 for b in range(20)]),
+    (6, 20, 6, 50, [(5 * b) % 6 + 1 for b in range(20)]),
     # ... and by sequences, from 32 per thread.
-    (5, 70, 6, 24, [(7 * b) % 5 + 1 for b in range(70)]),
-    (4, 70, 6, 24, None),
+    (7, 70, 6, 24, [(3 * b) % 7 + 1 for b in range(70)]),
+    (7, 70, 6, 24, None),
 ]
 
 

@@ -13,7 +13,7 @@ import argparse
 import collections
 import csv
 
-SHAPE = ("cell", "batch", "hidden", "steps", "mode")
+SHAPE = ("cell", "dtype", "batch", "hidden", "steps", "mode")
 
 
 def main():
@@ -29,7 +29,7 @@ def main():
             rows[tuple(row[k] for k in SHAPE), row["provider"]] = row
     needed = {"forward": args.forward, "forward_backward": args.forward_backward}
     misses, counts = collections.Counter(), collections.Counter()
-    print("cell B H T mode | speed-up | GEMM fraction | misses")
+    print("cell dtype B H T mode | speed-up | GEMM fraction | misses")
     for (shape, provider), row in sorted(rows.items()):
         torch_row = rows.get((shape, "torch"))
         if provider != "fastrnn" or torch_row is None:
@@ -39,9 +39,9 @@ def main():
         mode = shape[-1]
         missed = []
         if mode in needed:
-            counts[shape[0], mode] += 1
+            counts[shape[:2] + (mode,)] += 1
             if not (speedup >= needed[mode] or fraction >= args.fraction):
-                misses[shape[0], mode] += 1
+                misses[shape[:2] + (mode,)] += 1
                 missed.append(f"{needed[mode]:g}x or {args.fraction:.0%}")
         if speedup < 1.0:
             missed.append("slower")

@@ -210,29 +210,15 @@ class WeightProduct {
     columns(out + k.b0 * N_, N_, a + k.b0 * R_, R_, n, k.j0, k.j1, beta);
   }
 
-  // The whole product over n rows (row strides ldo and lda), on every thread;
-  // with `bias` (N values; beta must be 0) out = bias + a M. The micro-kernel
-  // starts its sums from the bias, where the BLAS needs it written to every
-  // row of out first: a pass over the whole output.
+  // The whole product over n rows (row strides ldo and lda), split across
+  // the threads, or on the calling thread below kMinParallelWork; with `bias`
+  // (N values; beta must be 0) out = bias + a M. The micro-kernel starts its
+  // sums from the bias, where the BLAS needs it written to every row of out
+  // first: a pass over the whole output.
   void multiply(scalar_t* out, int64_t ldo, const scalar_t* a, int64_t lda, int64_t n,
                 scalar_t beta, const scalar_t* bias = nullptr) const {
     TORCH_INTERNAL_ASSERT(bias == nullptr || beta == scalar_t(0));
-    if (unpacked_) {
-      if (n * R_ * N_ < kMinParallelWork) {
-        columns(out, ldo, a, lda, n, 0, segment_, beta, bias);
-        return;
-      }
-      // Few rows: the columns of every segment split across the threads, in
-      // units of 8 (the AVX-512 kernel's rows of W), each thread taking all rows.
-      constexpr int64_t kColumnUnit = 8;
-      at::parallel_for(0, (segment_ + kColumnUnit - 1) / kColumnUnit, 1,
-                       [&](int64_t u0, int64_t u1) {
-                         columns(out, ldo, a, lda, n, u0 * kColumnUnit,
-                                 std::min(segment_, u1 * kColumnUnit), beta, bias);
-                       });
-      return;
-    }
-    if (!packed_) {  // the BLAS threads it
+    if (!packed_ && !unpacked_) {  // the BLAS threads it
       if (bias != nullptr) {
         const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, N_));
         at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
@@ -241,6 +227,21 @@ class WeightProduct {
         beta = 1;
       }
       columns(out, ldo, a, lda, n, 0, segment_, beta);
+      return;
+    }
+    if (n * R_ * N_ < kMinParallelWork) {
+      columns(out, ldo, a, lda, n, 0, segment_, beta, bias);
+      return;
+    }
+    if (unpacked_) {
+      // Few rows: the columns of every segment split across the threads, in
+      // units of 8 (the AVX-512 kernel's rows of W), each thread taking all rows.
+      constexpr int64_t kColumnUnit = 8;
+      at::parallel_for(0, (segment_ + kColumnUnit - 1) / kColumnUnit, 1,
+                       [&](int64_t u0, int64_t u1) {
+                         columns(out, ldo, a, lda, n, u0 * kColumnUnit,
+                                 std::min(segment_, u1 * kColumnUnit), beta, bias);
+                       });
       return;
     }
     // The rows in units of 8, split evenly across the threads (tasks of a

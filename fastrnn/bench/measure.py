@@ -198,16 +198,22 @@ def time_calls(calls: dict[str, Callable[[], None]], device: torch.device,
     name), after one warm-up call each. The calls take turns, one run each
     round, for ``min_run_time`` seconds per call in all: a machine whose
     speed drifts (a shared or throttled CPU) then slows every call alike, and
-    their ratios hold where their separate times would not."""
+    their ratios hold where their separate times would not. Each round starts
+    one call later than the last, so that none always follows the same one
+    (and finds the caches as that one left them)."""
     for call in calls.values():
         call()
     _synchronize(device)
-    times = {name: [] for name in calls}
+    names = list(calls)
+    times = {name: [] for name in names}
     start = time.perf_counter()
+    rounds = 0
     while (min(len(t) for t in times.values()) < min_runs
            or time.perf_counter() - start < min_run_time * len(calls)):
-        for name, call in calls.items():
-            times[name].append(_timed(call, device))
+        first = rounds % len(names)
+        for name in names[first:] + names[:first]:
+            times[name].append(_timed(calls[name], device))
+        rounds += 1
     return {name: _timing(t) for name, t in times.items()}
 
 
