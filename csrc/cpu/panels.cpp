@@ -41,6 +41,50 @@ struct Vec {
   static type fma(type a, type b, type c) { return _mm512_fmadd_ps(a, b, c); }
 };
 #include "cpu/panel_kernel.inc"
+
+// One block of transpose() (below): 16 x 16, by the usual three rounds of
+// shuffles; `rows` x `cols` of src read (the rest taken as zero), `lanes` of
+// each of dst's `cols` rows written. (GCC 12's shuffle intrinsics start from
+// a deliberately undefined vector, which its flow analysis reports.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+void transpose_block(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+                     int64_t ldd, int64_t lanes) {
+  const __mmask16 col_mask = static_cast<__mmask16>((1u << cols) - 1);
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) {
+    r[i] = i < rows ? _mm512_maskz_loadu_ps(col_mask, src + i * lds) : _mm512_setzero_ps();
+  }
+  // In each 128-bit lane k: t[4g + m] = column 4k + m of rows 4g..4g+3.
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {
+    const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * g + 2]), d = _mm512_castps_pd(t[4 * g + 3]);
+    r[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  // Column 4k + m gathers lane k of r[m], r[4 + m], r[8 + m], r[12 + m].
+  const __mmask16 lane_mask = static_cast<__mmask16>((1u << lanes) - 1);
+  for (int m = 0; m < 4; ++m) {
+    const __m512 even_lo = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x88);
+    const __m512 odd_lo = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xDD);
+    const __m512 even_hi = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x88);
+    const __m512 odd_hi = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xDD);
+    const __m512 column[4] = {_mm512_shuffle_f32x4(even_lo, even_hi, 0x88),
+                              _mm512_shuffle_f32x4(odd_lo, odd_hi, 0x88),
+                              _mm512_shuffle_f32x4(even_lo, even_hi, 0xDD),
+                              _mm512_shuffle_f32x4(odd_lo, odd_hi, 0xDD)};
+    for (int k = 0; k < 4; ++k) {
+      if (4 * k + m < cols) _mm512_mask_storeu_ps(dst + (4 * k + m) * ldd, lane_mask, column[k]);
+    }
+  }
+}
+#pragma GCC diagnostic pop
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -60,15 +104,53 @@ struct Vec {
   static type fma(type a, type b, type c) { return _mm256_fmadd_ps(a, b, c); }
 };
 #include "cpu/panel_kernel.inc"
+
+// One block of transpose() (below): 8 x 8, as the AVX-512 one in two lanes.
+void transpose_block(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+                     int64_t ldd, int64_t lanes) {
+  const __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i col_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(cols)), index);
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) {
+    r[i] = i < rows ? _mm256_maskload_ps(src + i * lds, col_mask) : _mm256_setzero_ps();
+  }
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 2; ++g) {
+    const __m256d a = _mm256_castps_pd(t[4 * g]), b = _mm256_castps_pd(t[4 * g + 1]);
+    const __m256d c = _mm256_castps_pd(t[4 * g + 2]), d = _mm256_castps_pd(t[4 * g + 3]);
+    r[4 * g] = _mm256_castpd_ps(_mm256_unpacklo_pd(a, c));
+    r[4 * g + 1] = _mm256_castpd_ps(_mm256_unpackhi_pd(a, c));
+    r[4 * g + 2] = _mm256_castpd_ps(_mm256_unpacklo_pd(b, d));
+    r[4 * g + 3] = _mm256_castpd_ps(_mm256_unpackhi_pd(b, d));
+  }
+  const __m256i lane_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(lanes)), index);
+  for (int m = 0; m < 4; ++m) {
+    const __m256 column[2] = {_mm256_permute2f128_ps(r[m], r[4 + m], 0x20),
+                              _mm256_permute2f128_ps(r[m], r[4 + m], 0x31)};
+    for (int k = 0; k < 2; ++k) {
+      if (4 * k + m < cols) _mm256_maskstore_ps(dst + (4 * k + m) * ldd, lane_mask, column[k]);
+    }
+  }
+}
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
+
+// One instruction set's block of transpose(): dst[c * ldd + i] = src[i *
+// lds + c] for i < lanes, c < cols, reading rows <= lanes rows (zero beyond).
+using TransposeBlock = void (*)(const float* src, int64_t lds, int64_t rows, int64_t cols,
+                                float* dst, int64_t ldd, int64_t lanes);
 
 struct KernelInfo {
   std::string name;
   Kernel kernel;
   int64_t rows;         // output rows per call
   int64_t pass_width;   // panel columns per call
+  TransposeBlock transpose_block;
+  int64_t block_width;  // of a transpose block: its rows and columns
 };
 
 const std::vector<KernelInfo>& kernel_table() {
@@ -78,10 +160,12 @@ const std::vector<KernelInfo>& kernel_table() {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f")) {
       t.push_back({"avx512", &avx512::kernel, avx512::kRows,
-                   avx512::kVectors * avx512::Vec::kWidth});
+                   avx512::kVectors * avx512::Vec::kWidth, &avx512::transpose_block,
+                   avx512::Vec::kWidth});
     }
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-      t.push_back({"avx2", &avx2::kernel, avx2::kRows, avx2::kVectors * avx2::Vec::kWidth});
+      t.push_back({"avx2", &avx2::kernel, avx2::kRows, avx2::kVectors * avx2::Vec::kWidth,
+                   &avx2::transpose_block, avx2::Vec::kWidth});
     }
 #endif
     return t;
@@ -93,6 +177,21 @@ const std::vector<KernelInfo>& kernel_table() {
 std::atomic<int>& chosen() {
   static std::atomic<int> index{kernel_table().empty() ? -1 : 0};
   return index;
+}
+
+// dst[c * ldd + i] = src[i * lds + c] for i < rows, c < cols, and zero for
+// rows <= i < rows_out, in vector blocks (element by element, laying out and
+// writing back the rows of multiply_unpacked took longer than its product).
+void transpose(const KernelInfo& info, const float* src, int64_t lds, int64_t rows, int64_t cols,
+               float* dst, int64_t ldd, int64_t rows_out) {
+  const int64_t w = info.block_width;
+  for (int64_t c = 0; c < cols; c += w) {
+    for (int64_t i = 0; i < rows_out; i += w) {
+      const int64_t read = std::clamp<int64_t>(rows - i, 0, w);
+      info.transpose_block(read > 0 ? src + i * lds + c : src, lds, read, std::min(w, cols - c),
+                           dst + c * ldd + i, ldd, std::min(w, rows_out - i));
+    }
+  }
 }
 
 }  // namespace
@@ -200,17 +299,17 @@ void multiply_unpacked(const float* weight, int64_t R, int64_t N, int64_t segmen
                         c1 <= segment);
   const KernelInfo& info = kernel_table()[index];
   const int64_t cols_per_segment = c1 - c0, segments = N / segment;
-  // Per thread: a^T as one panel of kPanel rows of a (zero past n), and
-  // out^T for those rows, (segments * cols_per_segment) x kPanel.
-  thread_local std::vector<float> panel, product;
+  // Per thread: a^T as one panel of kPanel rows of a (zero past n); out^T for
+  // those rows, (segments * cols_per_segment) x kPanel; and out, rows x
+  // (segments * cols_per_segment).
+  thread_local std::vector<float> panel, product, result;
+  const int64_t width = segments * cols_per_segment;
   panel.resize(R * kPanel);
-  product.resize(segments * cols_per_segment * kPanel);
+  product.resize(width * kPanel);
+  result.resize(width * kPanel);
   for (int64_t i0 = 0; i0 < n; i0 += kPanel) {
     const int64_t rows = std::min(kPanel, n - i0);
-    for (int64_t r = 0; r < R; ++r) {
-      for (int64_t i = 0; i < rows; ++i) panel[r * kPanel + i] = a[(i0 + i) * lda + r];
-      std::fill(panel.begin() + r * kPanel + rows, panel.begin() + (r + 1) * kPanel, 0.0f);
-    }
+    transpose(info, a + i0 * lda, lda, rows, R, panel.data(), kPanel, kPanel);
     for (int64_t s = 0; s < segments; ++s) {
       for (int64_t c = c0; c < c1; c += info.rows) {
         const float* w = weight + (s * segment + c) * R;
@@ -221,15 +320,16 @@ void multiply_unpacked(const float* weight, int64_t R, int64_t N, int64_t segmen
         }
       }
     }
-    // out = beta out + bias + (out^T)^T, row by row.
+    transpose(info, product.data(), kPanel, width, rows, result.data(), width, width);
+    // out = beta out + bias + result, row by row.
     for (int64_t i = 0; i < rows; ++i) {
       float* o = out + (i0 + i) * ldo;
       for (int64_t s = 0; s < segments; ++s) {
+        const float* v = result.data() + i * width + s * cols_per_segment - c0;
+        const int64_t j0 = s * segment;
         for (int64_t c = c0; c < c1; ++c) {
-          const int64_t j = s * segment + c;
-          float v = product[(s * cols_per_segment + c - c0) * kPanel + i];
-          if (bias) v += bias[j];
-          o[j] = beta == 0.0f ? v : beta * o[j] + v;
+          const float x = bias ? v[c] + bias[j0 + c] : v[c];
+          o[j0 + c] = beta == 0.0f ? x : beta * o[j0 + c] + x;
         }
       }
     }
