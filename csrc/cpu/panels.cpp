@@ -321,15 +321,21 @@ void multiply_unpacked(const float* weight, int64_t R, int64_t N, int64_t segmen
       }
     }
     transpose(info, product.data(), kPanel, width, rows, result.data(), width, width);
-    // out = beta out + bias + result, row by row.
+    // out = beta out + bias + result, row by row (each case its own loop,
+    // so that each vectorises).
     for (int64_t i = 0; i < rows; ++i) {
-      float* o = out + (i0 + i) * ldo;
       for (int64_t s = 0; s < segments; ++s) {
         const float* v = result.data() + i * width + s * cols_per_segment - c0;
-        const int64_t j0 = s * segment;
-        for (int64_t c = c0; c < c1; ++c) {
-          const float x = bias ? v[c] + bias[j0 + c] : v[c];
-          o[j0 + c] = beta == 0.0f ? x : beta * o[j0 + c] + x;
+        float* o = out + (i0 + i) * ldo + s * segment;
+        const float* b = bias ? bias + s * segment : nullptr;
+        if (beta == 0.0f && b == nullptr) {
+          std::copy(v + c0, v + c1, o + c0);
+        } else if (beta == 0.0f) {
+          for (int64_t c = c0; c < c1; ++c) o[c] = v[c] + b[c];
+        } else if (b == nullptr) {
+          for (int64_t c = c0; c < c1; ++c) o[c] = beta * o[c] + v[c];
+        } else {
+          for (int64_t c = c0; c < c1; ++c) o[c] = beta * o[c] + (v[c] + b[c]);
         }
       }
     }
