@@ -39,35 +39,33 @@ struct Vec {
   static void store(float* p, type x) { _mm512_storeu_ps(p, x); }
   static type broadcast(float x) { return _mm512_set1_ps(x); }
   static type fma(type a, type b, type c) { return _mm512_fmadd_ps(a, b, c); }
+  // Interleaving within 128-bit lanes, by single floats and by pairs.
+  static type unpacklo(type a, type b) { return _mm512_unpacklo_ps(a, b); }
+  static type unpackhi(type a, type b) { return _mm512_unpackhi_ps(a, b); }
+  static type unpacklo2(type a, type b) {
+    return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+  }
+  static type unpackhi2(type a, type b) {
+    return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+  }
 };
 #include "cpu/panel_kernel.inc"
 
-// One block of transpose() (below): 16 x 16, by the usual three rounds of
-// shuffles; `rows` x `cols` of src read (the rest taken as zero), `lanes` of
-// each of dst's `cols` rows written. (GCC 12's shuffle intrinsics start from
-// a deliberately undefined vector, which its flow analysis reports.)
+// One block of transpose() (below): 16 x 16, a 4 x 4 transpose within each
+// 128-bit lane and then the lanes moved; `rows` x `cols` of src read (the
+// rest taken as zero), `lanes` of each of dst's `cols` rows written. (GCC
+// 12's shuffle intrinsics start from a deliberately undefined vector, which
+// its flow analysis reports.)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 void transpose_block(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
                      int64_t ldd, int64_t lanes) {
   const __mmask16 col_mask = static_cast<__mmask16>((1u << cols) - 1);
-  __m512 r[16], t[16];
+  __m512 r[16];
   for (int i = 0; i < 16; ++i) {
     r[i] = i < rows ? _mm512_maskz_loadu_ps(col_mask, src + i * lds) : _mm512_setzero_ps();
   }
-  // In each 128-bit lane k: t[4g + m] = column 4k + m of rows 4g..4g+3.
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int g = 0; g < 4; ++g) {
-    const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
-    const __m512d c = _mm512_castps_pd(t[4 * g + 2]), d = _mm512_castps_pd(t[4 * g + 3]);
-    r[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-    r[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-    r[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-    r[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-  }
+  transpose_in_lanes(r);
   // Column 4k + m gathers lane k of r[m], r[4 + m], r[8 + m], r[12 + m].
   const __mmask16 lane_mask = static_cast<__mmask16>((1u << lanes) - 1);
   for (int m = 0; m < 4; ++m) {
@@ -102,30 +100,28 @@ struct Vec {
   static void store(float* p, type x) { _mm256_storeu_ps(p, x); }
   static type broadcast(float x) { return _mm256_set1_ps(x); }
   static type fma(type a, type b, type c) { return _mm256_fmadd_ps(a, b, c); }
+  static type unpacklo(type a, type b) { return _mm256_unpacklo_ps(a, b); }
+  static type unpackhi(type a, type b) { return _mm256_unpackhi_ps(a, b); }
+  static type unpacklo2(type a, type b) {
+    return _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(a), _mm256_castps_pd(b)));
+  }
+  static type unpackhi2(type a, type b) {
+    return _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(a), _mm256_castps_pd(b)));
+  }
 };
 #include "cpu/panel_kernel.inc"
 
 // One block of transpose() (below): 8 x 8, as the AVX-512 one in two lanes.
+// (The comment there covers this one too.)
 void transpose_block(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
                      int64_t ldd, int64_t lanes) {
   const __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i col_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(cols)), index);
-  __m256 r[8], t[8];
+  __m256 r[8];
   for (int i = 0; i < 8; ++i) {
     r[i] = i < rows ? _mm256_maskload_ps(src + i * lds, col_mask) : _mm256_setzero_ps();
   }
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int g = 0; g < 2; ++g) {
-    const __m256d a = _mm256_castps_pd(t[4 * g]), b = _mm256_castps_pd(t[4 * g + 1]);
-    const __m256d c = _mm256_castps_pd(t[4 * g + 2]), d = _mm256_castps_pd(t[4 * g + 3]);
-    r[4 * g] = _mm256_castpd_ps(_mm256_unpacklo_pd(a, c));
-    r[4 * g + 1] = _mm256_castpd_ps(_mm256_unpackhi_pd(a, c));
-    r[4 * g + 2] = _mm256_castpd_ps(_mm256_unpacklo_pd(b, d));
-    r[4 * g + 3] = _mm256_castpd_ps(_mm256_unpackhi_pd(b, d));
-  }
+  transpose_in_lanes(r);
   const __m256i lane_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(lanes)), index);
   for (int m = 0; m < 4; ++m) {
     const __m256 column[2] = {_mm256_permute2f128_ps(r[m], r[4 + m], 0x20),
