@@ -13,8 +13,12 @@ import torch
 from fastrnn.autograd import layer
 
 ULP = 2.0 ** -23  # float32 spacing at 1
-SPECIAL = [0.0, -0.0, 1e-30, -1e-30, 1e-6, -1e-6, 0.49999997, 0.5, 0.50000006, 9.0, 20.0,
-           87.0, 89.0, 100.0, -100.0, 1e4, -1e4, math.inf, -math.inf]
+# Besides zeros, tiny values and saturation: where tanh's reduction of 2|x|
+# by ln2 steps to the next n ((k + 1/2) ln2 / 2), and its clamp at 9.5.
+SEAMS = [(k + 0.5) * math.log(2) / 2 for k in range(4)]
+SPECIAL = [0.0, -0.0, 1e-30, -1e-30, 1e-6, -1e-6, 1e-3, 9.0, 9.5, 20.0, 87.0, 89.0, 100.0,
+           -100.0, 1e4, -1e4, math.inf, -math.inf] + [
+           x * (1 + d) * sign for x in SEAMS for d in (-1e-7, 0, 1e-7) for sign in (1, -1)]
 
 
 def grid():

@@ -321,17 +321,18 @@ void multiply_unpacked(const float* weight, int64_t R, int64_t N, int64_t segmen
     // so that each vectorises).
     for (int64_t i = 0; i < rows; ++i) {
       for (int64_t s = 0; s < segments; ++s) {
-        const float* v = result.data() + i * width + s * cols_per_segment - c0;
-        float* o = out + (i0 + i) * ldo + s * segment;
-        const float* b = bias ? bias + s * segment : nullptr;
+        const float* v = result.data() + i * width + s * cols_per_segment;
+        float* o = out + (i0 + i) * ldo + s * segment + c0;
+        const float* b = bias ? bias + s * segment + c0 : nullptr;
+        const int64_t count = cols_per_segment;
         if (beta == 0.0f && b == nullptr) {
-          std::copy(v + c0, v + c1, o + c0);
+          std::copy(v, v + count, o);
         } else if (beta == 0.0f) {
-          for (int64_t c = c0; c < c1; ++c) o[c] = v[c] + b[c];
+          for (int64_t c = 0; c < count; ++c) o[c] = v[c] + b[c];
         } else if (b == nullptr) {
-          for (int64_t c = c0; c < c1; ++c) o[c] = beta * o[c] + v[c];
+          for (int64_t c = 0; c < count; ++c) o[c] = beta * o[c] + v[c];
         } else {
-          for (int64_t c = c0; c < c1; ++c) o[c] = beta * o[c] + (v[c] + b[c]);
+          for (int64_t c = 0; c < count; ++c) o[c] = beta * o[c] + (v[c] + b[c]);
         }
       }
     }
