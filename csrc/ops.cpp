@@ -59,7 +59,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "One step on a (B, I) input: the states layer_forward leaves after it as a "
         "length-1 sequence (no __torch_function__ handling: callers check for it).");
   m.def("set_product_kernel", &fastrnn::cpu::set_product_kernel,
-        "Chooses one of product_kernels().");
+        "Chooses one of product_kernels() for every float product.");
+  m.def("reset_product_kernel", &fastrnn::cpu::reset_product_kernel,
+        "Back to the default choice of product kernels.");
+  m.def("large_products_on_blas", &fastrnn::cpu::large_products_on_blas,
+        "Whether float products of many rows in one call (input projections) run on the "
+        "BLAS rather than the chosen kernel.");
   m.def("cached_bytes", &fastrnn::cpu::cached_bytes,
         "Bytes the cache of large CPU buffers holds in blocks no tensor uses.");
   m.def("empty_cache", &fastrnn::cpu::empty_cache,

@@ -9,6 +9,8 @@ splits by rows across threads (70), and of one row (1), with a projection,
 both directions and lengths.
 """
 
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -53,10 +55,9 @@ CASES = [
 
 @pytest.fixture(params=KERNELS)
 def product_kernel(request):
-    previous = _C.product_kernel()
-    _C.set_product_kernel(request.param)
+    _C.set_product_kernel(request.param)  # every product, large ones included
     yield request.param
-    _C.set_product_kernel(previous)
+    _C.reset_product_kernel()
 
 
 @pytest.fixture(params=[1, 2, 3], ids=["1thread", "2threads", "3threads"])
@@ -72,6 +73,24 @@ def test_kernels_listed():
     assert _C.product_kernel() == KERNELS[0]
     with pytest.raises(RuntimeError, match="unknown or unsupported CPU product kernel 'sse'"):
         _C.set_product_kernel("sse")
+
+
+def intel_cpu():
+    with open("/proc/cpuinfo") as info:
+        return any(line.split(":")[-1].strip() == "GenuineIntel"
+                   for line in info if line.startswith("vendor_id"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
+def test_large_products_on_blas_by_default_with_mkl_on_intel():
+    expected = torch.backends.mkl.is_available() and intel_cpu()
+    assert _C.large_products_on_blas() == expected
+    try:
+        _C.set_product_kernel(KERNELS[0])
+        assert not _C.large_products_on_blas()  # the chosen kernel runs every product
+    finally:
+        _C.reset_product_kernel()
+    assert _C.product_kernel() == KERNELS[0] and _C.large_products_on_blas() == expected
 
 
 CASE_IDS = [f"{c[0]}-{'x'.join(map(str, c[1]))}-{i}" for i, c in enumerate(CASES)]
@@ -94,13 +113,12 @@ def test_kernels_agree_closely(threads):
     reference, candidate = make_pair(nn.LSTM, fastrnn.LSTM, 64, 64, proj_size=40)
     x = torch.randn(40, 16, 64)
     results = {}
-    previous = _C.product_kernel()
     try:
         for kernel in KERNELS:
             _C.set_product_kernel(kernel)
             results[kernel] = forward_backward(candidate, x)
     finally:
-        _C.set_product_kernel(previous)
+        _C.reset_product_kernel()
     for kernel in KERNELS[:-1]:
         for key, value in results["blas"].items():
             torch.testing.assert_close(results[kernel][key], value, rtol=1e-5, atol=1e-5,

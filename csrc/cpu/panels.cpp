@@ -175,6 +175,12 @@ std::atomic<int>& chosen() {
   return index;
 }
 
+// Whether set_product_kernel has chosen the kernel of every product.
+std::atomic<bool>& chosen_for_all() {
+  static std::atomic<bool> all{false};
+  return all;
+}
+
 // dst[c * ldd + i] = src[i * lds + c] for i < rows, c < cols, and zero for
 // rows <= i < rows_out, in vector blocks (element by element, laying out and
 // writing back the rows of multiply_unpacked took longer than its product).
@@ -207,15 +213,28 @@ const std::string& product_kernel() {
 
 void set_product_kernel(const std::string& name) {
   const auto& table = kernel_table();
+  int index = -1;
   for (size_t i = 0; i < table.size(); ++i) {
-    if (table[i].name == name) {
-      chosen().store(static_cast<int>(i));
-      return;
-    }
+    if (table[i].name == name) index = static_cast<int>(i);
   }
-  TORCH_CHECK(name == "blas", "unknown or unsupported CPU product kernel '", name,
+  TORCH_CHECK(index >= 0 || name == "blas", "unknown or unsupported CPU product kernel '", name,
               "': this CPU has ", c10::Join(", ", product_kernels()));
-  chosen().store(-1);
+  chosen().store(index);
+  chosen_for_all().store(true);
+}
+
+void reset_product_kernel() {
+  chosen().store(kernel_table().empty() ? -1 : 0);
+  chosen_for_all().store(false);
+}
+
+bool large_products_on_blas() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  static const bool intel_mkl = at::hasMKL() && __builtin_cpu_is("intel");
+#else
+  static const bool intel_mkl = false;
+#endif
+  return intel_mkl && !chosen_for_all().load();
 }
 
 PackedWeight::PackedWeight(const float* weight, int64_t R, int64_t N, int64_t segment,

@@ -23,8 +23,17 @@ namespace fastrnn::cpu {
 std::vector<std::string> product_kernels();
 // The kernel float products use: the best available unless set.
 const std::string& product_kernel();
-// Chooses one of product_kernels() for float products.
+// Chooses one of product_kernels() for every float product.
 void set_product_kernel(const std::string& name);
+// Back to the default: the best kernel, and large_products_on_blas().
+void reset_product_kernel();
+// Whether a float product of many rows in one call (a layer's input
+// projection, dx) runs on the BLAS rather than on the chosen kernel: by
+// default where the BLAS is MKL on an Intel CPU, whose own kernels ran such
+// products 5-30% faster at two threads than the micro-kernel (on the AMD
+// EPYC it was the other way round: bench/NOTES.md); never once
+// set_product_kernel has chosen a kernel for every product.
+bool large_products_on_blas();
 
 // A float weight packed into panels: the right-hand factor M (R x N) of
 // out = beta out + a M. Its N columns form segments of `segment` columns each
