@@ -47,9 +47,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("parallel_info", &at::get_parallel_info,
         "The threading setup the CPU engine runs with.");
   m.def("product_kernels", &fastrnn::cpu::product_kernels,
-        "The micro-kernels of the per-step float products this CPU runs, best first, and "
-        "'blas' (a BLAS call per step).");
-  m.def("product_kernel", &fastrnn::cpu::product_kernel, "The step kernel float products use.");
+        "The micro-kernels of the float products this CPU runs, best first, and "
+        "'blas' (a BLAS call per product).");
+  m.def("product_kernel", &fastrnn::cpu::product_kernel,
+        "The kernel float products use (large single ones aside: large_products_on_blas).");
   // The GIL is released while the layer runs, as torch.ops does.
   m.def("layer_forward", &call_layer_forward, py::call_guard<py::gil_scoped_release>(),
         "torch.ops.fastrnn.layer_forward, the same dispatch without boxing its arguments "
@@ -63,8 +64,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("reset_product_kernel", &fastrnn::cpu::reset_product_kernel,
         "Back to the default choice of product kernels.");
   m.def("large_products_on_blas", &fastrnn::cpu::large_products_on_blas,
-        "Whether float products of many rows in one call (input projections) run on the "
-        "BLAS rather than the chosen kernel.");
+        "Whether float products of many rows in one call by a large weight (input "
+        "projections, dx) run on the BLAS rather than the chosen kernel.");
   m.def("cached_bytes", &fastrnn::cpu::cached_bytes,
         "Bytes the cache of large CPU buffers holds in blocks no tensor uses.");
   m.def("empty_cache", &fastrnn::cpu::empty_cache,

@@ -26,7 +26,9 @@ CASES = [
     # products take min(256, 24 sqrt(B)) rows in all (csrc/cpu/layer.h): a
     # sweep's from T * B >= 24 at B=1, the input projection's and dx's from
     # T * B >= 256. Below that, a forward product of at least 16 rows runs
-    # the kernels over the weight as it is; the others call the BLAS.
+    # the kernels over the weight as it is; the others call the BLAS. The
+    # fixture below puts every product on its kernel, including those that
+    # by default run on MKL (large_products_on_blas).
     ("RNN", (80, 7, 5, 5), dict(), None),
     ("RNN", (8, 70, 9, 33), dict(nonlinearity="relu"), None),
     ("GRU", (60, 9, 11, 96), dict(bidirectional=True), [60, 1, 30, 60, 20, 45, 60, 1, 12]),
@@ -98,6 +100,22 @@ CASE_IDS = [f"{c[0]}-{'x'.join(map(str, c[1]))}-{i}" for i, c in enumerate(CASES
 
 @pytest.mark.parametrize("cls, sizes, kwargs, lengths", CASES, ids=CASE_IDS)
 def test_against_torch_nn_float64(product_kernel, threads, cls, sizes, kwargs, lengths):
+    check_against_torch_nn_float64(cls, sizes, kwargs, lengths)
+
+
+@pytest.mark.parametrize("cls, sizes, kwargs, lengths", [
+    ("RNN", (4, 70, 256, 256), dict(), None),
+    ("LSTM", (2, 130, 256, 256), dict(), None),
+], ids=["RNN", "LSTM"])
+def test_default_choice_against_torch_nn_float64(threads, cls, sizes, kwargs, lengths):
+    """The default: on an Intel CPU with MKL, these layers' input projections
+    and dx (256 rows or more, by weights of 256 rows and columns or more) run
+    on MKL, their per-step products on the best kernel."""
+    assert _C.product_kernel() == KERNELS[0]
+    check_against_torch_nn_float64(cls, sizes, kwargs, lengths)
+
+
+def check_against_torch_nn_float64(cls, sizes, kwargs, lengths):
     T, B, I, H = sizes
     reference, candidate = make_pair(getattr(nn, cls), getattr(fastrnn, cls), I, H, **kwargs)
     x = torch.randn(T, B, I)

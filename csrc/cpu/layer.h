@@ -172,7 +172,8 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, co
 // a block of units takes those units of every gate). `weight` holds M
 // (R x N, row-major), or M^T (N x R) when `transposed` (W_hh for h W_hh^T).
 // float products run on a micro-kernel over a copy packed once (panels.h);
-// double products, and float with the "blas" product kernel, call the BLAS.
+// double products, float with the "blas" product kernel, and large single
+// float products where large_products_on_blas(), call the BLAS.
 template <typename scalar_t>
 class WeightProduct {
  public:
@@ -186,16 +187,17 @@ class WeightProduct {
   // from 256 whatever the products. For fewer, a weight given as W (N x R,
   // `transposed`) whose products have at least kUnpackedRows rows runs on the
   // micro-kernel as it is (multiply_unpacked: the rows are laid out instead);
-  // any other stays as it is, on the BLAS. So does a single product of
-  // kLargeRows or more by a weight of kLargeWeight values or more where
-  // large_products_on_blas() (by smaller weights the kernel was faster there).
+  // any other stays as it is, on the BLAS. So does a single product (no
+  // product_rows given: the input projection, dx) of kLarge rows or more, by
+  // a weight of kLarge rows and columns or more, where
+  // large_products_on_blas(): such products ran faster on MKL there, those
+  // by a weight of 64 rows (LSTM, H = 64) slower (bench/NOTES.md).
   WeightProduct(const scalar_t* weight, int64_t R, int64_t N, int64_t segment, bool transposed,
                 int64_t total_rows, int64_t product_rows = -1)
       : weight_(weight), R_(R), N_(N), segment_(segment), transposed_(transposed) {
     if constexpr (std::is_same_v<scalar_t, float>) {
+      const bool large = product_rows < 0 && total_rows >= kLarge && R >= kLarge && N >= kLarge;
       if (product_rows < 0) product_rows = total_rows;
-      const bool large =
-          product_rows == total_rows && total_rows >= kLargeRows && R * N >= kLargeWeight;
       if (N > 0 && R > 0 && product_kernel() != "blas" && !(large && large_products_on_blas())) {
         if (packs(total_rows, product_rows)) {
           packed_.emplace(weight, R, N, segment, transposed);
@@ -297,11 +299,8 @@ class WeightProduct {
 
   // Below this many rows a product leaves most of a panel of rows empty.
   static constexpr int64_t kUnpackedRows = 16;
-  // A single product of this many rows packs its weight anyway (packs()).
-  static constexpr int64_t kLargeRows = 256;
-  // H = 256 for an RNN (R = N = 256): MKL ran such products faster on an
-  // Intel Xeon; at H = 64 (LSTM: R = 64, N = 256) slower.
-  static constexpr int64_t kLargeWeight = int64_t{1} << 16;
+  // A single product's rows, and its weight's, from which it is large.
+  static constexpr int64_t kLarge = 256;
 
   const scalar_t* weight_;
   int64_t R_, N_, segment_;

@@ -229,7 +229,7 @@ void reset_product_kernel() {
 }
 
 bool large_products_on_blas() {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#ifdef FASTRNN_X86_KERNELS
   static const bool intel_mkl = at::hasMKL() && __builtin_cpu_is("intel");
 #else
   static const bool intel_mkl = false;

@@ -21,18 +21,20 @@ namespace fastrnn::cpu {
 // The micro-kernels this build has for the CPU it runs on, best first
 // ("avx512", "avx2"), and "blas" (a BLAS call per product) last.
 std::vector<std::string> product_kernels();
-// The kernel float products use: the best available unless set.
+// The kernel float products use: the best available unless set (large
+// single products aside: large_products_on_blas()).
 const std::string& product_kernel();
 // Chooses one of product_kernels() for every float product.
 void set_product_kernel(const std::string& name);
 // Back to the default: the best kernel, and large_products_on_blas().
 void reset_product_kernel();
-// Whether a float product of many rows in one call (a layer's input
-// projection, dx) runs on the BLAS rather than on the chosen kernel: by
-// default where the BLAS is MKL on an Intel CPU, whose own kernels ran such
-// products 5-30% faster at two threads than the micro-kernel (on the AMD
-// EPYC it was the other way round: bench/NOTES.md); never once
-// set_product_kernel has chosen a kernel for every product.
+// Whether a float product of many rows in one call by a large weight (a
+// layer's input projection, dx) runs on the BLAS rather than on the chosen
+// kernel: by default where the BLAS is MKL on an Intel CPU, whose own
+// kernels ran such products 9-31% faster at two threads than the
+// micro-kernel on an AVX-512 Xeon (on the AMD EPYC MKL was the slower:
+// bench/NOTES.md); never once set_product_kernel has chosen a kernel for
+// every product.
 bool large_products_on_blas();
 
 // A float weight packed into panels: the right-hand factor M (R x N) of
