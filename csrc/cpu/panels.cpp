@@ -169,9 +169,12 @@ const std::vector<KernelInfo>& kernel_table() {
   return table;
 }
 
+// The index of the best kernel in kernel_table(), or -1 (BLAS) where there is none.
+int default_kernel() { return kernel_table().empty() ? -1 : 0; }
+
 // The index of the chosen kernel in kernel_table(), or -1 for BLAS.
 std::atomic<int>& chosen() {
-  static std::atomic<int> index{kernel_table().empty() ? -1 : 0};
+  static std::atomic<int> index{default_kernel()};
   return index;
 }
 
@@ -224,7 +227,7 @@ void set_product_kernel(const std::string& name) {
 }
 
 void reset_product_kernel() {
-  chosen().store(kernel_table().empty() ? -1 : 0);
+  chosen().store(default_kernel());
   chosen_for_all().store(false);
 }
 
