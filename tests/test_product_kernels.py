@@ -6,7 +6,8 @@ The shapes put the kernels' edges to work: hidden sizes that fill no panel
 (5), end in a partial one (33, 96 over two threads' blocks), batches that
 fill no register block (7), end in a partial one (9), that the engine
 splits by rows across threads (70), and of one row (1), with a projection,
-both directions and lengths.
+both directions and lengths. A sweep of two steps or more walks its packed
+weights' panels in both orders (PanelOrder), so each order meets every case.
 """
 
 import sys

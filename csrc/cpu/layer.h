@@ -208,12 +208,13 @@ class WeightProduct {
     }
   }
 
-  // Block k of a step's product (out: (B, N), a: (B, R), contiguous): rows
-  // [b0, min(b1, rows)), columns [j0, j1) of every segment.
-  void block(scalar_t* out, const scalar_t* a, int64_t rows, const Block& k,
-             scalar_t beta = 0) const {
+  // Block k of a step's product (out = beta out + a M; out: (B, N), a: (B,
+  // R), contiguous): rows [b0, min(b1, rows)), columns [j0, j1) of every
+  // segment; a packed weight's panels walked in `order`.
+  void block(scalar_t* out, const scalar_t* a, int64_t rows, const Block& k, scalar_t beta,
+             PanelOrder order) const {
     const int64_t n = std::min(k.b1, rows) - k.b0;
-    columns(out + k.b0 * N_, N_, a + k.b0 * R_, R_, n, k.j0, k.j1, beta);
+    columns(out + k.b0 * N_, N_, a + k.b0 * R_, R_, n, k.j0, k.j1, beta, nullptr, order);
   }
 
   // The whole product over n rows (row strides ldo and lda), split across
@@ -264,13 +265,14 @@ class WeightProduct {
   // Rows [0, n) x columns [c0, c1) of every segment, on this thread (or the
   // BLAS's); a bias only on the micro-kernel.
   void columns(scalar_t* out, int64_t ldo, const scalar_t* a, int64_t lda, int64_t n, int64_t c0,
-               int64_t c1, scalar_t beta, const scalar_t* bias = nullptr) const {
+               int64_t c1, scalar_t beta, const scalar_t* bias = nullptr,
+               PanelOrder order = PanelOrder::kAscending) const {
     if (n <= 0 || c1 <= c0) {
       return;
     }
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (packed_) {
-        packed_->multiply(out, ldo, a, lda, n, c0, c1, beta, bias);
+        packed_->multiply(out, ldo, a, lda, n, c0, c1, beta, bias, order);
         return;
       }
       if (unpacked_) {
@@ -384,7 +386,7 @@ std::vector<at::Tensor> sweep_forward(const at::Tensor& weight_hh, const at::Ten
       scalar_t* hn = state[(s + 1) & 1];
       scalar_t* dest = mp ? mp : hn;
       team.each(blocks, [&](const Block& k) {
-        recurrent.block(q, h, rows, k);
+        recurrent.block(q, h, rows, k, scalar_t(0), alternate(s));
         for (int64_t b = k.b0; b < k.b1; ++b) {
           if (map.active(s, b)) {
             row_fn(map.time(s, b) * B + b, k.j0, k.j1, q + b * G, h + b * K, dest + b * H,
@@ -398,7 +400,7 @@ std::vector<at::Tensor> sweep_forward(const at::Tensor& weight_hh, const at::Ten
       team.sync();
       if (mp) {
         team.each(projected_blocks, [&](const Block& k) {
-          project->block(hn, mp, rows, k);
+          project->block(hn, mp, rows, k, scalar_t(0), alternate(s));
           for (int64_t b = k.b0; b < k.b1; ++b) {
             if (map.active(s, b)) {
               out_fn(map.time(s, b) * B + b, k.j0, k.j1, hn + b * P);
@@ -501,7 +503,7 @@ at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::
       if (projects) {
         team.each(projected_blocks, [&](const Block& k) {
           if (pending) {
-            recurrent.block(dhp, pending, pending_rows, k, scalar_t(1));
+            recurrent.block(dhp, pending, pending_rows, k, scalar_t(1), alternate(s));
           }
           for (int64_t b = k.b0; b < k.b1; ++b) {
             scalar_t* dhb = dhp + b * P;
@@ -523,9 +525,9 @@ at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::
       }
       team.each(blocks, [&](const Block& k) {
         if (projects) {
-          project->block(dm, gs, rows, k);
+          project->block(dm, gs, rows, k, scalar_t(0), alternate(s));
         } else if (pending) {
-          recurrent.block(dhp, pending, pending_rows, k, scalar_t(1));
+          recurrent.block(dhp, pending, pending_rows, k, scalar_t(1), alternate(s));
         }
         for (int64_t b = k.b0; b < k.b1; ++b) {
           if (!map.active(s, b)) {
@@ -552,7 +554,7 @@ at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::
     }
     if (initial_h && pending) {
       team.each(initial_blocks, [&](const Block& k) {
-        recurrent.block(grads[d], pending, pending_rows, k, scalar_t(1));
+        recurrent.block(grads[d], pending, pending_rows, k, scalar_t(1), alternate(-1));
       });
     }
   });

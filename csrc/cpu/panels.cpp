@@ -282,27 +282,30 @@ PackedWeight::PackedWeight(const float* weight, int64_t R, int64_t N, int64_t se
 }
 
 void PackedWeight::multiply(float* out, int64_t ldo, const float* a, int64_t lda, int64_t n,
-                            int64_t c0, int64_t c1, float beta, const float* bias) const {
+                            int64_t c0, int64_t c1, float beta, const float* bias,
+                            PanelOrder order) const {
   TORCH_INTERNAL_ASSERT(c0 % kPanel == 0);
   const KernelInfo& info = kernel_table()[kernel_];
   const float* panels = panels_.const_data_ptr<float>();
   const int64_t segments = N_ / segment_;
+  // The panels of [c0, c1) in every segment, numbered segment by segment.
+  const int64_t per_segment = (c1 - c0 + kPanel - 1) / kPanel, count = segments * per_segment;
   // Blocks of rows small enough to stay in cache while every panel passes.
   constexpr int64_t kRowBlock = 96;
   for (int64_t i0 = 0; i0 < n; i0 += kRowBlock) {
     const int64_t i1 = std::min(n, i0 + kRowBlock);
-    for (int64_t s = 0; s < segments; ++s) {
-      for (int64_t c = c0; c < c1; c += kPanel) {
-        const float* panel = panels + ((s * panels_per_segment_ + c / kPanel) * R_) * kPanel;
-        const int64_t panel_cols = std::min(kPanel, c1 - c);
-        for (int64_t pass = 0; pass < panel_cols; pass += info.pass_width) {
-          const int64_t cols = std::min(info.pass_width, panel_cols - pass);
-          const int64_t column = s * segment_ + c + pass;
-          const float* b = bias ? bias + column : nullptr;
-          for (int64_t i = i0; i < i1; i += info.rows) {
-            info.kernel(out + column + i * ldo, ldo, a + i * lda, lda,
-                        std::min(info.rows, i1 - i), panel + pass, R_, cols, beta, b);
-          }
+    for (int64_t k = 0; k < count; ++k) {
+      const int64_t index = order == PanelOrder::kAscending ? k : count - 1 - k;
+      const int64_t s = index / per_segment, c = c0 + index % per_segment * kPanel;
+      const float* panel = panels + ((s * panels_per_segment_ + c / kPanel) * R_) * kPanel;
+      const int64_t panel_cols = std::min(kPanel, c1 - c);
+      for (int64_t pass = 0; pass < panel_cols; pass += info.pass_width) {
+        const int64_t cols = std::min(info.pass_width, panel_cols - pass);
+        const int64_t column = s * segment_ + c + pass;
+        const float* b = bias ? bias + column : nullptr;
+        for (int64_t i = i0; i < i1; i += info.rows) {
+          info.kernel(out + column + i * ldo, ldo, a + i * lda, lda, std::min(info.rows, i1 - i),
+                      panel + pass, R_, cols, beta, b);
         }
       }
     }

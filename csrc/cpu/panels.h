@@ -37,6 +37,19 @@ void reset_product_kernel();
 // every product.
 bool large_products_on_blas();
 
+// The order a product walks a packed weight's panels in. A sweep alternates
+// it from step to step: where the panels a thread reads each step are about
+// as large as its cache (LSTM, H=512, one row a step: 2 MiB a core), walking
+// them the same way every step evicts each panel just before it is needed
+// again, while walking back finds the ones read last still there
+// (bench/NOTES.md). The sums do not depend on it.
+enum class PanelOrder { kAscending, kDescending };
+
+// The order of a sweep's products at step s (any integer).
+inline PanelOrder alternate(int64_t s) {
+  return s & 1 ? PanelOrder::kDescending : PanelOrder::kAscending;
+}
+
 // A float weight packed into panels: the right-hand factor M (R x N) of
 // out = beta out + a M. Its N columns form segments of `segment` columns each
 // (a cell's gates); each segment is padded to whole panels, so a product can
@@ -52,7 +65,8 @@ class PackedWeight {
   // j = s * segment + c, for rows i < n and columns c in [c0, c1) of every
   // segment s; c0 is a multiple of kPanelWidth. bias (N values) may be null.
   void multiply(float* out, int64_t ldo, const float* a, int64_t lda, int64_t n, int64_t c0,
-                int64_t c1, float beta, const float* bias = nullptr) const;
+                int64_t c1, float beta, const float* bias = nullptr,
+                PanelOrder order = PanelOrder::kAscending) const;
 
  private:
   at::Tensor panels_;  // (segments, panels per segment, R, kPanelWidth)
