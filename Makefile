@@ -19,7 +19,7 @@ DEVICE ?= cuda
 
 .PHONY: test bench build clean gpu-check
 
-# Two pytest-xdist workers: on CI's two cores the suite took 29 minutes
+# Two pytest-xdist workers: on two cores the suite took 24-29 minutes
 # against 42 in one process. PYTEST_ARGS= runs it in one.
 PYTEST_ARGS ?= -n 2
 
