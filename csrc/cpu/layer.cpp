@@ -62,8 +62,18 @@ ForwardOutputs forward_layer(const LayerSizes& s, const at::Tensor& input, at::T
   const int64_t T = s.T, B = s.B, H = s.H, G = s.G, K = s.K;
   const auto w_hh = weight_hh.contiguous();
   const auto w_hr = present(weight_hr) ? weight_hr->contiguous() : at::Tensor();
-  // The input projection adds b_ih and the folded gates' part of b_hh.
+  // The input projection adds b_ih and the folded gates' part of b_hh;
+  // where every gate folds, the recurrent products start their sums from
+  // that bias instead: the micro-kernel starts from it at no cost, where a
+  // projection on the BLAS would first write it to all T * B rows, a pass
+  // over the whole (T, B, G) buffer (bench/NOTES.md).
   const int64_t folded = Cell::kFoldedGates * H;
+  constexpr bool kBiasInSweep = Cell::kFoldedGates == Cell::kGates;
+  const std::optional<at::Tensor> no_bias;
+  const auto& proj_bias_ih = kBiasInSweep ? no_bias : bias_ih;
+  const auto& proj_bias_hh = kBiasInSweep ? no_bias : bias_hh;
+  const auto sweep_bias =
+      kBiasInSweep ? summed_bias<scalar_t>(bias_ih, bias_hh, folded, G) : std::vector<scalar_t>{};
   const at::Tensor bias_rest = unfolded_bias<Cell>(bias_hh, input, H);
   const auto target = projection_target<Cell>(save_workspace);
 
@@ -81,14 +91,14 @@ ForwardOutputs forward_layer(const LayerSizes& s, const at::Tensor& input, at::T
   at::Tensor proj, output;
   switch (target) {
     case Projection::kWorkspace:
-      project_input(x, weight_ih, bias_ih, bias_hh, folded,
+      project_input(x, weight_ih, proj_bias_ih, proj_bias_hh, folded,
                     workspace.view({T * B, kSaved * H}).narrow(1, 0, G));
       break;
     case Projection::kOutput:
-      output = project_input(x, weight_ih, bias_ih, bias_hh, folded).view({T, B, H});
+      output = project_input(x, weight_ih, proj_bias_ih, proj_bias_hh, folded).view({T, B, H});
       break;
     case Projection::kBuffer:
-      proj = project_input(x, weight_ih, bias_ih, bias_hh, folded);
+      proj = project_input(x, weight_ih, proj_bias_ih, proj_bias_hh, folded);
       break;
   }
   const StepMap map(T, B, lengths, reverse);
@@ -109,7 +119,8 @@ ForwardOutputs forward_layer(const LayerSizes& s, const at::Tensor& input, at::T
   }
   const bool projects = projection.weight != nullptr;
   auto states = sweep_forward<scalar_t>(
-      w_hh, hx[0], Cell::kStates == 2 ? hx[1] : at::Tensor(), projection, map, T, H,
+      w_hh, sweep_bias.empty() ? nullptr : sweep_bias.data(), hx[0],
+      Cell::kStates == 2 ? hx[1] : at::Tensor(), projection, map, T, H,
       [&](int64_t row, int64_t j0, int64_t j1, const scalar_t* q, const scalar_t* h,
           scalar_t* next, scalar_t* c) {
         Cell::template forward<scalar_t>(ForwardRow<scalar_t>{

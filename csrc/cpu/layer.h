@@ -90,11 +90,33 @@ class StepMap {
   at::Tensor lengths_;  // keeps len_ alive
 };
 
-// x (T, B, I) times W_ih^T plus the biases b_ih and the first
-// `folded_columns` entries of b_hh (either may be absent): the input
-// projection of every step as one GEMM, as (T * B, G) rows. Written into
-// `out` (its rows may be strided) when given, else into a new tensor;
-// returns it.
+// b_ih plus the first `folded_columns` entries of b_hh, G values (either
+// may be absent; empty when both are).
+template <typename scalar_t>
+std::vector<scalar_t> summed_bias(const std::optional<at::Tensor>& bias_ih,
+                                  const std::optional<at::Tensor>& bias_hh,
+                                  int64_t folded_columns, int64_t G) {
+  const auto contiguous_or_none = [](const std::optional<at::Tensor>& t) {
+    return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+  };
+  const at::Tensor b_ih = contiguous_or_none(bias_ih);
+  const at::Tensor b_hh = folded_columns > 0 ? contiguous_or_none(bias_hh) : at::Tensor();
+  if (!b_ih.defined() && !b_hh.defined()) {
+    return {};
+  }
+  const scalar_t* bi = b_ih.defined() ? b_ih.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* bh = b_hh.defined() ? b_hh.const_data_ptr<scalar_t>() : nullptr;
+  std::vector<scalar_t> sum(G);
+  for (int64_t j = 0; j < G; ++j) {
+    sum[j] = (bi ? bi[j] : scalar_t(0)) + (bh && j < folded_columns ? bh[j] : scalar_t(0));
+  }
+  return sum;
+}
+
+// x (T, B, I) times W_ih^T plus summed_bias(bias_ih, bias_hh,
+// folded_columns): the input projection of every step as one GEMM, as
+// (T * B, G) rows. Written into `out` (its rows may be strided) when given,
+// else into a new tensor; returns it.
 at::Tensor project_input(const at::Tensor& input, const at::Tensor& weight_ih,
                          const std::optional<at::Tensor>& bias_ih,
                          const std::optional<at::Tensor>& bias_hh, int64_t folded_columns,
@@ -210,11 +232,12 @@ class WeightProduct {
 
   // Block k of a step's product (out = beta out + a M; out: (B, N), a: (B,
   // R), contiguous): rows [b0, min(b1, rows)), columns [j0, j1) of every
-  // segment; a packed weight's panels walked in `order`.
+  // segment; a packed weight's panels walked in `order`. With `bias` (N
+  // values; beta must be 0) out = bias + a M.
   void block(scalar_t* out, const scalar_t* a, int64_t rows, const Block& k, scalar_t beta,
-             PanelOrder order) const {
+             PanelOrder order, const scalar_t* bias = nullptr) const {
     const int64_t n = std::min(k.b1, rows) - k.b0;
-    columns(out + k.b0 * N_, N_, a + k.b0 * R_, R_, n, k.j0, k.j1, beta, nullptr, order);
+    columns(out + k.b0 * N_, N_, a + k.b0 * R_, R_, n, k.j0, k.j1, beta, bias, order);
   }
 
   // The whole product over n rows (row strides ldo and lda), split across
@@ -229,7 +252,7 @@ class WeightProduct {
       if (bias != nullptr) {
         const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, N_));
         at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
-          for (int64_t r = r0; r < r1; ++r) std::copy(bias, bias + N_, out + r * ldo);
+          write_bias(out + r0 * ldo, ldo, r1 - r0, 0, segment_, bias);
         });
         beta = 1;
       }
@@ -263,10 +286,11 @@ class WeightProduct {
 
  private:
   // Rows [0, n) x columns [c0, c1) of every segment, on this thread (or the
-  // BLAS's); a bias only on the micro-kernel.
+  // BLAS's).
   void columns(scalar_t* out, int64_t ldo, const scalar_t* a, int64_t lda, int64_t n, int64_t c0,
                int64_t c1, scalar_t beta, const scalar_t* bias = nullptr,
                PanelOrder order = PanelOrder::kAscending) const {
+    TORCH_INTERNAL_ASSERT(bias == nullptr || beta == scalar_t(0));
     if (n <= 0 || c1 <= c0) {
       return;
     }
@@ -280,6 +304,10 @@ class WeightProduct {
         return;
       }
     }
+    if (bias != nullptr) {  // the BLAS adds to what out holds
+      write_bias(out, ldo, n, c0, c1, bias);
+      beta = 1;
+    }
     // Column-major: out^T[cols] (cols x n) = M^T[cols] (cols x R) a^T (R x n) + beta out^T.
     auto product = [&](int64_t c, int64_t count) {
       gemm<scalar_t>(transposed_, false, count, n, R_, transposed_ ? weight_ + c * R_ : weight_ + c,
@@ -291,6 +319,16 @@ class WeightProduct {
     }
     for (int64_t s = 0; s < N_; s += segment_) {
       product(s + c0, c1 - c0);
+    }
+  }
+
+  // Columns [c0, c1) of every segment of rows [0, n) of out = the bias's.
+  void write_bias(scalar_t* out, int64_t ldo, int64_t n, int64_t c0, int64_t c1,
+                  const scalar_t* bias) const {
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t s = 0; s < N_; s += segment_) {
+        std::copy(bias + s + c0, bias + s + c1, out + r * ldo + s + c0);
+      }
     }
   }
 
@@ -337,17 +375,18 @@ struct OutputProjection {
 // multiplies its sequences' states h_b (K wide: H, or P with a projection)
 // by those units' rows of W_hh (every gate), then row_fn(row, j0, j1, q_b,
 // h_b, next_b, c_b) updates units [j0, j1) of sequence b at time-major row
-// `row` = t * B + b from q_b = (W_hh h_b) (G) and the state h_b, writing the
-// new state (or the m it projects) to next_b and the outputs; c_b is the row
-// of the second state, updated in place (null without one). The state is
+// `row` = t * B + b from q_b = W_hh h_b + bias (G; `bias` may be null) and
+// the state h_b, writing the new state (or the m it projects) to next_b and
+// the outputs; c_b is the row of the second state, updated in place (null
+// without one). The state is
 // double-buffered: other threads may still read this step's state while the
 // next is written; the threads meet after each step. With a projection a
 // second pass over the P units of each step computes h = m W_hr^T and hands
 // each active row to out_fn(row, p0, p1, h_b). A sequence past its end holds
 // its states. Returns the final states.
 template <typename scalar_t, typename RowFn, typename OutFn>
-std::vector<at::Tensor> sweep_forward(const at::Tensor& weight_hh, const at::Tensor& hx,
-                                      const at::Tensor& cx,
+std::vector<at::Tensor> sweep_forward(const at::Tensor& weight_hh, const scalar_t* bias,
+                                      const at::Tensor& hx, const at::Tensor& cx,
                                       const OutputProjection<scalar_t>& projection,
                                       const StepMap& map, int64_t T, int64_t H,
                                       const RowFn& row_fn, const OutFn& out_fn) {
@@ -386,7 +425,7 @@ std::vector<at::Tensor> sweep_forward(const at::Tensor& weight_hh, const at::Ten
       scalar_t* hn = state[(s + 1) & 1];
       scalar_t* dest = mp ? mp : hn;
       team.each(blocks, [&](const Block& k) {
-        recurrent.block(q, h, rows, k, scalar_t(0), alternate(s));
+        recurrent.block(q, h, rows, k, scalar_t(0), alternate(s), bias);
         for (int64_t b = k.b0; b < k.b1; ++b) {
           if (map.active(s, b)) {
             row_fn(map.time(s, b) * B + b, k.j0, k.j1, q + b * G, h + b * K, dest + b * H,

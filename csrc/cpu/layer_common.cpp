@@ -149,30 +149,16 @@ at::Tensor project_input(const at::Tensor& input, const at::Tensor& weight_ih,
   if (!out.defined()) {
     out = empty_buffer({rows, G}, input.options());
   }
-  const auto contiguous_or_none = [](const std::optional<at::Tensor>& t) {
-    return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
-  };
-  const at::Tensor b_ih = contiguous_or_none(bias_ih);
-  const at::Tensor b_hh = folded_columns > 0 ? contiguous_or_none(bias_hh) : at::Tensor();
-  const bool has_bias = b_ih.defined() || b_hh.defined();
   // Written into strided rows in place, where at::addmm_out would compute
   // into a contiguous temporary and copy; the biases are summed into one row
-  // here rather than into a tensor of their own (a small call's cost is its
+  // rather than into a tensor of their own (a small call's cost is its
   // allocations), which the product adds to every row.
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::project_input", [&] {
-    std::vector<scalar_t> bias_row;
-    if (has_bias) {
-      const scalar_t* bi = b_ih.defined() ? b_ih.const_data_ptr<scalar_t>() : nullptr;
-      const scalar_t* bh = b_hh.defined() ? b_hh.const_data_ptr<scalar_t>() : nullptr;
-      bias_row.resize(G);
-      for (int64_t j = 0; j < G; ++j) {
-        bias_row[j] = (bi ? bi[j] : scalar_t(0)) + (bh && j < folded_columns ? bh[j] : scalar_t(0));
-      }
-    }
+    const auto bias = summed_bias<scalar_t>(bias_ih, bias_hh, folded_columns, G);
     const WeightProduct<scalar_t> product(w.const_data_ptr<scalar_t>(), I, G, G, true, rows);
     product.multiply(out.mutable_data_ptr<scalar_t>(), out.stride(0),
                      x2d.const_data_ptr<scalar_t>(), I, rows, scalar_t(0),
-                     has_bias ? bias_row.data() : nullptr);
+                     bias.empty() ? nullptr : bias.data());
   });
   return out;
 }
