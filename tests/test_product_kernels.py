@@ -53,6 +53,11 @@ CASES = [
     ("GRU", (2, 48, 130, 130), dict(), [2, 1] * 24),
     # Every forward product under 16 rows: the BLAS beside a chosen kernel.
     ("LSTM", (3, 4, 6, 40), dict(proj_size=17), None),
+    # A single step with its input projection on the kernel, inside the
+    # sweep: its bias there (GRU), and in training into the workspace's
+    # strided rows.
+    ("GRU", (1, 40, 7, 33), dict(), None),
+    ("LSTM", (1, 48, 130, 130), dict(proj_size=17), None),
 ]
 
 
@@ -114,6 +119,19 @@ def test_default_choice_against_torch_nn_float64(threads, cls, sizes, kwargs, le
     on MKL, their per-step products on the best kernel."""
     assert _C.product_kernel() == KERNELS[0]
     check_against_torch_nn_float64(cls, sizes, kwargs, lengths)
+
+
+@pytest.mark.parametrize("cls, kwargs", [("RNN", {}), ("GRU", {}), ("LSTM", dict(proj_size=17))],
+                         ids=["RNN", "GRU", "LSTM"])
+def test_single_step_without_grad(product_kernel, threads, cls, kwargs):
+    """Without grad, a single step's input projection goes to the output (a
+    one-gate cell) or to a buffer of its own instead of the workspace."""
+    reference, candidate = make_pair(getattr(nn, cls), getattr(fastrnn, cls), 7, 33, **kwargs)
+    x = torch.randn(1, 40, 7)
+    with torch.no_grad():
+        expected = reference.double()(x.double())
+        actual = candidate(x)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, check_dtype=False)
 
 
 def check_against_torch_nn_float64(cls, sizes, kwargs, lengths):

@@ -88,18 +88,43 @@ ForwardOutputs forward_layer(const LayerSizes& s, const at::Tensor& input, at::T
     }
   }
   const auto x = contiguous_buffer(input);
-  at::Tensor proj, output;
+  at::Tensor proj, output, proj_rows;  // proj_rows: the projection's (T * B, G) rows
   switch (target) {
     case Projection::kWorkspace:
-      project_input(x, weight_ih, proj_bias_ih, proj_bias_hh, folded,
-                    workspace.view({T * B, kSaved * H}).narrow(1, 0, G));
+      proj_rows = workspace.view({T * B, kSaved * H}).narrow(1, 0, G);
       break;
     case Projection::kOutput:
-      output = project_input(x, weight_ih, proj_bias_ih, proj_bias_hh, folded).view({T, B, H});
+      output = empty_buffer({T, B, H}, input.options());
+      proj_rows = output.view({T * B, H});
       break;
     case Projection::kBuffer:
-      proj = project_input(x, weight_ih, proj_bias_ih, proj_bias_hh, folded);
+      proj = empty_buffer({T * B, G}, input.options());
+      proj_rows = proj;
       break;
+  }
+  // A single step's projection on the micro-kernel runs inside the sweep,
+  // each thread multiplying the x rows of its own block: one product either
+  // way, but one parallel region fewer, and each thread writes the
+  // projection where its own rows read it (bench/NOTES.md). On the BLAS
+  // (a few rows) it would take a call per gate and thread, and longer
+  // inputs take one large GEMM over all steps, far faster than a small
+  // product per step.
+  const auto w_ih = weight_ih.contiguous();
+  const int64_t I = x.size(2);
+  std::optional<WeightProduct<scalar_t>> step_product;
+  if (T == 1) {
+    step_product.emplace(w_ih.const_data_ptr<scalar_t>(), I, G, H, true, B, B);
+  }
+  StepInput<scalar_t> step_input;
+  std::vector<scalar_t> step_bias;
+  const bool project_in_sweep = step_product && step_product->on_kernel();
+  if (project_in_sweep) {
+    step_bias = summed_bias<scalar_t>(proj_bias_ih, proj_bias_hh, folded, G);
+    step_input = {&*step_product, x.const_data_ptr<scalar_t>(), I,
+                  step_bias.empty() ? nullptr : step_bias.data(),
+                  proj_rows.mutable_data_ptr<scalar_t>(), proj_rows.stride(0)};
+  } else {
+    project_input(x, w_ih, proj_bias_ih, proj_bias_hh, folded, proj_rows);
   }
   const StepMap map(T, B, lengths, reverse);
   if (!output.defined()) {
@@ -131,7 +156,8 @@ ForwardOutputs forward_layer(const LayerSizes& s, const at::Tensor& input, at::T
       },
       [&](int64_t row, int64_t p0, int64_t p1, const scalar_t* h) {
         std::copy(h + p0, h + p1, out + row * K + p0);
-      });
+      },
+      project_in_sweep ? &step_input : nullptr);
   if (target == Projection::kOutput) {
     // Positions past a sequence's end still hold their projection: they are zero.
     for (int64_t i = 0; map.has_lengths() && i < B; ++i) {

@@ -61,8 +61,9 @@ class StepMap {
   bool active(int64_t s, int64_t b) const { return s < length(b); }
   int64_t time(int64_t s, int64_t b) const { return reverse_ ? length(b) - 1 - s : s; }
   // True when every sequence active at a step reads the same time index, so
-  // that step's rows form one contiguous slice of a (T, B, ...) tensor.
-  bool uniform_time() const { return !(reverse_ && len_); }
+  // that step's rows form one contiguous slice of a (T, B, ...) tensor (at
+  // T = 1 every length is 1).
+  bool uniform_time() const { return !(reverse_ && len_) || T_ == 1; }
   int64_t uniform_time_of(int64_t s) const { return reverse_ ? T_ - 1 - s : s; }
   // Rows [0, rows(s)) hold every sequence still active at step s; the
   // recurrent GEMM of that step skips the rest (sorted batches shrink).
@@ -230,14 +231,25 @@ class WeightProduct {
     }
   }
 
+  // Whether the products run on the micro-kernel; if not, each call of
+  // block() or columns() is a BLAS call per segment.
+  bool on_kernel() const { return packed_.has_value() || unpacked_; }
+
   // Block k of a step's product (out = beta out + a M; out: (B, N), a: (B,
   // R), contiguous): rows [b0, min(b1, rows)), columns [j0, j1) of every
   // segment; a packed weight's panels walked in `order`. With `bias` (N
   // values; beta must be 0) out = bias + a M.
   void block(scalar_t* out, const scalar_t* a, int64_t rows, const Block& k, scalar_t beta,
              PanelOrder order, const scalar_t* bias = nullptr) const {
+    block(out, N_, a, R_, rows, k, beta, order, bias);
+  }
+
+  // The same with row strides ldo and lda.
+  void block(scalar_t* out, int64_t ldo, const scalar_t* a, int64_t lda, int64_t rows,
+             const Block& k, scalar_t beta, PanelOrder order,
+             const scalar_t* bias = nullptr) const {
     const int64_t n = std::min(k.b1, rows) - k.b0;
-    columns(out + k.b0 * N_, N_, a + k.b0 * R_, R_, n, k.j0, k.j1, beta, bias, order);
+    columns(out + k.b0 * ldo, ldo, a + k.b0 * lda, lda, n, k.j0, k.j1, beta, bias, order);
   }
 
   // The whole product over n rows (row strides ldo and lda), split across
@@ -370,6 +382,20 @@ struct OutputProjection {
   int64_t P = 0;
 };
 
+// An input projection the forward sweep computes step by step, each thread
+// for its own block: out = x W^T + bias, with `product` by W (G, I), x (T,
+// B, I) contiguous, bias G values (null: none) and out (T * B, G) rows of
+// stride ldo.
+template <typename scalar_t>
+struct StepInput {
+  const WeightProduct<scalar_t>* product = nullptr;
+  const scalar_t* x = nullptr;
+  int64_t I = 0;
+  const scalar_t* bias = nullptr;
+  scalar_t* out = nullptr;
+  int64_t ldo = 0;
+};
+
 // The forward time loop every cell shares. Each step, each thread of the
 // sweep's team takes a block of sequences x hidden units (split_step): it
 // multiplies its sequences' states h_b (K wide: H, or P with a projection)
@@ -382,14 +408,18 @@ struct OutputProjection {
 // double-buffered: other threads may still read this step's state while the
 // next is written; the threads meet after each step. With a projection a
 // second pass over the P units of each step computes h = m W_hr^T and hands
-// each active row to out_fn(row, p0, p1, h_b). A sequence past its end holds
+// each active row to out_fn(row, p0, p1, h_b). Given an `input`, each thread
+// first computes its block's input projection of the step (every active
+// sequence reads the same time at each step). A sequence past its end holds
 // its states. Returns the final states.
 template <typename scalar_t, typename RowFn, typename OutFn>
 std::vector<at::Tensor> sweep_forward(const at::Tensor& weight_hh, const scalar_t* bias,
                                       const at::Tensor& hx, const at::Tensor& cx,
                                       const OutputProjection<scalar_t>& projection,
                                       const StepMap& map, int64_t T, int64_t H,
-                                      const RowFn& row_fn, const OutFn& out_fn) {
+                                      const RowFn& row_fn, const OutFn& out_fn,
+                                      const StepInput<scalar_t>* input = nullptr) {
+  TORCH_INTERNAL_ASSERT(input == nullptr || map.uniform_time());
   const int64_t B = hx.size(0), K = hx.size(1), G = weight_hh.size(0), P = projection.P;
   const int64_t steps = map.steps();
   // Two state buffers, each step reading one and writing the other (a
@@ -407,8 +437,9 @@ std::vector<at::Tensor> sweep_forward(const at::Tensor& weight_hh, const scalar_
       projection.weight ? std::make_optional<WeightProduct<scalar_t>>(projection.weight, H, P, P,
                                                                       true, T * B, B)
                         : std::nullopt;
-  const int64_t threads = team_threads(steps * B * G * K);
-  const auto blocks = split_step(B, H, G * K, PackedWeight::kPanelWidth, threads);
+  const int64_t row_work = G * (K + (input ? input->I : 0));  // multiply-adds a sequence a step
+  const int64_t threads = team_threads(steps * B * row_work);
+  const auto blocks = split_step(B, H, row_work, PackedWeight::kPanelWidth, threads);
   const auto projected_blocks =
       m.defined() ? split_step(B, P, P * H, PackedWeight::kPanelWidth, threads)
                   : std::vector<Block>{};
@@ -425,6 +456,12 @@ std::vector<at::Tensor> sweep_forward(const at::Tensor& weight_hh, const scalar_
       scalar_t* hn = state[(s + 1) & 1];
       scalar_t* dest = mp ? mp : hn;
       team.each(blocks, [&](const Block& k) {
+        if (input) {
+          const int64_t t = map.uniform_time_of(s);
+          input->product->block(input->out + t * B * input->ldo, input->ldo,
+                               input->x + t * B * input->I, input->I, rows, k, scalar_t(0),
+                               alternate(s), input->bias);
+        }
         recurrent.block(q, h, rows, k, scalar_t(0), alternate(s), bias);
         for (int64_t b = k.b0; b < k.b1; ++b) {
           if (map.active(s, b)) {
