@@ -404,14 +404,13 @@ struct StepInput {
 // `row` = t * B + b from q_b = W_hh h_b + bias (G; `bias` may be null) and
 // the state h_b, writing the new state (or the m it projects) to next_b and
 // the outputs; c_b is the row of the second state, updated in place (null
-// without one). The state is
-// double-buffered: other threads may still read this step's state while the
-// next is written; the threads meet after each step. With a projection a
-// second pass over the P units of each step computes h = m W_hr^T and hands
-// each active row to out_fn(row, p0, p1, h_b). Given an `input`, each thread
-// first computes its block's input projection of the step (every active
-// sequence reads the same time at each step). A sequence past its end holds
-// its states. Returns the final states.
+// without one). The state is double-buffered: other threads may still read
+// this step's state while the next is written; the threads meet after each
+// step. With a projection a second pass over the P units of each step
+// computes h = m W_hr^T and hands each active row to out_fn(row, p0, p1,
+// h_b). Given an `input`, each thread first computes its block's input
+// projection of the step (every active sequence reads the same time at each
+// step). A sequence past its end holds its states. Returns the final states.
 template <typename scalar_t, typename RowFn, typename OutFn>
 std::vector<at::Tensor> sweep_forward(const at::Tensor& weight_hh, const scalar_t* bias,
                                       const at::Tensor& hx, const at::Tensor& cx,
