@@ -2,6 +2,7 @@
 // (fastrnn/ops.py), so that the ops exist, for the Triton engine and for
 // torch.compile, without this library; loading it adds the CPU kernels.
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -39,6 +40,64 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> call_layer_forward(
                                           bias_hh, weight_hr, lengths, reverse, keep, strategy);
 }
 
+
+// The tensor `object` holds where it is a torch.Tensor or a Parameter
+// exactly (a subclass may override __torch_function__); else null.
+const at::Tensor* exact_tensor(py::handle object) {
+  return THPVariable_CheckExact(object.ptr()) ? &THPVariable_Unpack(object.ptr()) : nullptr;
+}
+
+// fastrnn::layer_step where the call is the plain one a cell module's
+// common call makes, checked here in one pass rather than in Python, where
+// the checks cost as much as a small step's arithmetic: x (B, I) and `hx`,
+// a tuple of the cell's (B, H) states, sized as the weights (2-D) expect;
+// every tensor a torch.Tensor or Parameter on the CPU (the biases may be
+// None); x neither float16 nor bfloat16, which the engine widens. Returns
+// the states after the step as a tuple, or None for any other call (it
+// raises for none: the caller's own checks then do, as torch.nn's).
+py::object plain_step(c10::string_view cell, py::handle x, py::handle hx, py::handle weight_ih,
+                      py::handle weight_hh, py::handle bias_ih, py::handle bias_hh,
+                      c10::string_view strategy) {
+  const at::Tensor* input = exact_tensor(x);
+  const at::Tensor* w_ih = exact_tensor(weight_ih);
+  const at::Tensor* w_hh = exact_tensor(weight_hh);
+  if (!input || !w_ih || !w_hh || !PyTuple_CheckExact(hx.ptr()) ||
+      PyTuple_GET_SIZE(hx.ptr()) != fastrnn::cpu::cell_states(cell)) {
+    return py::none();
+  }
+  if (input->dim() != 2 || w_ih->dim() != 2 || w_hh->dim() != 2 || !input->is_cpu() ||
+      !w_ih->is_cpu() || !w_hh->is_cpu() || input->size(1) != w_ih->size(1) ||
+      input->scalar_type() == at::kHalf || input->scalar_type() == at::kBFloat16) {
+    return py::none();
+  }
+  std::vector<at::Tensor> states;
+  for (py::handle state : py::reinterpret_borrow<py::tuple>(hx)) {
+    const at::Tensor* h = exact_tensor(state);
+    if (!h || h->dim() != 2 || !h->is_cpu() || h->size(0) != input->size(0) ||
+        h->size(1) != w_hh->size(1)) {
+      return py::none();
+    }
+    states.push_back(*h);
+  }
+  std::optional<at::Tensor> biases[2];
+  const py::handle given[2] = {bias_ih, bias_hh};
+  for (int i = 0; i < 2; ++i) {
+    if (given[i].is_none()) continue;
+    const at::Tensor* bias = exact_tensor(given[i]);
+    if (!bias || !bias->is_cpu()) return py::none();
+    biases[i] = *bias;
+  }
+  std::vector<at::Tensor> result;
+  {
+    // Released while the step runs, as torch.ops does.
+    py::gil_scoped_release release;
+    result = fastrnn::layer_step(cell, *input, states, *w_ih, *w_hh, biases[0], biases[1],
+                                 strategy);
+  }
+  py::tuple after(result.size());
+  for (size_t i = 0; i < result.size(); ++i) after[i] = py::cast(std::move(result[i]));
+  return after;
+}
 }  // namespace
 
 // Importing fastrnn._C loads this library and so registers the kernels above.
@@ -56,9 +115,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "torch.ops.fastrnn.layer_forward, the same dispatch without boxing its arguments "
         "(no __torch_function__ handling: callers check for it); save_workspace None: "
         "where autograd records the layer.");
-  m.def("layer_step", &fastrnn::layer_step, py::call_guard<py::gil_scoped_release>(),
-        "One step on a (B, I) input: the states layer_forward leaves after it as a "
-        "length-1 sequence (no __torch_function__ handling: callers check for it).");
+  m.def("plain_step", &plain_step,
+        "One step on a (B, I) input where the call is a cell module's plain one: the "
+        "states layer_forward leaves after it as a length-1 sequence, or None for any "
+        "other call (no __torch_function__ handling: callers check for modes).");
   m.def("set_product_kernel", &fastrnn::cpu::set_product_kernel,
         "Chooses one of product_kernels() for every float product.");
   m.def("reset_product_kernel", &fastrnn::cpu::reset_product_kernel,

@@ -237,12 +237,15 @@ def cpp_step(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: T
     engine's forward op over it as a length-1 sequence, in one call to the
     extension (its C++ node records the step where an input requires grad);
     None where that call does not serve: under torch.compile or torch.func,
-    under autocast (``functional.layer`` casts), or where
-    ``__torch_function__`` is overridden."""
+    under autocast (``functional.layer`` casts), under a
+    ``__torch_function__`` mode, or where the call is not a plain one
+    (``fastrnn._C.plain_step``: plain tensors on the CPU, sized as the
+    weights expect; a tensor subclass, which may override
+    ``__torch_function__``, is not plain)."""
     if (not _eager() or torch._C._is_any_autocast_enabled()
-            or torch._C._has_torch_function((x, *hx, w_ih, w_hh, b_ih, b_hh))):
+            or torch._C._is_torch_function_mode_enabled()):
         return None
-    return tuple(cpp.layer_step(cell, x, hx, w_ih, w_hh, b_ih, b_hh, settings.triton_strategy))
+    return cpp.plain_step(cell, x, hx, w_ih, w_hh, b_ih, b_hh, settings.triton_strategy)
 
 
 def run(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,

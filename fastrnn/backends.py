@@ -57,6 +57,12 @@ def resolve(device: torch.device) -> str:
     return name
 
 
+def cpp_may_run() -> bool:
+    """Whether the backend setting lets the C++ engine run CPU layers, read
+    without a device (the engine itself takes CPU tensors only)."""
+    return settings.backend in ("auto", "cpp") and cpp.available()
+
+
 # What is installed does not change while a process runs: torch.compile takes
 # these two as constants (the setting itself is read, and guarded, above).
 @torch.compiler.assume_constant_result

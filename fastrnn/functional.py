@@ -98,15 +98,26 @@ def step(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tenso
          b_ih: Tensor | None = None, b_hh: Tensor | None = None) -> tuple[Tensor, ...]:
     """One step of ``cell`` on a (B, I) input from the states ``hx``: the
     states after it, as ``layer`` leaves them after a length-1 sequence (a
-    cell module's call). On the C++ engine in eager mode that is a single
-    call into the extension: a step's arithmetic is microseconds, so the
-    calls around it are most of its time."""
-    if (x.dtype not in _WIDENED and backends.resolve(x.device) == "cpp"
-            and not _carries_tangents((x, *hx, w_ih, w_hh, b_ih, b_hh))):
-        states = autograd.cpp_step(cell, x, hx, w_ih, w_hh, b_ih, b_hh)
-        if states is not None:
-            return states
+    cell module's call)."""
+    states = plain_step(cell, x, hx, w_ih, w_hh, b_ih, b_hh)
+    if states is not None:
+        return states
     return layer(cell, x.unsqueeze(0), hx, w_ih, w_hh, b_ih, b_hh)[1]
+
+
+def plain_step(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,
+               b_ih: Tensor | None = None, b_hh: Tensor | None = None) -> tuple[Tensor, ...] | None:
+    """``step`` as a single call into the C++ engine, where that serves: a
+    plain call (x (B, I) and a tuple of (B, H) states, sized as the weights
+    expect; plain tensors on the CPU, x neither float16 nor bfloat16) in
+    eager mode, without forward-mode AD or autocast, where the backend lets
+    the C++ engine run. None for any other call, without raising: a cell
+    module then checks its inputs as torch.nn does and calls ``step``. A
+    step's arithmetic is microseconds, so the calls and checks around it are
+    much of its time: the extension checks the plain call in one pass."""
+    if forward_ad._current_level >= 0 or not backends.cpp_may_run():
+        return None
+    return autograd.cpp_step(cell, x, hx, w_ih, w_hh, b_ih, b_hh)
 
 
 def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,

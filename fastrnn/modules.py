@@ -361,7 +361,14 @@ def _mixed_devices(input: Tensor, tensors) -> bool:
 
 
 class _CellModule(_Namesake, nn.RNNCellBase):
-    """What RNNCell, GRUCell and LSTMCell share: reading their weights."""
+    """What RNNCell, GRUCell and LSTMCell share: reading their weights.
+
+    A cell's call first tries ``functional.plain_step``, which takes the
+    common call (batched, with its states, plain CPU tensors) in one call
+    into the C++ engine, its checks included; any other call returns None
+    there and then takes torch.nn's checks (``_cell_inputs``), in Python,
+    which cost about as much as a small step's arithmetic.
+    """
 
     def _weights(self) -> tuple:
         """(weight_ih, weight_hh, bias_ih, bias_hh), as reading the attributes gives them.
@@ -395,15 +402,20 @@ class RNNCell(_CellModule):
         if _runs_as_torch_nn():
             return self._torch_class.forward(self, input, hx)
         weights = self._weights()
+        cell = f"rnn_{self.nonlinearity}"
+        states = functional.plain_step(cell, input, (hx,), *weights)  # see _CellModule
+        if states is not None:
+            return states[0]
         input, (hx,), is_batched = _cell_inputs(self, "RNNCell", input,
                                                 None if hx is None else (hx,), weights)
         if self.nonlinearity not in ("tanh", "relu"):
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
         if _mixed_devices(input, (hx, *weights)):
             # torch.nn's own cell raises torch.nn's error for this
-            cell = torch._VF.rnn_tanh_cell if self.nonlinearity == "tanh" else torch._VF.rnn_relu_cell
-            return cell(input, hx, *weights)
-        h, = functional.step(f"rnn_{self.nonlinearity}", input, (hx,), *weights)
+            torch_cell = (torch._VF.rnn_tanh_cell if self.nonlinearity == "tanh"
+                          else torch._VF.rnn_relu_cell)
+            return torch_cell(input, hx, *weights)
+        h, = functional.step(cell, input, (hx,), *weights)
         return h if is_batched else h.squeeze(0)
 
 
@@ -421,6 +433,9 @@ class GRUCell(_CellModule):
         if _runs_as_torch_nn():
             return self._torch_class.forward(self, input, hx)
         weights = self._weights()
+        states = functional.plain_step("gru", input, (hx,), *weights)  # see _CellModule
+        if states is not None:
+            return states[0]
         input, (hx,), is_batched = _cell_inputs(self, "GRUCell", input,
                                                 None if hx is None else (hx,), weights)
         if _mixed_devices(input, (hx, *weights)):
@@ -445,6 +460,9 @@ class LSTMCell(_CellModule):
         if _runs_as_torch_nn():
             return self._torch_class.forward(self, input, hx)
         weights = self._weights()
+        states = functional.plain_step("lstm", input, hx, *weights)  # see _CellModule
+        if states is not None:
+            return states
         input, states, is_batched = _cell_inputs(self, "LSTMCell", input, hx, weights, count=2)
         if _mixed_devices(input, (*states, *weights)):
             return torch._VF.lstm_cell(input, states, *weights)

@@ -367,11 +367,11 @@ STEP_CELLS = [("rnn_tanh", nn.RNNCell, {}), ("rnn_relu", nn.RNNCell, {"nonlinear
 @pytest.mark.parametrize("grad", ["none", "weights_only", "all"])
 def test_cell_step_in_one_call(monkeypatch, cell, torch_cls, kwargs, grad):
     # In eager mode a cell's step is one call into the extension
-    # (fastrnn._C.layer_step): its states and gradients are the same bits as
+    # (fastrnn._C.plain_step): its states and gradients are the same bits as
     # the general path's (a layer over a length-1 sequence), and torch.nn's.
     calls = []
-    step = fastrnn.cpp.layer_step
-    monkeypatch.setattr(fastrnn.cpp, "layer_step", lambda *args: calls.append(1) or step(*args))
+    step = fastrnn.cpp.plain_step
+    monkeypatch.setattr(fastrnn.cpp, "plain_step", lambda *args: calls.append(1) or step(*args))
     generator = torch.Generator().manual_seed(31)
     B, I, H = 3, 5, 4
     reference = torch_cls(I, H, dtype=torch.float64, **kwargs)
@@ -401,3 +401,58 @@ def test_cell_step_in_one_call(monkeypatch, cell, torch_cls, kwargs, grad):
     for a, b in zip(one_states, expected if cell == "lstm" else (expected,)):
         assert_close(a, b)
 
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+@pytest.mark.skipif(not fastrnn.cpp.available(), reason="needs the C++ engine")
+def test_plain_step_declines_every_other_call():
+    # fastrnn._C.plain_step runs the plain call of a cell module (batched,
+    # with its states, plain CPU tensors sized as the weights expect) and
+    # returns None, raising nothing, for any other: the module's own checks,
+    # torch.nn's, then run.
+    B, I, H = 3, 5, 4
+    generator = torch.Generator().manual_seed(5)
+    x, h, c = (torch.randn(B, n, dtype=torch.float64, generator=generator) for n in (I, H, H))
+    w_ih, w_hh, b_ih, b_hh = (torch.randn(*shape, dtype=torch.float64, generator=generator)
+                              for shape in ((H, I), (H, H), (H,), (H,)))
+    strategy = fastrnn.settings.settings.triton_strategy
+
+    def plain(cell="rnn_tanh", x=x, hx=(h,), w_ih=nn.Parameter(w_ih), w_hh=w_hh, b_ih=b_ih,
+              b_hh=b_hh):
+        return fastrnn.cpp.plain_step(cell, x, hx, w_ih, w_hh, b_ih, b_hh, strategy)
+
+    h1, = plain()
+    assert_close(h1, torch._VF.rnn_tanh_cell(x, h, w_ih, w_hh, b_ih, b_hh))
+    h1, c1 = plain("lstm", hx=(h, c), w_ih=torch.randn(4 * H, I, dtype=torch.float64),
+                   w_hh=torch.randn(4 * H, H, dtype=torch.float64), b_ih=None, b_hh=None)
+    assert h1.shape == c1.shape == (B, H)
+    others = {
+        "unknown cell": dict(cell="rnn_gelu"),
+        "too few states": dict(cell="lstm", hx=(h,)),
+        "too many states": dict(hx=(h, h)),
+        "states in a list": dict(hx=[h]),
+        "states not a sequence": dict(hx=h),
+        "unbatched input": dict(x=x[0], hx=(h[0],)),
+        "3-D input": dict(x=x.unsqueeze(0)),
+        "input size": dict(x=x[:, :-1]),
+        "state batch": dict(hx=(h[:-1],)),
+        "state size": dict(hx=(h[:, :-1],)),
+        "1-D state": dict(hx=(h[0],)),
+        "1-D weight": dict(w_ih=w_ih.flatten()),
+        "float16 input": dict(x=x.half()),
+        "bfloat16 input": dict(x=x.bfloat16()),
+        "meta input": dict(x=x.to("meta")),
+        "meta state": dict(hx=(h.to("meta"),)),
+        "meta weight": dict(w_hh=w_hh.to("meta")),
+        "meta bias": dict(b_hh=b_hh.to("meta")),
+        "tensor subclass": dict(x=x.as_subclass(_Subclass)),
+        "subclass state": dict(hx=(h.as_subclass(_Subclass),)),
+        "not a tensor": dict(x=x.numpy()),
+        "weight None": dict(w_hh=None),
+        "bias not a tensor": dict(b_ih=[0.0] * H),
+    }
+    for what, args in others.items():
+        assert plain(**args) is None, what

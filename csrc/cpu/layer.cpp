@@ -265,9 +265,9 @@ BackwardOutputs backward_layer(const LayerSizes& s, const at::Tensor& grad_outpu
 }
 
 // Calls f with the trait of the cell named `cell` (a default-constructed
-// instance, for its type).
-template <typename F>
-auto with_cell(c10::string_view cell, const F& f) {
+// instance, for its type); unknown() for any other name.
+template <typename F, typename Unknown>
+auto visit_cell(c10::string_view cell, const F& f, const Unknown& unknown) {
   if (cell == c10::string_view("rnn_tanh")) {
     return f(RnnCell<false>{});
   }
@@ -280,7 +280,15 @@ auto with_cell(c10::string_view cell, const F& f) {
   if (cell == c10::string_view("lstm")) {
     return f(LstmCell{});
   }
-  TORCH_CHECK(false, "fastrnn: unknown cell '", cell, "'");
+  return unknown();
+}
+
+// visit_cell, where an unknown name is an error.
+template <typename F>
+auto with_cell(c10::string_view cell, const F& f) {
+  return visit_cell(cell, f, [&]() -> decltype(f(LstmCell{})) {
+    TORCH_CHECK(false, "fastrnn: unknown cell '", cell, "'");
+  });
 }
 
 template <typename Cell>
@@ -296,6 +304,11 @@ void check_projection(c10::string_view cell, const std::optional<at::Tensor>& we
 }
 
 }  // namespace
+
+int64_t cell_states(c10::string_view cell) {
+  return visit_cell(
+      cell, [](auto trait) { return decltype(trait)::kStates; }, [] { return int64_t{0}; });
+}
 
 ForwardOutputs layer_forward(c10::string_view cell, const at::Tensor& input, at::TensorList hx,
                              const at::Tensor& weight_ih, const at::Tensor& weight_hh,

@@ -15,6 +15,9 @@
 
 namespace fastrnn::cpu {
 
+// The number of state tensors of the cell named `cell`; 0 for an unknown name.
+int64_t cell_states(c10::string_view cell);
+
 // (output (T, B, H or P), final states, workspace): the workspace is (T, B,
 // saved * H), what each step keeps for backward, with save_workspace, and
 // (0,) without (inference, where no step writes it).
