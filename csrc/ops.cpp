@@ -98,6 +98,50 @@ py::object plain_step(c10::string_view cell, py::handle x, py::handle hx, py::ha
   for (size_t i = 0; i < result.size(); ++i) after[i] = py::cast(std::move(result[i]));
   return after;
 }
+
+// The states of a recurrent module's call where it is the plain one:
+// `input` a (T, B, input_size) tensor ((B, T, input_size) batch_first), T
+// > 0, of the first weight's dtype, neither float16 nor bfloat16; `hx` its
+// state (a tensor, h_size wide) or, with c_size, the tuple (h, c), each
+// (layers, B, width); `weights` the module's list of flat weights (None for
+// an absent bias); every tensor a torch.Tensor or Parameter on the CPU.
+// Returns the tuple of the states, or None for any other call (it raises for
+// none: the module's own checks, torch.nn's, then do).
+py::object plain_states(py::handle input, py::handle hx, py::handle weights, int64_t input_size,
+                        int64_t layers, int64_t h_size, int64_t c_size, bool batch_first) {
+  const at::Tensor* x = exact_tensor(input);
+  if (!x || x->dim() != 3 || !x->is_cpu() || x->size(2) != input_size ||
+      x->size(batch_first ? 1 : 0) == 0 || x->scalar_type() == at::kHalf ||
+      x->scalar_type() == at::kBFloat16 || !PyList_CheckExact(weights.ptr()) ||
+      PyList_GET_SIZE(weights.ptr()) == 0) {
+    return py::none();
+  }
+  bool first = true;
+  for (py::handle weight : py::reinterpret_borrow<py::list>(weights)) {
+    if (!first && weight.is_none()) continue;
+    const at::Tensor* w = exact_tensor(weight);
+    if (!w || !w->is_cpu() || (first && w->scalar_type() != x->scalar_type())) {
+      return py::none();
+    }
+    first = false;
+  }
+  const int64_t batch = x->size(batch_first ? 0 : 1);
+  const int64_t widths[2] = {h_size, c_size};
+  const bool pair = c_size > 0;
+  if (pair && !(PyTuple_CheckExact(hx.ptr()) && PyTuple_GET_SIZE(hx.ptr()) == 2)) {
+    return py::none();
+  }
+  py::tuple states(pair ? 2 : 1);
+  for (int i = 0; i < (pair ? 2 : 1); ++i) {
+    py::handle state = pair ? PyTuple_GET_ITEM(hx.ptr(), i) : hx.ptr();
+    const at::Tensor* h = exact_tensor(state);
+    if (!h || !h->is_cpu() || h->sizes() != at::IntArrayRef({layers, batch, widths[i]})) {
+      return py::none();
+    }
+    states[i] = py::reinterpret_borrow<py::object>(state);
+  }
+  return states;
+}
 }  // namespace
 
 // Importing fastrnn._C loads this library and so registers the kernels above.
@@ -119,6 +163,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "One step on a (B, I) input where the call is a cell module's plain one: the "
         "states layer_forward leaves after it as a length-1 sequence, or None for any "
         "other call (no __torch_function__ handling: callers check for modes).");
+  m.def("plain_states", &plain_states,
+        "The tuple of a recurrent module's states where its call is a plain one, or None "
+        "for any other call.");
   m.def("set_product_kernel", &fastrnn::cpu::set_product_kernel,
         "Chooses one of product_kernels() for every float product.");
   m.def("reset_product_kernel", &fastrnn::cpu::reset_product_kernel,

@@ -242,10 +242,18 @@ def cpp_step(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: T
     (``fastrnn._C.plain_step``: plain tensors on the CPU, sized as the
     weights expect; a tensor subclass, which may override
     ``__torch_function__``, is not plain)."""
-    if (not _eager() or torch._C._is_any_autocast_enabled()
-            or torch._C._is_torch_function_mode_enabled()):
+    if not plain_calls():
         return None
     return cpp.plain_step(cell, x, hx, w_ih, w_hh, b_ih, b_hh, settings.triton_strategy)
+
+
+def plain_calls() -> bool:
+    """Whether the extension's checks of a plain call (``fastrnn._C.plain_step``
+    and ``plain_states``) may stand for the callers' own: in eager mode, with
+    no autocast (which changes dtypes and torch.nn's checks) and no
+    ``__torch_function__`` mode (the extension honours none)."""
+    return (_eager() and not torch._C._is_any_autocast_enabled()
+            and not torch._C._is_torch_function_mode_enabled())
 
 
 def run(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from fastrnn import autograd, backends, reference
+from fastrnn import autograd, backends, cpp, reference
 from fastrnn.cells import for_mode
 
 # The C++ engine computes in float32 or float64; narrower floats are widened
@@ -118,6 +118,20 @@ def plain_step(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh:
     if forward_ad._current_level >= 0 or not backends.cpp_may_run():
         return None
     return autograd.cpp_step(cell, x, hx, w_ih, w_hh, b_ih, b_hh)
+
+
+def plain_states(input: Tensor, hx, weights: list, input_size: int, layers: int, h_size: int,
+                 c_size: int, batch_first: bool) -> tuple[Tensor, ...] | None:
+    """The tuple of a recurrent module's states (``hx``: h, or (h, c) with a
+    ``c_size``) where its call is the plain one, which torch.nn's checks
+    pass: a batched (T > 0) input of the weights' dtype and ``input_size``
+    features, and states of (layers, B, width), plain tensors on the CPU, in
+    eager mode without autocast. Checked in one pass in the extension; None
+    for any other call, without raising: the module then runs torch.nn's
+    checks, which cost about as much as a short layer's arithmetic."""
+    if not cpp.available() or not autograd.plain_calls():
+        return None
+    return cpp.plain_states(input, hx, weights, input_size, layers, h_size, c_size, batch_first)
 
 
 def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,

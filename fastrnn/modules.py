@@ -65,6 +65,11 @@ class _RecurrentModule(_Namesake, nn.RNNBase):
     # Prefix of the input-rank error, as the torch.nn namesake words it.
     _rank_error = ""
 
+    @property
+    def _second_state_size(self) -> int:
+        """The width of the second state tensor (LSTM's c); 0 without one."""
+        return 0
+
     def _states(self, hx) -> tuple[Tensor, ...]:
         """hx as the tuple of the cell's state tensors."""
         return (hx,)
@@ -121,6 +126,36 @@ class _RecurrentModule(_Namesake, nn.RNNBase):
         if _runs_as_torch_nn():
             return self._torch_class.forward(self, input, hx)
         self._update_flat_weights()
+        directions = 2 if self.bidirectional else 1
+        states = functional.plain_states(
+            input, hx, self._flat_weights, self.input_size, self.num_layers * directions,
+            self.proj_size or self.hidden_size, self._second_state_size, self.batch_first)
+        if states is not None:
+            # The common call, checked in one pass in the extension.
+            packed, is_batched, lengths = False, True, None
+            x = input.transpose(0, 1) if self.batch_first else input
+        else:
+            x, states, lengths, packed, is_batched, batch_sizes, sorted_indices, \
+                unsorted_indices = self._checked_inputs(input, hx)
+        output, finals = functional.recurrent_layers(
+            self.mode, x, states, self._flat_weights, self.num_layers, self.bidirectional,
+            self.dropout, self.training, lengths, self.proj_size)
+
+        if packed:
+            data = functional.packed(output, lengths)[0]
+            return (PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices),
+                    self.permute_hidden(self._from_states(finals), unsorted_indices))
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not is_batched:
+            output = output.squeeze(0 if self.batch_first else 1)
+            finals = tuple(h.squeeze(1) for h in finals)
+        return output, self._from_states(finals)
+
+    def _checked_inputs(self, input, hx):
+        """torch.nn's checks and forms of any call: (time-major x, the states'
+        tuple, lengths, whether packed, whether batched, and the packed
+        input's batch_sizes, sorted_indices and unsorted_indices)."""
         packed = isinstance(input, PackedSequence)
         if packed:
             input, batch_sizes, sorted_indices, unsorted_indices = input
@@ -153,20 +188,8 @@ class _RecurrentModule(_Namesake, nn.RNNBase):
             x, lengths = (input.transpose(0, 1) if self.batch_first else input), None
         if x.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-        output, finals = functional.recurrent_layers(
-            self.mode, x, states, self._flat_weights, self.num_layers, self.bidirectional,
-            self.dropout, self.training, lengths, self.proj_size)
-
-        if packed:
-            data = functional.packed(output, lengths)[0]
-            return (PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices),
-                    self.permute_hidden(self._from_states(finals), unsorted_indices))
-        if self.batch_first:
-            output = output.transpose(0, 1)
-        if not is_batched:
-            output = output.squeeze(batch_dim)
-            finals = tuple(h.squeeze(1) for h in finals)
-        return output, self._from_states(finals)
+        return (x, states, lengths, packed, is_batched, batch_sizes, sorted_indices,
+                unsorted_indices)
 
 
 def _check_devices(input: Tensor, states: tuple[Tensor, ...], weights) -> None:
@@ -253,6 +276,10 @@ class LSTM(_RecurrentModule):
 
     def __init__(self, *args, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
+
+    @property
+    def _second_state_size(self) -> int:
+        return self.hidden_size
 
     def _states(self, hx) -> tuple[Tensor, ...]:
         return tuple(hx)

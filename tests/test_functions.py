@@ -456,3 +456,56 @@ def test_plain_step_declines_every_other_call():
     }
     for what, args in others.items():
         assert plain(**args) is None, what
+
+
+@pytest.mark.skipif(not fastrnn.cpp.available(), reason="needs the C++ engine")
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_plain_states_declines_every_other_call(batch_first):
+    # fastrnn.functional.plain_states takes a recurrent module's plain call
+    # (a batched input of the weights' dtype and input_size features, states
+    # of (layers, B, width), plain CPU tensors) and returns None, raising
+    # nothing, for any other: torch.nn's checks then run in the module.
+    T, B, I, H, P, layers = 2, 3, 5, 4, 2, 2
+    x = torch.randn(B, T, I) if batch_first else torch.randn(T, B, I)
+    h, c = torch.randn(layers, B, P), torch.randn(layers, B, H)
+    weights = [nn.Parameter(torch.randn(4 * H, I)), nn.Parameter(torch.randn(4 * H, P)), None,
+               None, torch.randn(P, H)]
+
+    def plain(x=x, hx=(h, c), weights=weights, input_size=I, h_size=P, c_size=H):
+        return fastrnn.functional.plain_states(x, hx, weights, input_size, layers, h_size, c_size,
+                                               batch_first)
+
+    states = plain()
+    assert type(states) is tuple and len(states) == 2
+    assert states[0] is h and states[1] is c
+    one, = plain(hx=c, h_size=H, c_size=0)
+    assert one is c
+    time_dim = 1 if batch_first else 0
+    others = {
+        "no states": dict(hx=None),
+        "states in a list": dict(hx=[h, c]),
+        "one state of two": dict(hx=(h,)),
+        "a tuple for one state": dict(hx=(c,), h_size=H, c_size=0),
+        "state widths swapped": dict(h_size=H, c_size=P),
+        "state layers": dict(hx=(h[:1], c[:1])),
+        "state batch": dict(hx=(h[:, :-1], c[:, :-1])),
+        "2-D state": dict(hx=(h[0], c)),
+        "unbatched input": dict(x=x[0]),
+        "empty sequence": dict(x=x.narrow(time_dim, 0, 0)),
+        "input size": dict(input_size=I + 1),
+        "input dtype": dict(x=x.double()),
+        "float16": dict(x=x.half(), weights=[w if w is None else w.half() for w in weights]),
+        "packed input": dict(x=nn.utils.rnn.pack_sequence([torch.randn(2, I)])),
+        "meta input": dict(x=x.to("meta")),
+        "meta state": dict(hx=(h, c.to("meta"))),
+        "meta weight": dict(weights=weights[:4] + [weights[4].to("meta")]),
+        "tensor subclass": dict(x=x.as_subclass(_Subclass)),
+        "weights in a tuple": dict(weights=tuple(weights)),
+        "no weights": dict(weights=[]),
+        "first weight None": dict(weights=[None] + weights[1:]),
+        "weight not a tensor": dict(weights=weights[:1] + ["w"] + weights[2:]),
+    }
+    for what, args in others.items():
+        assert plain(**args) is None, what
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert plain() is None  # autocast changes torch.nn's dtype check
