@@ -142,6 +142,85 @@ py::object plain_states(py::handle input, py::handle hx, py::handle weights, int
   }
   return states;
 }
+
+// recurrent_layers (fastrnn/functional.py) in one call where the call is a
+// plain one, which spares the Python ops around each layer (indexing its
+// states, stacking the final ones: a few microseconds each, as much as a
+// short layer's arithmetic): x a (T, B, I) tensor, neither float16 nor
+// bfloat16; `hx` the tuple of the cell's states, each (layers * directions,
+// B, width); `weights` a list or tuple of each layer and direction's w_ih,
+// w_hh, optionally b_ih and b_hh, then w_hr where `projects`; every tensor a
+// torch.Tensor or Parameter exactly on the CPU (a bias may be None).
+// Without dropout or lengths: the caller passes neither. Each layer is the
+// forward op's call, as recurrent_layers makes it. Returns (output, final
+// states stacked as hx), or None for any other call, raising for none.
+py::object plain_layers(c10::string_view cell, py::handle x, py::handle hx, py::handle weights,
+                        int64_t layers, bool bidirectional, bool projects,
+                        c10::string_view strategy) {
+  const at::Tensor* input = exact_tensor(x);
+  const int64_t count = fastrnn::cpu::cell_states(cell);
+  const int64_t directions = bidirectional ? 2 : 1;
+  if (!input || !input->is_cpu() || input->scalar_type() == at::kHalf ||
+      input->scalar_type() == at::kBFloat16 || !PyTuple_CheckExact(hx.ptr()) ||
+      PyTuple_GET_SIZE(hx.ptr()) != count || layers < 1 ||
+      !(PyList_CheckExact(weights.ptr()) || PyTuple_CheckExact(weights.ptr()))) {
+    return py::none();
+  }
+  std::vector<at::Tensor> states;
+  for (py::handle state : py::reinterpret_borrow<py::tuple>(hx)) {
+    const at::Tensor* h = exact_tensor(state);
+    if (!h || !h->is_cpu() || h->dim() != 3 || h->size(0) != layers * directions) {
+      return py::none();
+    }
+    states.push_back(*h);
+  }
+  const auto listed = py::reinterpret_borrow<py::sequence>(weights);
+  const int64_t per_layer = static_cast<int64_t>(listed.size()) / (layers * directions);
+  const bool biased = per_layer - (projects ? 1 : 0) == 4;
+  if (per_layer * layers * directions != static_cast<int64_t>(listed.size()) ||
+      !(biased || per_layer - (projects ? 1 : 0) == 2)) {
+    return py::none();
+  }
+  std::vector<std::optional<at::Tensor>> flat;
+  for (int64_t i = 0; i < static_cast<int64_t>(listed.size()); ++i) {
+    const py::handle weight = listed[i];
+    const bool bias = biased && (i % per_layer == 2 || i % per_layer == 3);
+    if (bias && weight.is_none()) {
+      flat.emplace_back(std::nullopt);
+      continue;
+    }
+    const at::Tensor* w = exact_tensor(weight);
+    if (!w || !w->is_cpu()) return py::none();
+    flat.emplace_back(*w);
+  }
+  at::Tensor output = *input;
+  std::vector<at::Tensor> stacked;
+  {
+    // Released while the layers run, as torch.ops does.
+    py::gil_scoped_release release;
+    std::vector<std::vector<at::Tensor>> finals(count);
+    for (int64_t layer = 0; layer < layers; ++layer) {
+      std::vector<at::Tensor> outputs;
+      for (int64_t direction = 0; direction < directions; ++direction) {
+        const int64_t index = layer * directions + direction;
+        const auto* group = &flat[index * per_layer];
+        std::vector<at::Tensor> initial;
+        for (const at::Tensor& h : states) initial.push_back(h.select(0, index));
+        auto [out, h_n, workspace] = call_layer_forward(
+            cell, output, initial, *group[0], *group[1], biased ? group[2] : std::nullopt,
+            biased ? group[3] : std::nullopt, projects ? group[per_layer - 1] : std::nullopt,
+            std::nullopt, direction == 1, std::nullopt, strategy);
+        outputs.push_back(out);
+        for (int64_t k = 0; k < count; ++k) finals[k].push_back(h_n[k]);
+      }
+      output = directions == 1 ? outputs[0] : at::cat(outputs, 2);
+    }
+    for (const auto& states_of : finals) stacked.push_back(at::stack(states_of));
+  }
+  py::tuple final_states(count);
+  for (int64_t k = 0; k < count; ++k) final_states[k] = py::cast(std::move(stacked[k]));
+  return py::make_tuple(py::cast(std::move(output)), final_states);
+}
 }  // namespace
 
 // Importing fastrnn._C loads this library and so registers the kernels above.
@@ -163,6 +242,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "One step on a (B, I) input where the call is a cell module's plain one: the "
         "states layer_forward leaves after it as a length-1 sequence, or None for any "
         "other call (no __torch_function__ handling: callers check for modes).");
+  m.def("plain_layers", &plain_layers,
+        "functional.recurrent_layers without dropout or lengths in one call where the call "
+        "is a plain one; None for any other call.");
   m.def("plain_states", &plain_states,
         "The tuple of a recurrent module's states where its call is a plain one, or None "
         "for any other call.");

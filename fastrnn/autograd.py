@@ -247,6 +247,18 @@ def cpp_step(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: T
     return cpp.plain_step(cell, x, hx, w_ih, w_hh, b_ih, b_hh, settings.triton_strategy)
 
 
+def cpp_layers(cell: str, x: Tensor, hx: tuple[Tensor, ...], weights, num_layers: int,
+               bidirectional: bool, projects: bool) -> tuple[Tensor, tuple[Tensor, ...]] | None:
+    """``functional.recurrent_layers`` without dropout or lengths in one call
+    to the extension, each layer the forward op's call (and node) as
+    ``run`` makes it: (output, final states); None where that call does not
+    serve, as for ``cpp_step`` (``fastrnn._C.plain_layers``)."""
+    if not plain_calls():
+        return None
+    return cpp.plain_layers(cell, x, hx, weights, num_layers, bidirectional, projects,
+                            settings.triton_strategy)
+
+
 def plain_calls() -> bool:
     """Whether the extension's checks of a plain call (``fastrnn._C.plain_step``
     and ``plain_states``) may stand for the callers' own: in eager mode, with

@@ -37,7 +37,7 @@ def _mismatch() -> str | None:
             "reference loop meanwhile")
 
 
-layer_forward = plain_step = plain_states = None  # set below where the extension loads
+layer_forward = plain_step = plain_layers = plain_states = None  # set where the extension loads
 
 # Set when the extension was built for another torch: CPU layers then raise
 # this instead of falling back to the reference loop (tens of times slower).
@@ -51,11 +51,11 @@ else:
 
         _LOAD_ERROR = None
         # torch.ops.fastrnn.layer_forward without boxing its arguments; one
-        # step of it where the call is a plain one; the check of a module's
-        # plain call (no __torch_function__ handling: the callers check for
-        # it).
-        layer_forward, plain_step, plain_states = (_C.layer_forward, _C.plain_step,
-                                                   _C.plain_states)
+        # step of it, and a stack of layers, where the call is a plain one;
+        # the check of a module's plain call (no __torch_function__ handling:
+        # the callers check for it).
+        layer_forward, plain_step, plain_layers, plain_states = (
+            _C.layer_forward, _C.plain_step, _C.plain_layers, _C.plain_states)
     except ImportError as error:  # a source checkout whose extension is not built
         _LOAD_ERROR = f"the compiled extension fastrnn._C could not be loaded ({error})"
         warnings.warn(

@@ -115,9 +115,16 @@ def plain_step(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh:
     module then checks its inputs as torch.nn does and calls ``step``. A
     step's arithmetic is microseconds, so the calls and checks around it are
     much of its time: the extension checks the plain call in one pass."""
-    if forward_ad._current_level >= 0 or not backends.cpp_may_run():
+    if not _cpp_in_one_call():
         return None
     return autograd.cpp_step(cell, x, hx, w_ih, w_hh, b_ih, b_hh)
+
+
+def _cpp_in_one_call() -> bool:
+    """Whether a plain call may run on the C++ engine in one call into the
+    extension: the backend lets the C++ engine run, and no forward-mode AD
+    is on (only the reference loop carries tangents)."""
+    return forward_ad._current_level < 0 and backends.cpp_may_run()
 
 
 def plain_states(input: Tensor, hx, weights: list, input_size: int, layers: int, h_size: int,
@@ -195,6 +202,13 @@ def recurrent_layers(mode: str, x: Tensor, hx: tuple[Tensor, ...], weights: Sequ
     stacked as hx).
     """
     cell = for_mode(mode).name
+    if lengths is None and not (dropout > 0 and training and num_layers > 1) and _cpp_in_one_call():
+        # The Python ops around each layer (its states taken by indexing, the
+        # final ones stacked) cost as much as a short layer's arithmetic.
+        stacked = autograd.cpp_layers(cell, x, hx, weights, num_layers, bidirectional,
+                                      proj_size > 0)
+        if stacked is not None:
+            return stacked
     directions = 2 if bidirectional else 1
     per_layer = len(weights) // (num_layers * directions)
     finals = []

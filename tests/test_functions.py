@@ -509,3 +509,93 @@ def test_plain_states_declines_every_other_call(batch_first):
         assert plain(**args) is None, what
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert plain() is None  # autocast changes torch.nn's dtype check
+
+
+LAYER_STACKS = [("RNN_TANH", 1, False, 0, True), ("GRU", 2, True, 0, True),
+                ("LSTM", 2, True, 3, True), ("LSTM", 3, False, 0, False),
+                ("RNN_RELU", 2, True, 0, False)]
+
+
+@pytest.mark.skipif(not fastrnn.cpp.available(), reason="needs the C++ engine")
+@pytest.mark.parametrize("mode, layers, bidirectional, proj_size, bias", LAYER_STACKS,
+                         ids=[f"{m}-{n}{'-bi' if b else ''}{'-proj' if p else ''}{'' if c else '-nobias'}"
+                              for m, n, b, p, c in LAYER_STACKS])
+def test_plain_layers_match_the_layer_loop(monkeypatch, mode, layers, bidirectional, proj_size,
+                                           bias):
+    # In eager mode on the CPU a stack of layers without dropout or lengths
+    # is one call into the extension (fastrnn._C.plain_layers): the same
+    # bits, forward and every gradient, as recurrent_layers' own loop of
+    # layer calls, which other calls still take.
+    T, B, I, H = 3, 2, 5, 4
+    module = {"RNN_TANH": nn.RNN, "RNN_RELU": nn.RNN, "GRU": nn.GRU, "LSTM": nn.LSTM}[mode]
+    kwargs = {"nonlinearity": "relu"} if mode == "RNN_RELU" else {}
+    if proj_size:
+        kwargs["proj_size"] = proj_size
+    reference = module(I, H, layers, bias=bias, bidirectional=bidirectional, dtype=torch.float64,
+                       **kwargs)
+    weights = [w.detach().clone().requires_grad_() for w in reference._flat_weights]
+    generator = torch.Generator().manual_seed(7)
+    directions = 2 if bidirectional else 1
+    x = torch.randn(T, B, I, dtype=torch.float64, generator=generator).requires_grad_()
+    widths = (proj_size or H, H) if mode == "LSTM" else (H,)
+    hx = tuple(torch.randn(layers * directions, B, width, dtype=torch.float64,
+                           generator=generator).requires_grad_() for width in widths)
+    calls = []
+    plain = fastrnn.cpp.plain_layers
+    monkeypatch.setattr(fastrnn.cpp, "plain_layers", lambda *args: calls.append(1) or plain(*args))
+
+    def run():
+        output, finals = fastrnn.functional.recurrent_layers(
+            mode, x, hx, weights, layers, bidirectional, proj_size=proj_size)
+        draw = torch.Generator().manual_seed(11)  # the same upstream gradients each run
+        upstream = [torch.randn(t.shape, dtype=t.dtype, generator=draw)
+                    for t in (output, *finals)]
+        grads = torch.autograd.grad((output, *finals), (x, *hx, *weights), upstream)
+        return (output, *finals, *grads)
+
+    one_call = run()
+    assert calls == [1]
+    with monkeypatch.context() as patched:
+        patched.setattr(fastrnn.cpp, "plain_layers", lambda *args: None)
+        loop = run()
+    for a, b in zip(one_call, loop):
+        assert torch.equal(a, b)
+    output, finals = reference(x, hx if mode == "LSTM" else hx[0])
+    assert_close(one_call[0], output)
+
+
+@pytest.mark.skipif(not fastrnn.cpp.available(), reason="needs the C++ engine")
+def test_plain_layers_declines_every_other_call():
+    T, B, I, H = 2, 3, 5, 4
+    x, h = torch.randn(T, B, I), torch.randn(1, B, H)
+    weights = [torch.randn(H, I), torch.randn(H, H), torch.randn(H), None]
+    strategy = fastrnn.settings.settings.triton_strategy
+
+    def plain(cell="rnn_tanh", x=x, hx=(h,), weights=weights, layers=1, bidirectional=False,
+              projects=False):
+        return fastrnn.cpp.plain_layers(cell, x, hx, weights, layers, bidirectional, projects,
+                                        strategy)
+
+    output, (h_n,) = plain()
+    assert output.shape == (T, B, H) and h_n.shape == (1, B, H)
+    others = {
+        "unknown cell": dict(cell="rnn_gelu"),
+        "state count": dict(cell="lstm"),
+        "states in a list": dict(hx=[h]),
+        "a state, not a tuple": dict(hx=h),
+        "state layers": dict(layers=2),
+        "2-D state": dict(hx=(h[0],)),
+        "weights per layer": dict(weights=weights[:3]),
+        "projection without its weight": dict(projects=True),
+        "weight None": dict(weights=[weights[0], None, *weights[2:]]),
+        "weight not a tensor": dict(weights=[weights[0], "w", *weights[2:]]),
+        "weights in a generator": dict(weights=iter(weights)),
+        "float16 input": dict(x=x.half()),
+        "meta input": dict(x=x.to("meta")),
+        "meta state": dict(hx=(h.to("meta"),)),
+        "meta weight": dict(weights=[weights[0].to("meta"), *weights[1:]]),
+        "tensor subclass": dict(x=x.as_subclass(_Subclass)),
+        "no layers": dict(layers=0),
+    }
+    for what, args in others.items():
+        assert plain(**args) is None, what
