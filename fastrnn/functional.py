@@ -2,9 +2,10 @@
 
 Data flows one way: modules -> ``recurrent_layers`` (a cell: ``step``) ->
 ``layer`` -> the autograd Function (``fastrnn.autograd``; on the CPU in
-eager mode, the op's own C++ autograd node, which a cell's ``step``
-reaches in one call into the extension) -> a layer op (``fastrnn.ops``),
-whose kernel the tensors' device picks -> an engine; or the reference loop.
+eager mode, the op's own C++ autograd node, which a plain call's ``step``
+or stack of layers reaches in one call into the extension) -> a layer op
+(``fastrnn.ops``), whose kernel the tensors' device picks -> an engine; or
+the reference loop.
 """
 
 from __future__ import annotations
