@@ -42,9 +42,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> call_layer_forward(
 
 
 // The tensor `object` holds where it is a torch.Tensor or a Parameter
-// exactly (a subclass may override __torch_function__); else null.
+// exactly (a subclass may override __torch_function__), strided and not
+// nested; else null.
 const at::Tensor* exact_tensor(py::handle object) {
-  return THPVariable_CheckExact(object.ptr()) ? &THPVariable_Unpack(object.ptr()) : nullptr;
+  if (!THPVariable_CheckExact(object.ptr())) return nullptr;
+  const at::Tensor& tensor = THPVariable_Unpack(object.ptr());
+  return tensor.layout() == at::kStrided && !tensor.is_nested() ? &tensor : nullptr;
 }
 
 // fastrnn::layer_step where the call is the plain one a cell module's
@@ -61,8 +64,9 @@ py::object plain_step(c10::string_view cell, py::handle x, py::handle hx, py::ha
   const at::Tensor* input = exact_tensor(x);
   const at::Tensor* w_ih = exact_tensor(weight_ih);
   const at::Tensor* w_hh = exact_tensor(weight_hh);
-  if (!input || !w_ih || !w_hh || !PyTuple_CheckExact(hx.ptr()) ||
-      PyTuple_GET_SIZE(hx.ptr()) != fastrnn::cpu::cell_states(cell)) {
+  const int64_t count = fastrnn::cpu::cell_states(cell);
+  if (!input || !w_ih || !w_hh || count == 0 || !PyTuple_CheckExact(hx.ptr()) ||
+      PyTuple_GET_SIZE(hx.ptr()) != count) {
     return py::none();
   }
   if (input->dim() != 2 || w_ih->dim() != 2 || w_hh->dim() != 2 || !input->is_cpu() ||
@@ -87,12 +91,14 @@ py::object plain_step(c10::string_view cell, py::handle x, py::handle hx, py::ha
     if (!bias || !bias->is_cpu()) return py::none();
     biases[i] = *bias;
   }
+  // Held here, not only by the Python objects, while the GIL is released.
+  const at::Tensor x_held = *input, w_ih_held = *w_ih, w_hh_held = *w_hh;
   std::vector<at::Tensor> result;
   {
     // Released while the step runs, as torch.ops does.
     py::gil_scoped_release release;
-    result = fastrnn::layer_step(cell, *input, states, *w_ih, *w_hh, biases[0], biases[1],
-                                 strategy);
+    result = fastrnn::layer_step(cell, x_held, states, w_ih_held, w_hh_held, biases[0],
+                                 biases[1], strategy);
   }
   py::tuple after(result.size());
   for (size_t i = 0; i < result.size(); ++i) after[i] = py::cast(std::move(result[i]));
@@ -103,10 +109,11 @@ py::object plain_step(c10::string_view cell, py::handle x, py::handle hx, py::ha
 // `input` a (T, B, input_size) tensor ((B, T, input_size) batch_first), T
 // > 0, of the first weight's dtype, neither float16 nor bfloat16; `hx` its
 // state (a tensor, h_size wide) or, with c_size, the tuple (h, c), each
-// (layers, B, width); `weights` the module's list of flat weights (None for
-// an absent bias); every tensor a torch.Tensor or Parameter on the CPU.
-// Returns the tuple of the states, or None for any other call (it raises for
-// none: the module's own checks, torch.nn's, then do).
+// (layers, B, width), or None (zeros, as torch.nn makes them); `weights` the
+// module's list of flat weights (None for an absent bias); every tensor a
+// torch.Tensor or Parameter on the CPU. Returns the tuple of the states, or
+// None for any other call (it raises for none: the module's own checks,
+// torch.nn's, then do).
 py::object plain_states(py::handle input, py::handle hx, py::handle weights, int64_t input_size,
                         int64_t layers, int64_t h_size, int64_t c_size, bool batch_first) {
   const at::Tensor* x = exact_tensor(input);
@@ -128,6 +135,13 @@ py::object plain_states(py::handle input, py::handle hx, py::handle weights, int
   const int64_t batch = x->size(batch_first ? 0 : 1);
   const int64_t widths[2] = {h_size, c_size};
   const bool pair = c_size > 0;
+  if (hx.is_none()) {
+    py::tuple zeros(pair ? 2 : 1);
+    for (int i = 0; i < (pair ? 2 : 1); ++i) {
+      zeros[i] = py::cast(at::zeros({layers, batch, widths[i]}, x->options()));
+    }
+    return zeros;
+  }
   if (pair && !(PyTuple_CheckExact(hx.ptr()) && PyTuple_GET_SIZE(hx.ptr()) == 2)) {
     return py::none();
   }
@@ -160,7 +174,7 @@ py::object plain_layers(c10::string_view cell, py::handle x, py::handle hx, py::
   const at::Tensor* input = exact_tensor(x);
   const int64_t count = fastrnn::cpu::cell_states(cell);
   const int64_t directions = bidirectional ? 2 : 1;
-  if (!input || !input->is_cpu() || input->scalar_type() == at::kHalf ||
+  if (!input || count == 0 || !input->is_cpu() || input->scalar_type() == at::kHalf ||
       input->scalar_type() == at::kBFloat16 || !PyTuple_CheckExact(hx.ptr()) ||
       PyTuple_GET_SIZE(hx.ptr()) != count || layers < 1 ||
       !(PyList_CheckExact(weights.ptr()) || PyTuple_CheckExact(weights.ptr()))) {

@@ -131,10 +131,10 @@ def _cpp_in_one_call() -> bool:
 def plain_states(input: Tensor, hx, weights: list, input_size: int, layers: int, h_size: int,
                  c_size: int, batch_first: bool) -> tuple[Tensor, ...] | None:
     """The tuple of a recurrent module's states (``hx``: h, or (h, c) with a
-    ``c_size``) where its call is the plain one, which torch.nn's checks
-    pass: a batched (T > 0) input of the weights' dtype and ``input_size``
-    features, and states of (layers, B, width), plain tensors on the CPU, in
-    eager mode without autocast. Checked in one pass in the extension; None
+    ``c_size``; None: zeros, as torch.nn makes them) where its call is the
+    plain one, which torch.nn's checks pass: a batched (T > 0) input of the
+    weights' dtype and ``input_size`` features, and states of (layers, B,
+    width), plain tensors on the CPU, in eager mode without autocast. Checked in one pass in the extension; None
     for any other call, without raising: the module then runs torch.nn's
     checks, which cost about as much as a short layer's arithmetic."""
     if not cpp.available() or not autograd.plain_calls():

@@ -55,6 +55,12 @@ class _Namesake:
             "to turn fastrnn's modules back into torch.nn's first.")
 
 
+# torch.nn's methods through which a layer module's forward checks and
+# arranges its inputs, which a subclass may override.
+_CHECK_METHODS = ("check_forward_args", "check_input", "check_hidden_size",
+                  "get_expected_hidden_size", "get_expected_cell_size", "permute_hidden")
+
+
 class _RecurrentModule(_Namesake, nn.RNNBase):
     """Forward shared by RNN, GRU and LSTM: input forms, checks, packing, layers.
 
@@ -64,6 +70,18 @@ class _RecurrentModule(_Namesake, nn.RNNBase):
 
     # Prefix of the input-rank error, as the torch.nn namesake words it.
     _rank_error = ""
+
+    # Whether a plain call may be checked in one pass in the extension
+    # (functional.plain_states) instead of through _CHECK_METHODS: not in a
+    # subclass that overrides one of them, whose every call they then check.
+    _checks_in_one_pass = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__module__ != __name__:
+            ours = next(c for c in cls.__mro__ if c.__module__ == __name__)
+            cls._checks_in_one_pass = all(getattr(cls, name, None) is getattr(ours, name, None)
+                                          for name in _CHECK_METHODS)
 
     @property
     def _second_state_size(self) -> int:
@@ -129,7 +147,8 @@ class _RecurrentModule(_Namesake, nn.RNNBase):
         directions = 2 if self.bidirectional else 1
         states = functional.plain_states(
             input, hx, self._flat_weights, self.input_size, self.num_layers * directions,
-            self.proj_size or self.hidden_size, self._second_state_size, self.batch_first)
+            self.proj_size or self.hidden_size, self._second_state_size,
+            self.batch_first) if self._checks_in_one_pass else None
         if states is not None:
             # The common call, checked in one pass in the extension.
             packed, is_batched, lengths = False, True, None

@@ -408,6 +408,7 @@ class _Subclass(torch.Tensor):
 
 
 @pytest.mark.skipif(not fastrnn.cpp.available(), reason="needs the C++ engine")
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 def test_plain_step_declines_every_other_call():
     # fastrnn._C.plain_step runs the plain call of a cell module (batched,
     # with its states, plain CPU tensors sized as the weights expect) and
@@ -451,8 +452,11 @@ def test_plain_step_declines_every_other_call():
         "tensor subclass": dict(x=x.as_subclass(_Subclass)),
         "subclass state": dict(hx=(h.as_subclass(_Subclass),)),
         "not a tensor": dict(x=x.numpy()),
+        "nested input": dict(x=torch.nested.nested_tensor([x[0], x[1, :-1]])),
+        "sparse weight": dict(w_hh=w_hh.to_sparse()),
         "weight None": dict(w_hh=None),
         "bias not a tensor": dict(b_ih=[0.0] * H),
+        "unknown cell, no states": dict(cell="rnn_gelu", hx=()),
     }
     for what, args in others.items():
         assert plain(**args) is None, what
@@ -460,6 +464,7 @@ def test_plain_step_declines_every_other_call():
 
 @pytest.mark.skipif(not fastrnn.cpp.available(), reason="needs the C++ engine")
 @pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 def test_plain_states_declines_every_other_call(batch_first):
     # fastrnn.functional.plain_states takes a recurrent module's plain call
     # (a batched input of the weights' dtype and input_size features, states
@@ -480,9 +485,14 @@ def test_plain_states_declines_every_other_call(batch_first):
     assert states[0] is h and states[1] is c
     one, = plain(hx=c, h_size=H, c_size=0)
     assert one is c
+    # No states: zeros, as torch.nn makes them.
+    for got, width in zip(plain(hx=None), (P, H)):
+        assert torch.equal(got, torch.zeros(layers, B, width))
+    one, = plain(hx=None, x=x.double(), weights=[w if w is None else w.double() for w in weights],
+                 h_size=H, c_size=0)
+    assert one.dtype == torch.float64 and torch.equal(one, torch.zeros(layers, B, H).double())
     time_dim = 1 if batch_first else 0
     others = {
-        "no states": dict(hx=None),
         "states in a list": dict(hx=[h, c]),
         "one state of two": dict(hx=(h,)),
         "a tuple for one state": dict(hx=(c,), h_size=H, c_size=0),
@@ -500,6 +510,7 @@ def test_plain_states_declines_every_other_call(batch_first):
         "meta state": dict(hx=(h, c.to("meta"))),
         "meta weight": dict(weights=weights[:4] + [weights[4].to("meta")]),
         "tensor subclass": dict(x=x.as_subclass(_Subclass)),
+        "nested input": dict(x=torch.nested.nested_tensor([x[0], x[1, :-1]])),
         "weights in a tuple": dict(weights=tuple(weights)),
         "no weights": dict(weights=[]),
         "first weight None": dict(weights=[None] + weights[1:]),
@@ -565,6 +576,7 @@ def test_plain_layers_match_the_layer_loop(monkeypatch, mode, layers, bidirectio
 
 
 @pytest.mark.skipif(not fastrnn.cpp.available(), reason="needs the C++ engine")
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 def test_plain_layers_declines_every_other_call():
     T, B, I, H = 2, 3, 5, 4
     x, h = torch.randn(T, B, I), torch.randn(1, B, H)
@@ -595,7 +607,40 @@ def test_plain_layers_declines_every_other_call():
         "meta state": dict(hx=(h.to("meta"),)),
         "meta weight": dict(weights=[weights[0].to("meta"), *weights[1:]]),
         "tensor subclass": dict(x=x.as_subclass(_Subclass)),
+        "nested input": dict(x=torch.nested.nested_tensor([x[0], x[1, :-1]])),
+        "unknown cell, no states": dict(cell="rnn_gelu", hx=()),
         "no layers": dict(layers=0),
     }
     for what, args in others.items():
         assert plain(**args) is None, what
+
+
+class _CheckedGRU(fastrnn.GRU):
+    def check_forward_args(self, input, hidden, batch_sizes):
+        raise RuntimeError("a subclass's own check")
+
+
+class _RemappedLSTM(fastrnn.LSTM):
+    def permute_hidden(self, hx, permutation):
+        return tuple(2 * h for h in hx)
+
+
+class _RemappedLSTMAgain(_RemappedLSTM):
+    pass
+
+
+def test_subclass_overriding_a_check_has_every_call_checked():
+    # A plain call skips torch.nn's check methods (one pass in the extension)
+    # only where the module's class overrides none of them, as torch.nn's
+    # subclasses may: their forward calls them on every call.
+    x = torch.randn(3, 2, 4)
+    with pytest.raises(RuntimeError, match="a subclass's own check"):
+        _CheckedGRU(4, 5)(x, torch.zeros(1, 2, 5))
+    hx = (torch.randn(1, 2, 5), torch.randn(1, 2, 5))
+    for cls in (_RemappedLSTM, _RemappedLSTMAgain):
+        module = cls(4, 5)
+        reference = nn.LSTM(4, 5)
+        reference.load_state_dict(module.state_dict())
+        output, _ = module(x, hx)
+        assert_close(output, reference(x, tuple(2 * h for h in hx))[0])
+    assert fastrnn.LSTM._checks_in_one_pass and fastrnn.GRU._checks_in_one_pass
