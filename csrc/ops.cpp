@@ -40,7 +40,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> call_layer_forward(
                                           bias_hh, weight_hr, lengths, reverse, keep, strategy);
 }
 
-
 // The tensor `object` holds where it is a torch.Tensor or a Parameter
 // exactly (a subclass may override __torch_function__), strided and not
 // nested; else null.
@@ -235,6 +234,7 @@ py::object plain_layers(c10::string_view cell, py::handle x, py::handle hx, py::
   for (int64_t k = 0; k < count; ++k) final_states[k] = py::cast(std::move(stacked[k]));
   return py::make_tuple(py::cast(std::move(output)), final_states);
 }
+
 }  // namespace
 
 // Importing fastrnn._C loads this library and so registers the kernels above.

@@ -260,10 +260,10 @@ def cpp_layers(cell: str, x: Tensor, hx: tuple[Tensor, ...], weights, num_layers
 
 
 def plain_calls() -> bool:
-    """Whether the extension's checks of a plain call (``fastrnn._C.plain_step``
-    and ``plain_states``) may stand for the callers' own: in eager mode, with
-    no autocast (which changes dtypes and torch.nn's checks) and no
-    ``__torch_function__`` mode (the extension honours none)."""
+    """Whether the extension's checks of a plain call (``fastrnn._C.plain_step``,
+    ``plain_states`` and ``plain_layers``) may stand for the callers' own: in
+    eager mode, with no autocast (which changes dtypes and torch.nn's checks)
+    and no ``__torch_function__`` mode (the extension honours none)."""
     return (_eager() and not torch._C._is_any_autocast_enabled()
             and not torch._C._is_torch_function_mode_enabled())
 

@@ -134,9 +134,10 @@ def plain_states(input: Tensor, hx, weights: list, input_size: int, layers: int,
     ``c_size``; None: zeros, as torch.nn makes them) where its call is the
     plain one, which torch.nn's checks pass: a batched (T > 0) input of the
     weights' dtype and ``input_size`` features, and states of (layers, B,
-    width), plain tensors on the CPU, in eager mode without autocast. Checked in one pass in the extension; None
-    for any other call, without raising: the module then runs torch.nn's
-    checks, which cost about as much as a short layer's arithmetic."""
+    width), plain tensors on the CPU, in eager mode without autocast.
+    Checked in one pass in the extension; None for any other call, without
+    raising: the module then runs torch.nn's checks, which cost about as
+    much as a short layer's arithmetic."""
     if not cpp.available() or not autograd.plain_calls():
         return None
     return cpp.plain_states(input, hx, weights, input_size, layers, h_size, c_size, batch_first)

@@ -525,12 +525,13 @@ def test_plain_states_declines_every_other_call(batch_first):
 LAYER_STACKS = [("RNN_TANH", 1, False, 0, True), ("GRU", 2, True, 0, True),
                 ("LSTM", 2, True, 3, True), ("LSTM", 3, False, 0, False),
                 ("RNN_RELU", 2, True, 0, False)]
+LAYER_STACK_IDS = [f"{mode}-{layers}{'-bi' if bi else ''}{'-proj' if proj else ''}"
+                   f"{'' if bias else '-nobias'}" for mode, layers, bi, proj, bias in LAYER_STACKS]
 
 
 @pytest.mark.skipif(not fastrnn.cpp.available(), reason="needs the C++ engine")
 @pytest.mark.parametrize("mode, layers, bidirectional, proj_size, bias", LAYER_STACKS,
-                         ids=[f"{m}-{n}{'-bi' if b else ''}{'-proj' if p else ''}{'' if c else '-nobias'}"
-                              for m, n, b, p, c in LAYER_STACKS])
+                         ids=LAYER_STACK_IDS)
 def test_plain_layers_match_the_layer_loop(monkeypatch, mode, layers, bidirectional, proj_size,
                                            bias):
     # In eager mode on the CPU a stack of layers without dropout or lengths
