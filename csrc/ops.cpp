@@ -41,12 +41,19 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> call_layer_forward(
 }
 
 // The tensor `object` holds where it is a torch.Tensor or a Parameter
-// exactly (a subclass may override __torch_function__), strided and not
-// nested; else null.
-const at::Tensor* exact_tensor(py::handle object) {
+// exactly (a subclass may override __torch_function__), strided, not
+// nested, on the CPU: what the plain calls below take; else null.
+const at::Tensor* cpu_tensor(py::handle object) {
   if (!THPVariable_CheckExact(object.ptr())) return nullptr;
   const at::Tensor& tensor = THPVariable_Unpack(object.ptr());
-  return tensor.layout() == at::kStrided && !tensor.is_nested() ? &tensor : nullptr;
+  return tensor.layout() == at::kStrided && !tensor.is_nested() && tensor.is_cpu() ? &tensor
+                                                                                   : nullptr;
+}
+
+// Whether the engine widens x's dtype (float16, bfloat16) before it runs:
+// the Python layer functions do that, not the plain calls.
+bool widened(const at::Tensor& x) {
+  return x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
 }
 
 // fastrnn::layer_step where the call is the plain one a cell module's
@@ -60,23 +67,22 @@ const at::Tensor* exact_tensor(py::handle object) {
 py::object plain_step(c10::string_view cell, py::handle x, py::handle hx, py::handle weight_ih,
                       py::handle weight_hh, py::handle bias_ih, py::handle bias_hh,
                       c10::string_view strategy) {
-  const at::Tensor* input = exact_tensor(x);
-  const at::Tensor* w_ih = exact_tensor(weight_ih);
-  const at::Tensor* w_hh = exact_tensor(weight_hh);
+  const at::Tensor* input = cpu_tensor(x);
+  const at::Tensor* w_ih = cpu_tensor(weight_ih);
+  const at::Tensor* w_hh = cpu_tensor(weight_hh);
   const int64_t count = fastrnn::cpu::cell_states(cell);
   if (!input || !w_ih || !w_hh || count == 0 || !PyTuple_CheckExact(hx.ptr()) ||
       PyTuple_GET_SIZE(hx.ptr()) != count) {
     return py::none();
   }
-  if (input->dim() != 2 || w_ih->dim() != 2 || w_hh->dim() != 2 || !input->is_cpu() ||
-      !w_ih->is_cpu() || !w_hh->is_cpu() || input->size(1) != w_ih->size(1) ||
-      input->scalar_type() == at::kHalf || input->scalar_type() == at::kBFloat16) {
+  if (input->dim() != 2 || w_ih->dim() != 2 || w_hh->dim() != 2 ||
+      input->size(1) != w_ih->size(1) || widened(*input)) {
     return py::none();
   }
   std::vector<at::Tensor> states;
   for (py::handle state : py::reinterpret_borrow<py::tuple>(hx)) {
-    const at::Tensor* h = exact_tensor(state);
-    if (!h || h->dim() != 2 || !h->is_cpu() || h->size(0) != input->size(0) ||
+    const at::Tensor* h = cpu_tensor(state);
+    if (!h || h->dim() != 2 || h->size(0) != input->size(0) ||
         h->size(1) != w_hh->size(1)) {
       return py::none();
     }
@@ -86,8 +92,8 @@ py::object plain_step(c10::string_view cell, py::handle x, py::handle hx, py::ha
   const py::handle given[2] = {bias_ih, bias_hh};
   for (int i = 0; i < 2; ++i) {
     if (given[i].is_none()) continue;
-    const at::Tensor* bias = exact_tensor(given[i]);
-    if (!bias || !bias->is_cpu()) return py::none();
+    const at::Tensor* bias = cpu_tensor(given[i]);
+    if (!bias) return py::none();
     biases[i] = *bias;
   }
   // Held here, not only by the Python objects, while the GIL is released.
@@ -115,18 +121,17 @@ py::object plain_step(c10::string_view cell, py::handle x, py::handle hx, py::ha
 // torch.nn's, then do).
 py::object plain_states(py::handle input, py::handle hx, py::handle weights, int64_t input_size,
                         int64_t layers, int64_t h_size, int64_t c_size, bool batch_first) {
-  const at::Tensor* x = exact_tensor(input);
-  if (!x || x->dim() != 3 || !x->is_cpu() || x->size(2) != input_size ||
-      x->size(batch_first ? 1 : 0) == 0 || x->scalar_type() == at::kHalf ||
-      x->scalar_type() == at::kBFloat16 || !PyList_CheckExact(weights.ptr()) ||
+  const at::Tensor* x = cpu_tensor(input);
+  if (!x || x->dim() != 3 || x->size(2) != input_size || x->size(batch_first ? 1 : 0) == 0 ||
+      widened(*x) || !PyList_CheckExact(weights.ptr()) ||
       PyList_GET_SIZE(weights.ptr()) == 0) {
     return py::none();
   }
   bool first = true;
   for (py::handle weight : py::reinterpret_borrow<py::list>(weights)) {
     if (!first && weight.is_none()) continue;
-    const at::Tensor* w = exact_tensor(weight);
-    if (!w || !w->is_cpu() || (first && w->scalar_type() != x->scalar_type())) {
+    const at::Tensor* w = cpu_tensor(weight);
+    if (!w || (first && w->scalar_type() != x->scalar_type())) {
       return py::none();
     }
     first = false;
@@ -147,8 +152,8 @@ py::object plain_states(py::handle input, py::handle hx, py::handle weights, int
   py::tuple states(pair ? 2 : 1);
   for (int i = 0; i < (pair ? 2 : 1); ++i) {
     py::handle state = pair ? PyTuple_GET_ITEM(hx.ptr(), i) : hx.ptr();
-    const at::Tensor* h = exact_tensor(state);
-    if (!h || !h->is_cpu() || h->sizes() != at::IntArrayRef({layers, batch, widths[i]})) {
+    const at::Tensor* h = cpu_tensor(state);
+    if (!h || h->sizes() != at::IntArrayRef({layers, batch, widths[i]})) {
       return py::none();
     }
     states[i] = py::reinterpret_borrow<py::object>(state);
@@ -170,19 +175,18 @@ py::object plain_states(py::handle input, py::handle hx, py::handle weights, int
 py::object plain_layers(c10::string_view cell, py::handle x, py::handle hx, py::handle weights,
                         int64_t layers, bool bidirectional, bool projects,
                         c10::string_view strategy) {
-  const at::Tensor* input = exact_tensor(x);
+  const at::Tensor* input = cpu_tensor(x);
   const int64_t count = fastrnn::cpu::cell_states(cell);
   const int64_t directions = bidirectional ? 2 : 1;
-  if (!input || count == 0 || !input->is_cpu() || input->scalar_type() == at::kHalf ||
-      input->scalar_type() == at::kBFloat16 || !PyTuple_CheckExact(hx.ptr()) ||
+  if (!input || count == 0 || widened(*input) || !PyTuple_CheckExact(hx.ptr()) ||
       PyTuple_GET_SIZE(hx.ptr()) != count || layers < 1 ||
       !(PyList_CheckExact(weights.ptr()) || PyTuple_CheckExact(weights.ptr()))) {
     return py::none();
   }
   std::vector<at::Tensor> states;
   for (py::handle state : py::reinterpret_borrow<py::tuple>(hx)) {
-    const at::Tensor* h = exact_tensor(state);
-    if (!h || !h->is_cpu() || h->dim() != 3 || h->size(0) != layers * directions) {
+    const at::Tensor* h = cpu_tensor(state);
+    if (!h || h->dim() != 3 || h->size(0) != layers * directions) {
       return py::none();
     }
     states.push_back(*h);
@@ -202,8 +206,8 @@ py::object plain_layers(c10::string_view cell, py::handle x, py::handle hx, py::
       flat.emplace_back(std::nullopt);
       continue;
     }
-    const at::Tensor* w = exact_tensor(weight);
-    if (!w || !w->is_cpu()) return py::none();
+    const at::Tensor* w = cpu_tensor(weight);
+    if (!w) return py::none();
     flat.emplace_back(*w);
   }
   at::Tensor output = *input;
