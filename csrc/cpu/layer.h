@@ -235,6 +235,9 @@ class WeightProduct {
   // block() or columns() is a BLAS call per segment.
   bool on_kernel() const { return packed_.has_value() || unpacked_; }
 
+  // The bytes of the packed copy every product reads (0: none).
+  int64_t packed_bytes() const { return packed_ ? R_ * N_ * int64_t{sizeof(scalar_t)} : 0; }
+
   // Block k of a step's product (out = beta out + a M; out: (B, N), a: (B,
   // R), contiguous): rows [b0, min(b1, rows)), columns [j0, j1) of every
   // segment; a packed weight's panels walked in `order`. With `bias` (N
@@ -438,10 +441,12 @@ std::vector<at::Tensor> sweep_forward(const at::Tensor& weight_hh, const scalar_
                         : std::nullopt;
   const int64_t row_work = G * (K + (input ? input->I : 0));  // multiply-adds a sequence a step
   const int64_t threads = team_threads(steps * B * row_work);
-  const auto blocks = split_step(B, H, row_work, PackedWeight::kPanelWidth, threads);
+  const auto blocks =
+      split_step(B, H, row_work, PackedWeight::kPanelWidth, threads, recurrent.packed_bytes());
   const auto projected_blocks =
-      m.defined() ? split_step(B, P, P * H, PackedWeight::kPanelWidth, threads)
-                  : std::vector<Block>{};
+      m.defined()
+          ? split_step(B, P, P * H, PackedWeight::kPanelWidth, threads, project->packed_bytes())
+          : std::vector<Block>{};
   scalar_t* q = hh.mutable_data_ptr<scalar_t>();
   scalar_t* c = cell.defined() ? cell.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* mp = m.defined() ? m.mutable_data_ptr<scalar_t>() : nullptr;
@@ -553,11 +558,12 @@ at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::
                : std::nullopt;
   const int64_t steps = map.steps();
   const int64_t threads = team_threads(steps * B * G * K);
-  const auto blocks = split_step(B, H, G * K, PackedWeight::kPanelWidth, threads);
-  const auto projected_blocks = projects
-                                    ? split_step(B, P, G * P, PackedWeight::kPanelWidth, threads)
-                                    : std::vector<Block>{};
-  const auto initial_blocks = split_step(B, K, G * K, PackedWeight::kPanelWidth, threads);
+  const int64_t packed = recurrent.packed_bytes();
+  const auto blocks = split_step(B, H, G * K, PackedWeight::kPanelWidth, threads, packed);
+  const auto projected_blocks =
+      projects ? split_step(B, P, G * P, PackedWeight::kPanelWidth, threads, packed)
+               : std::vector<Block>{};
+  const auto initial_blocks = split_step(B, K, G * K, PackedWeight::kPanelWidth, threads, packed);
   // dh and carry trade places after every step that runs.
   scalar_t* const grads[2] = {dh.mutable_data_ptr<scalar_t>(), carry.mutable_data_ptr<scalar_t>()};
   scalar_t* gs = projects ? grad_step.mutable_data_ptr<scalar_t>() : nullptr;
