@@ -1,5 +1,6 @@
 #include "cpu/panels.h"
 
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -16,6 +17,9 @@ namespace fastrnn::cpu {
 namespace {
 
 constexpr int64_t kPanel = PackedWeight::kPanelWidth;
+// Values a thread packs at least, where packing is shared: some tens of
+// microseconds, against the microseconds of starting the threads.
+constexpr int64_t kMinParallelPack = int64_t{1} << 16;
 
 // One instruction set's micro-kernel (panel_kernel.inc): out (n x cols) =
 // beta out + bias + a (n x R) panel (R x cols) for n <= its rows and cols <=
@@ -254,31 +258,37 @@ PackedWeight::PackedWeight(const float* weight, int64_t R, int64_t N, int64_t se
   // L1; from M it copies kTile row pieces. (Column by column, each value
   // went a panel row from the last: 0.4-3 ns a value, against 0.1-0.4 now.)
   constexpr int64_t kTile = 16;
-  for (int64_t panel = 0; panel < segments * panels_per_segment_; ++panel) {
-    const int64_t s = panel / panels_per_segment_;
-    const int64_t c0 = (panel % panels_per_segment_) * kPanel;
-    const int64_t cols = std::min(kPanel, segment - c0);
-    const int64_t col0 = s * segment + c0;  // the panel's first column of M
-    float* dst = p + panel * R * kPanel;
-    for (int64_t r0 = 0; r0 < R; r0 += kTile) {
-      const int64_t r1 = std::min(R, r0 + kTile);
-      if (transposed) {
-        for (int64_t c = 0; c < cols; ++c) {
-          const float* src = weight + (col0 + c) * R;
-          for (int64_t r = r0; r < r1; ++r) dst[r * kPanel + c] = src[r];
+  // A large weight packs on every thread: one thread packing W_hh and W_ih
+  // (1 MiB each at LSTM H = 256) left the other idle for 4% of a forward.
+  const int64_t grain = std::max<int64_t>(1, kMinParallelPack / std::max<int64_t>(1, R * kPanel));
+  const auto pack = [&](int64_t first, int64_t last) {
+    for (int64_t panel = first; panel < last; ++panel) {
+      const int64_t s = panel / panels_per_segment_;
+      const int64_t c0 = (panel % panels_per_segment_) * kPanel;
+      const int64_t cols = std::min(kPanel, segment - c0);
+      const int64_t col0 = s * segment + c0;  // the panel's first column of M
+      float* dst = p + panel * R * kPanel;
+      for (int64_t r0 = 0; r0 < R; r0 += kTile) {
+        const int64_t r1 = std::min(R, r0 + kTile);
+        if (transposed) {
+          for (int64_t c = 0; c < cols; ++c) {
+            const float* src = weight + (col0 + c) * R;
+            for (int64_t r = r0; r < r1; ++r) dst[r * kPanel + c] = src[r];
+          }
+        } else {
+          for (int64_t r = r0; r < r1; ++r) {
+            std::copy(weight + r * N + col0, weight + r * N + col0 + cols, dst + r * kPanel);
+          }
         }
-      } else {
-        for (int64_t r = r0; r < r1; ++r) {
-          std::copy(weight + r * N + col0, weight + r * N + col0 + cols, dst + r * kPanel);
-        }
-      }
-      if (cols < kPanel) {  // a segment's last panel, padded with zeros
-        for (int64_t r = r0; r < r1; ++r) {
-          std::fill(dst + r * kPanel + cols, dst + (r + 1) * kPanel, 0.0f);
+        if (cols < kPanel) {  // a segment's last panel, padded with zeros
+          for (int64_t r = r0; r < r1; ++r) {
+            std::fill(dst + r * kPanel + cols, dst + (r + 1) * kPanel, 0.0f);
+          }
         }
       }
     }
-  }
+  };
+  at::parallel_for(0, segments * panels_per_segment_, grain, pack);
 }
 
 void PackedWeight::multiply(float* out, int64_t ldo, const float* a, int64_t lda, int64_t n,
