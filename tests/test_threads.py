@@ -109,3 +109,57 @@ def test_layers_release_the_gil(grad):
         time.sleep(0)
     worker.join()
     assert turns > 10 * calls
+
+
+SPLIT_SPECS = [
+    (nn.RNN, fastrnn.RNN, dict(num_layers=2)),
+    (nn.GRU, fastrnn.GRU, dict(bidirectional=True)),
+    (nn.LSTM, fastrnn.LSTM, dict(num_layers=2, bidirectional=True)),
+    (nn.LSTM, fastrnn.LSTM, dict(proj_size=20)),
+]
+
+
+@pytest.mark.parametrize("spec", SPLIT_SPECS, ids=lambda s: s[0].__name__ + "-" + "-".join(s[2]))
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_a_batch_gives_what_its_halves_give(intra_op_threads, spec, packed):
+    # On two threads a float32 sweep of 16 sequences splits each step by
+    # sequences (8 a thread, by all of the packed W_hh), and one of 8 by
+    # hidden units (48 units: two panels): every sum runs in the same
+    # order either way, so each sequence's outputs, final states and input
+    # gradient are bit-identical; the weight gradients, sums over the
+    # batch, agree to rounding. torch.nn anchors the batch.
+    torch.set_num_threads(2)
+    torch_cls, fast_cls, kwargs = spec
+    reference, candidate = make_pair(torch_cls, fast_cls, 24, 48, **kwargs)
+    gen = torch.Generator().manual_seed(7)
+    T, B = 12, 16
+    x = torch.randn(T, B, 24, generator=gen)
+    lengths = torch.randint(1, T + 1, (B,), generator=gen)
+    lengths[3] = T
+    upstream = torch.randn(T, B, 96, generator=gen)
+
+    def run(module, rows):
+        xs = x[:, rows].clone().requires_grad_(True)
+        inputs = xs
+        if packed:
+            inputs = nn.utils.rnn.pack_padded_sequence(xs, lengths[rows], enforce_sorted=False)
+        output, *states = flatten_outputs(module(inputs))
+        if packed:
+            output = nn.utils.rnn.pad_packed_sequence(output, total_length=T)[0]
+        loss = (output * upstream[:, rows, : output.shape[2]]).sum() + sum(h.square().sum() for h in states)
+        grads = torch.autograd.grad(loss, [xs, *module.parameters()])
+        return output, states, grads[0], grads[1:]
+
+    whole = slice(0, B)
+    output, states, grad_x, grad_w = run(candidate, whole)
+    halves = [run(candidate, slice(0, 8)), run(candidate, slice(8, B))]
+    assert torch.equal(output, torch.cat([h[0] for h in halves], 1))
+    for k, state in enumerate(states):
+        assert torch.equal(state, torch.cat([h[1][k] for h in halves], 1))
+    assert torch.equal(grad_x, torch.cat([h[2] for h in halves], 1))
+    for k, g in enumerate(grad_w):
+        assert_close(g, halves[0][3][k] + halves[1][3][k])
+    expected = run(reference, whole)
+    assert_close(output, expected[0])
+    for got, want in zip(states + [grad_x, *grad_w], expected[1] + [expected[2], *expected[3]]):
+        assert_close(got, want)
