@@ -122,12 +122,14 @@ SPLIT_SPECS = [
 @pytest.mark.parametrize("spec", SPLIT_SPECS, ids=lambda s: s[0].__name__ + "-" + "-".join(s[2]))
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_a_batch_gives_what_its_halves_give(intra_op_threads, spec, packed):
-    # On two threads a float32 sweep of 16 sequences splits each step by
-    # sequences (8 a thread, by all of the packed W_hh), and one of 8 by
-    # hidden units (48 units: two panels): every sum runs in the same
-    # order either way, so each sequence's outputs, final states and input
-    # gradient are bit-identical; the weight gradients, sums over the
-    # batch, agree to rounding. torch.nn anchors the batch.
+    # On two threads a float32 sweep of 16 sequences without lengths splits
+    # each step by sequences (8 a thread, by all of the packed W_hh), one of
+    # 8 by hidden units (48 units: two panels) where it has the work to
+    # share; with lengths both split by units. Each output sums in the same
+    # order either way, so each sequence's outputs, final states and
+    # initial states' gradients are bit-identical; the input's and the
+    # weights' gradients, through BLAS products of other sizes, agree to
+    # rounding. torch.nn anchors the batch.
     torch.set_num_threads(2)
     torch_cls, fast_cls, kwargs = spec
     reference, candidate = make_pair(torch_cls, fast_cls, 24, 48, **kwargs)
@@ -135,31 +137,38 @@ def test_a_batch_gives_what_its_halves_give(intra_op_threads, spec, packed):
     T, B = 12, 16
     x = torch.randn(T, B, 24, generator=gen)
     lengths = torch.randint(1, T + 1, (B,), generator=gen)
-    lengths[3] = T
+    lengths[3] = lengths[10] = T  # each half runs all T steps
     upstream = torch.randn(T, B, 96, generator=gen)
+    layers = candidate.num_layers * (2 if candidate.bidirectional else 1)
+    states = [torch.randn(layers, B, candidate.proj_size or 48, generator=gen)]
+    if torch_cls is nn.LSTM:
+        states.append(torch.randn(layers, B, 48, generator=gen))
 
     def run(module, rows):
         xs = x[:, rows].clone().requires_grad_(True)
+        initial = [h[:, rows].clone().requires_grad_(True) for h in states]
         inputs = xs
         if packed:
             inputs = nn.utils.rnn.pack_padded_sequence(xs, lengths[rows], enforce_sorted=False)
-        output, *states = flatten_outputs(module(inputs))
+        output, *final = flatten_outputs(module(inputs, tuple(initial) if len(initial) > 1 else initial[0]))
         if packed:
             output = nn.utils.rnn.pad_packed_sequence(output, total_length=T)[0]
-        loss = (output * upstream[:, rows, : output.shape[2]]).sum() + sum(h.square().sum() for h in states)
-        grads = torch.autograd.grad(loss, [xs, *module.parameters()])
-        return output, states, grads[0], grads[1:]
+        loss = (output * upstream[:, rows, : output.shape[2]]).sum() + sum(h.square().sum() for h in final)
+        grads = torch.autograd.grad(loss, [*initial, xs, *module.parameters()])
+        return output, final, grads[: len(initial)], grads[len(initial)], grads[len(initial) + 1:]
 
-    whole = slice(0, B)
-    output, states, grad_x, grad_w = run(candidate, whole)
+    whole = run(candidate, slice(0, B))
     halves = [run(candidate, slice(0, 8)), run(candidate, slice(8, B))]
-    assert torch.equal(output, torch.cat([h[0] for h in halves], 1))
-    for k, state in enumerate(states):
-        assert torch.equal(state, torch.cat([h[1][k] for h in halves], 1))
-    assert torch.equal(grad_x, torch.cat([h[2] for h in halves], 1))
-    for k, g in enumerate(grad_w):
-        assert_close(g, halves[0][3][k] + halves[1][3][k])
-    expected = run(reference, whole)
-    assert_close(output, expected[0])
-    for got, want in zip(states + [grad_x, *grad_w], expected[1] + [expected[2], *expected[3]]):
+    for k in range(3):  # the output, the final states, the initial states' gradients
+        got = [whole[k]] if k == 0 else whole[k]
+        parts = [[h[k]] if k == 0 else h[k] for h in halves]
+        for j, g in enumerate(got):
+            assert torch.equal(g, torch.cat([p[j] for p in parts], 1)), (k, j)
+    assert_close(whole[3], torch.cat([h[3] for h in halves], 1))
+    for k, g in enumerate(whole[4]):
+        assert_close(g, halves[0][4][k] + halves[1][4][k])
+    expected = run(reference, slice(0, B))
+    assert_close(whole[0], expected[0])
+    for got, want in zip([*whole[1], *whole[2], whole[3], *whole[4]],
+                         [*expected[1], *expected[2], expected[3], *expected[4]]):
         assert_close(got, want)

@@ -17,8 +17,8 @@ namespace fastrnn::cpu {
 namespace {
 
 constexpr int64_t kPanel = PackedWeight::kPanelWidth;
-// Values a thread packs at least, where packing is shared: some tens of
-// microseconds, against the microseconds of starting the threads.
+// Values a thread packs at least, where packing is shared: 7-26 us at
+// 0.1-0.4 ns a value, against the microseconds of starting the threads.
 constexpr int64_t kMinParallelPack = int64_t{1} << 16;
 
 // One instruction set's micro-kernel (panel_kernel.inc): out (n x cols) =

@@ -44,8 +44,9 @@ std::vector<Block> split_step(int64_t B, int64_t H, int64_t work_per_row, int64_
   constexpr int64_t kMinWork = 16384;
   constexpr int64_t kMinRowsPerThread = 32;
   constexpr int64_t kMinPackedRowsPerThread = 8;  // the AVX-512 kernel's block
-  // A packed W_hh up to this size, read by every thread each step, stayed
-  // in cache on the AMD EPYC (1 MiB of L2 a core, 32 MiB of L3).
+  // Measured on the AMD EPYC (1 MiB of L2 a core, 32 MiB of L3): a packed
+  // W_hh of 1-4 MiB read whole by each thread every step gained, 9-16 MiB
+  // lost (bench/NOTES.md).
   constexpr int64_t kMaxCachedBytes = int64_t{4} << 20;
   threads = std::max<int64_t>(1, threads);
   const bool cached = packed_bytes > 0 && packed_bytes <= kMaxCachedBytes &&

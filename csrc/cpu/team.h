@@ -47,14 +47,15 @@ int64_t team_threads(int64_t work);
 // How one step's B sequences x H units split into blocks, at most one per
 // thread, where the step's work (work_per_row for each sequence) pays for
 // the split. By sequences, each thread multiplies its own rows by all of
-// W_hh and reads no state another thread wrote. By units, in whole blocks of
-// `unit_block` (the packed weights' panels), each thread multiplies the
-// whole batch by its slice of W_hh, reading only that slice, and the
-// threads exchange the states every step. Large batches split by sequences;
-// so do batches of a full kernel block of rows a thread where W_hh is packed
-// (packed_bytes; 0 if not) and small enough to stay in cache from step to
-// step (bench/NOTES.md). Smaller batches split by units, where a split by
-// rows would leave each thread too few rows for an efficient product.
+// W_hh. By units, in whole blocks of `unit_block` (the packed weights'
+// panels), each thread multiplies the whole batch by its slice of W_hh,
+// reading only that slice, and the threads exchange the states every step.
+// Large batches split by sequences; so do batches of a full kernel block of
+// rows a thread (8, the AVX-512 kernel's) where W_hh is packed (packed_bytes;
+// 0 if not, or not to be weighed) and small enough to stay in cache from
+// step to step (bench/NOTES.md). Smaller batches split by units, where a
+// split by rows would leave each thread too few rows for an efficient
+// product.
 std::vector<Block> split_step(int64_t B, int64_t H, int64_t work_per_row, int64_t unit_block,
                               int64_t threads, int64_t packed_bytes);
 
