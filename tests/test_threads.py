@@ -121,23 +121,27 @@ SPLIT_SPECS = [
 
 @pytest.mark.parametrize("spec", SPLIT_SPECS, ids=lambda s: s[0].__name__ + "-" + "-".join(s[2]))
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_a_batch_gives_what_its_halves_give(intra_op_threads, spec, packed):
-    # On two threads a float32 sweep of 16 sequences without lengths splits
-    # each step by sequences (8 a thread, by all of the packed W_hh), one of
-    # 8 by hidden units (48 units: two panels) where it has the work to
-    # share; with lengths both split by units. Each output sums in the same
-    # order either way, so each sequence's outputs, final states and
-    # initial states' gradients are bit-identical; the input's and the
-    # weights' gradients, through BLAS products of other sizes, agree to
-    # rounding. torch.nn anchors the batch.
+@pytest.mark.parametrize("B", [16, 64])
+def test_a_batch_gives_what_its_halves_give(intra_op_threads, spec, packed, B):
+    # On two threads a float32 sweep splits each step by sequences, each
+    # thread by all of the packed W_hh: from 32 sequences a thread, and
+    # without lengths from 8; with lengths the sequences still running are
+    # shared evenly at each step. Fewer sequences split by hidden units (48
+    # units: two panels) where there is the work to share. So a batch of 16
+    # splits by sequences where its halves split by units (without lengths),
+    # a batch of 64 by sequences where its halves split by units (with
+    # lengths). Each output sums in the same order either way, so each
+    # sequence's outputs, final states and initial states' gradients are
+    # bit-identical; the input's and the weights' gradients, through BLAS
+    # products of other sizes, agree to rounding. torch.nn anchors the batch.
     torch.set_num_threads(2)
     torch_cls, fast_cls, kwargs = spec
     reference, candidate = make_pair(torch_cls, fast_cls, 24, 48, **kwargs)
     gen = torch.Generator().manual_seed(7)
-    T, B = 12, 16
+    T = 12
     x = torch.randn(T, B, 24, generator=gen)
     lengths = torch.randint(1, T + 1, (B,), generator=gen)
-    lengths[3] = lengths[10] = T  # each half runs all T steps
+    lengths[3] = lengths[B // 2 + 2] = T  # each half runs all T steps
     upstream = torch.randn(T, B, 96, generator=gen)
     layers = candidate.num_layers * (2 if candidate.bidirectional else 1)
     states = [torch.randn(layers, B, candidate.proj_size or 48, generator=gen)]
@@ -158,7 +162,7 @@ def test_a_batch_gives_what_its_halves_give(intra_op_threads, spec, packed):
         return output, final, grads[: len(initial)], grads[len(initial)], grads[len(initial) + 1:]
 
     whole = run(candidate, slice(0, B))
-    halves = [run(candidate, slice(0, 8)), run(candidate, slice(8, B))]
+    halves = [run(candidate, slice(0, B // 2)), run(candidate, slice(B // 2, B))]
     for k in range(3):  # the output, the final states, the initial states' gradients
         got = [whole[k]] if k == 0 else whole[k]
         parts = [[h[k]] if k == 0 else h[k] for h in halves]

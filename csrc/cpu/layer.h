@@ -367,8 +367,8 @@ class WeightProduct {
 
 // The bytes split_step weighs for a sweep's split by sequences at small
 // batches: the packed W_hh's, or 0 with lengths, where the sequences still
-// running at a step are the first rows (sorted by length) and would mostly
-// be one thread's (GRU B=16, H=256 ran 11% slower split by sequences).
+// running fall below a kernel block a thread as they end (GRU B=16, H=256
+// ran 3-11% slower split by sequences: bench/NOTES.md).
 template <typename scalar_t>
 int64_t sequence_split_bytes(const WeightProduct<scalar_t>& recurrent, const StepMap& map) {
   return map.has_lengths() ? 0 : recurrent.packed_bytes();
@@ -469,7 +469,7 @@ std::vector<at::Tensor> sweep_forward(const at::Tensor& weight_hh, const scalar_
       const scalar_t* h = state[s & 1];
       scalar_t* hn = state[(s + 1) & 1];
       scalar_t* dest = mp ? mp : hn;
-      team.each(blocks, [&](const Block& k) {
+      team.each_running(blocks, rows, [&](const Block& k) {
         if (input) {
           const int64_t t = map.uniform_time_of(s);
           input->product->block(input->out + t * B * input->ldo, input->ldo,
@@ -489,7 +489,7 @@ std::vector<at::Tensor> sweep_forward(const at::Tensor& weight_hh, const scalar_
       });
       team.sync();
       if (mp) {
-        team.each(projected_blocks, [&](const Block& k) {
+        team.each_running(projected_blocks, rows, [&](const Block& k) {
           project->block(hn, mp, rows, k, scalar_t(0), alternate(s));
           for (int64_t b = k.b0; b < k.b1; ++b) {
             if (map.active(s, b)) {
@@ -592,7 +592,7 @@ at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::
                          ? gathered.mutable_data_ptr<scalar_t>() + (s & 1) * B * G
                          : nullptr;
       if (projects) {
-        team.each(projected_blocks, [&](const Block& k) {
+        team.each_running(projected_blocks, rows, [&](const Block& k) {
           if (pending) {
             recurrent.block(dhp, pending, pending_rows, k, scalar_t(1), alternate(s));
           }
@@ -614,7 +614,7 @@ at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::
         });
         team.sync();
       }
-      team.each(blocks, [&](const Block& k) {
+      team.each_running(blocks, rows, [&](const Block& k) {
         if (projects) {
           project->block(dm, gs, rows, k, scalar_t(0), alternate(s));
         } else if (pending) {

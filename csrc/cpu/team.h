@@ -89,6 +89,29 @@ class Team {
     for (size_t i = thread_; i < blocks.size(); i += threads_) fn(blocks[i]);
   }
 
+  // Calls fn(block) for each of this thread's blocks, as each() does, at a
+  // step where only the first `rows` sequences still run (sorted by
+  // length). A split by sequences (every block takes the same units) is
+  // moved so that those rows are shared evenly, the last block also taking
+  // the sequences that have ended: as cut for the whole batch, the first
+  // thread would run most of them alone.
+  template <typename F>
+  void each_running(const std::vector<Block>& blocks, int64_t rows, const F& fn) const {
+    const int64_t count = static_cast<int64_t>(blocks.size());
+    const bool moved = count > 1 && rows < blocks.back().b1 &&
+                       std::all_of(blocks.begin(), blocks.end(), [&](const Block& k) {
+                         return k.j0 == blocks[0].j0 && k.j1 == blocks[0].j1;
+                       });
+    for (int64_t i = thread_; i < count; i += threads_) {
+      Block k = blocks[i];
+      if (moved) {
+        k.b0 = rows * i / count;
+        k.b1 = i + 1 == count ? k.b1 : rows * (i + 1) / count;
+      }
+      fn(k);
+    }
+  }
+
   // Waits for every thread of the team.
   void sync() const {
     if (threads_ > 1) barrier_.wait();
