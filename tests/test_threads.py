@@ -149,30 +149,30 @@ def test_a_batch_gives_what_its_halves_give(intra_op_threads, spec, packed, B):
         states.append(torch.randn(layers, B, 48, generator=gen))
 
     def run(module, rows):
+        """The tensors that must match bit for bit (output, final states,
+        initial states' gradients), the input's gradient, the weights'."""
         xs = x[:, rows].clone().requires_grad_(True)
         initial = [h[:, rows].clone().requires_grad_(True) for h in states]
         inputs = xs
         if packed:
             inputs = nn.utils.rnn.pack_padded_sequence(xs, lengths[rows], enforce_sorted=False)
-        output, *final = flatten_outputs(module(inputs, tuple(initial) if len(initial) > 1 else initial[0]))
+        hx = tuple(initial) if len(initial) > 1 else initial[0]
+        output, *final = flatten_outputs(module(inputs, hx))
         if packed:
             output = nn.utils.rnn.pad_packed_sequence(output, total_length=T)[0]
-        loss = (output * upstream[:, rows, : output.shape[2]]).sum() + sum(h.square().sum() for h in final)
+        loss = ((output * upstream[:, rows, : output.shape[2]]).sum()
+                + sum(h.square().sum() for h in final))
         grads = torch.autograd.grad(loss, [*initial, xs, *module.parameters()])
-        return output, final, grads[: len(initial)], grads[len(initial)], grads[len(initial) + 1:]
+        n = len(initial)
+        return [output, *final, *grads[:n]], grads[n], grads[n + 1:]
 
-    whole = run(candidate, slice(0, B))
+    exact, grad_x, grad_w = run(candidate, slice(0, B))
     halves = [run(candidate, slice(0, B // 2)), run(candidate, slice(B // 2, B))]
-    for k in range(3):  # the output, the final states, the initial states' gradients
-        got = [whole[k]] if k == 0 else whole[k]
-        parts = [[h[k]] if k == 0 else h[k] for h in halves]
-        for j, g in enumerate(got):
-            assert torch.equal(g, torch.cat([p[j] for p in parts], 1)), (k, j)
-    assert_close(whole[3], torch.cat([h[3] for h in halves], 1))
-    for k, g in enumerate(whole[4]):
-        assert_close(g, halves[0][4][k] + halves[1][4][k])
+    for j, tensor in enumerate(exact):
+        assert torch.equal(tensor, torch.cat([h[0][j] for h in halves], 1)), j
+    assert_close(grad_x, torch.cat([h[1] for h in halves], 1))
+    for k, g in enumerate(grad_w):
+        assert_close(g, halves[0][2][k] + halves[1][2][k])
     expected = run(reference, slice(0, B))
-    assert_close(whole[0], expected[0])
-    for got, want in zip([*whole[1], *whole[2], whole[3], *whole[4]],
-                         [*expected[1], *expected[2], expected[3], *expected[4]]):
+    for got, want in zip([*exact, grad_x, *grad_w], [*expected[0], expected[1], *expected[2]]):
         assert_close(got, want)

@@ -469,7 +469,7 @@ std::vector<at::Tensor> sweep_forward(const at::Tensor& weight_hh, const scalar_
       const scalar_t* h = state[s & 1];
       scalar_t* hn = state[(s + 1) & 1];
       scalar_t* dest = mp ? mp : hn;
-      team.each_running(blocks, rows, [&](const Block& k) {
+      team.each(blocks, rows, [&](const Block& k) {
         if (input) {
           const int64_t t = map.uniform_time_of(s);
           input->product->block(input->out + t * B * input->ldo, input->ldo,
@@ -489,7 +489,7 @@ std::vector<at::Tensor> sweep_forward(const at::Tensor& weight_hh, const scalar_
       });
       team.sync();
       if (mp) {
-        team.each_running(projected_blocks, rows, [&](const Block& k) {
+        team.each(projected_blocks, rows, [&](const Block& k) {
           project->block(hn, mp, rows, k, scalar_t(0), alternate(s));
           for (int64_t b = k.b0; b < k.b1; ++b) {
             if (map.active(s, b)) {
@@ -592,7 +592,7 @@ at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::
                          ? gathered.mutable_data_ptr<scalar_t>() + (s & 1) * B * G
                          : nullptr;
       if (projects) {
-        team.each_running(projected_blocks, rows, [&](const Block& k) {
+        team.each(projected_blocks, rows, [&](const Block& k) {
           if (pending) {
             recurrent.block(dhp, pending, pending_rows, k, scalar_t(1), alternate(s));
           }
@@ -614,7 +614,7 @@ at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::
         });
         team.sync();
       }
-      team.each_running(blocks, rows, [&](const Block& k) {
+      team.each(blocks, rows, [&](const Block& k) {
         if (projects) {
           project->block(dm, gs, rows, k, scalar_t(0), alternate(s));
         } else if (pending) {
@@ -644,7 +644,7 @@ at::Tensor sweep_backward(at::Tensor& grad_hh, const at::Tensor& weight_hh, at::
       pending_rows = rows;
     }
     if (initial_h && pending) {
-      team.each(initial_blocks, [&](const Block& k) {
+      team.each(initial_blocks, pending_rows, [&](const Block& k) {
         recurrent.block(grads[d], pending, pending_rows, k, scalar_t(1), alternate(-1));
       });
     }

@@ -82,21 +82,15 @@ class Team {
   Team(int thread, int threads, Barrier& barrier)
       : thread_(thread), threads_(threads), barrier_(barrier) {}
 
-  // Calls fn(block) for each of this thread's blocks: the i-th of `blocks`
-  // goes to thread i modulo the team's size.
+  // Calls fn(block) for each of this thread's blocks (the i-th of `blocks`
+  // goes to thread i modulo the team's size) at a step where only the first
+  // `rows` sequences still run (sorted by length). A split by sequences
+  // (every block takes the same units) is moved so that those rows are
+  // shared evenly, the last block also taking the sequences that have
+  // ended: as cut for the whole batch, the first thread would run most of
+  // them alone.
   template <typename F>
-  void each(const std::vector<Block>& blocks, const F& fn) const {
-    for (size_t i = thread_; i < blocks.size(); i += threads_) fn(blocks[i]);
-  }
-
-  // Calls fn(block) for each of this thread's blocks, as each() does, at a
-  // step where only the first `rows` sequences still run (sorted by
-  // length). A split by sequences (every block takes the same units) is
-  // moved so that those rows are shared evenly, the last block also taking
-  // the sequences that have ended: as cut for the whole batch, the first
-  // thread would run most of them alone.
-  template <typename F>
-  void each_running(const std::vector<Block>& blocks, int64_t rows, const F& fn) const {
+  void each(const std::vector<Block>& blocks, int64_t rows, const F& fn) const {
     const int64_t count = static_cast<int64_t>(blocks.size());
     const bool moved = count > 1 && rows < blocks.back().b1 &&
                        std::all_of(blocks.begin(), blocks.end(), [&](const Block& k) {
