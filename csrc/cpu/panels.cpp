@@ -300,20 +300,40 @@ void PackedWeight::multiply(float* out, int64_t ldo, const float* a, int64_t lda
   const int64_t segments = N_ / segment_;
   // The panels of [c0, c1) in every segment, numbered segment by segment.
   const int64_t per_segment = (c1 - c0 + kPanel - 1) / kPanel, count = segments * per_segment;
+  // Panel k's first column of out.
+  const auto column_of = [&](int64_t k) {
+    const int64_t index = order == PanelOrder::kAscending ? k : count - 1 - k;
+    return index / per_segment * segment_ + c0 + index % per_segment * kPanel;
+  };
   // Blocks of rows small enough to stay in cache while every panel passes.
   constexpr int64_t kRowBlock = 96;
   for (int64_t i0 = 0; i0 < n; i0 += kRowBlock) {
     const int64_t i1 = std::min(n, i0 + kRowBlock);
+    int64_t next_column = column_of(0);
     for (int64_t k = 0; k < count; ++k) {
-      const int64_t index = order == PanelOrder::kAscending ? k : count - 1 - k;
-      const int64_t s = index / per_segment, c = c0 + index % per_segment * kPanel;
+      const int64_t panel_column = next_column;
+      // The panel after this one (the first again for the next block of rows).
+      next_column = column_of(k + 1 < count ? k + 1 : 0);
+      const int64_t next_i = k + 1 < count ? i0 : i1;
+      const int64_t s = panel_column / segment_, c = panel_column % segment_;
       const float* panel = panels + ((s * panels_per_segment_ + c / kPanel) * R_) * kPanel;
       const int64_t panel_cols = std::min(kPanel, c1 - c);
       for (int64_t pass = 0; pass < panel_cols; pass += info.pass_width) {
         const int64_t cols = std::min(info.pass_width, panel_cols - pass);
-        const int64_t column = s * segment_ + c + pass;
+        const int64_t column = panel_column + pass;
         const float* b = bias ? bias + column : nullptr;
         for (int64_t i = i0; i < i1; i += info.rows) {
+          // The output tile of the next call (the next rows of this panel, or
+          // the first rows of the next panel), fetched while this call runs:
+          // reading it for beta, or storing to it, missed cache at the end of
+          // the call (in the sweeps, out is a whole sequence's gates).
+          const bool same_panel = i + info.rows < i1;
+          const int64_t tile_i = same_panel ? i + info.rows : next_i;
+          const float* tile = out + (same_panel ? column : next_column) + tile_i * ldo;
+          for (int64_t j = 0; j < std::min(info.rows, n - tile_i); ++j) {
+            __builtin_prefetch(tile + j * ldo);
+            __builtin_prefetch(tile + j * ldo + kPanel - 1);
+          }
           info.kernel(out + column + i * ldo, ldo, a + i * lda, lda, std::min(info.rows, i1 - i),
                       panel + pass, R_, cols, beta, b);
         }
