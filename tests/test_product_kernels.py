@@ -58,6 +58,13 @@ CASES = [
     # strided rows.
     ("GRU", (1, 40, 7, 33), dict(), None),
     ("LSTM", (1, 48, 130, 130), dict(proj_size=17), None),
+    # Weight gradients of 128 columns or more, whole panels (csrc/cpu/panels.h,
+    # multiply_transposed): over more rows than one chunk of 1024 copies,
+    # from d's columns in partial transpose blocks (G = 150), and over the
+    # states read in place (no lengths: the output shifted, then hx) or
+    # gathered (lengths).
+    ("LSTM", (70, 16, 128, 160), dict(bidirectional=True), None),
+    ("GRU", (40, 28, 128, 50), dict(), [40, 3, 17, 40, 1, 39, 22] * 4),
 ]
 
 
