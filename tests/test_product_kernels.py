@@ -58,13 +58,16 @@ CASES = [
     # strided rows.
     ("GRU", (1, 40, 7, 33), dict(), None),
     ("LSTM", (1, 48, 130, 130), dict(proj_size=17), None),
-    # Weight gradients of 128 columns or more, whole panels (csrc/cpu/panels.h,
-    # multiply_transposed): over more rows than one chunk of 1024 copies,
-    # from d's columns in partial transpose blocks (G = 150), and over the
-    # states read in place (no lengths: the output shifted, then hx) or
-    # gathered (lengths).
+    # Weight gradients of 128 columns or more, whole panels, by G >= 256
+    # (csrc/cpu/layer_common.cpp, multiply_transposed): over more rows than
+    # one chunk of 1024 copies, with a last chunk of whole transpose blocks
+    # (1120 and 1104 rows) or not (1030); from d's columns in partial
+    # transpose blocks and kernel rows (GRU: G = 258, its grad W_ih); over
+    # the previous states read in place (no lengths: the output shifted,
+    # then hx) and gathered (lengths).
     ("LSTM", (70, 16, 128, 160), dict(bidirectional=True), None),
-    ("GRU", (40, 28, 128, 50), dict(), [40, 3, 17, 40, 1, 39, 22] * 4),
+    ("GRU", (40, 28, 128, 86), dict(), [40, 3, 17, 40, 1, 39, 22] * 4),
+    ("LSTM", (103, 10, 128, 128), dict(), [103, 50, 1, 103, 77, 12, 103, 99, 64, 2]),
 ]
 
 

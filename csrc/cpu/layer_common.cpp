@@ -203,16 +203,16 @@ at::Tensor previous_states(const at::Tensor& output, const at::Tensor& hx, const
 
 // grad_W (G x cols) = d^T a + beta grad_W, summed over n rows (d: n x G,
 // a: n x cols, both contiguous). On the micro-kernel where the BLAS is not
-// preferred for large products and cols fill whole panels from 128 on: on
-// the AMD EPYC it ran LSTM H >= 256 weight gradients 3-15% faster than MKL,
-// those of 64 columns (or partly filled panels) up to 1.5x slower
-// (bench/NOTES.md).
+// preferred for large products, G >= 256 and cols fill whole panels from
+// 128 on: on the AMD EPYC it ran LSTM H >= 256 weight gradients 3-15%
+// faster than MKL, those of 64 columns (or partly filled panels) up to 1.5x
+// slower, 128 x 128 3% slower (bench/NOTES.md).
 template <typename scalar_t>
 void weight_grad(scalar_t* grad_w, const scalar_t* d, int64_t G, const scalar_t* a,
                  int64_t cols, int64_t n, scalar_t beta) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (cols >= 128 && cols % PackedWeight::kPanelWidth == 0 && product_kernel() != "blas" &&
-        !large_products_on_blas()) {
+    if (G >= 256 && cols >= 128 && cols % PackedWeight::kPanelWidth == 0 &&
+        product_kernel() != "blas" && !large_products_on_blas()) {
       multiply_transposed(grad_w, cols, d, G, G, a, cols, n, beta);
       return;
     }

@@ -324,16 +324,25 @@ void PackedWeight::multiply(float* out, int64_t ldo, const float* a, int64_t lda
         const int64_t column = panel_column + pass;
         const float* b = bias ? bias + column : nullptr;
         for (int64_t i = i0; i < i1; i += info.rows) {
-          // The output tile of the next call (the next rows of this panel, or
-          // the first rows of the next panel), fetched while this call runs:
+          // The output tile of the next call, fetched while this call runs:
           // reading it for beta, or storing to it, missed cache at the end of
           // the call (in the sweeps, out is a whole sequence's gates).
-          const bool same_panel = i + info.rows < i1;
-          const int64_t tile_i = same_panel ? i + info.rows : next_i;
-          const float* tile = out + (same_panel ? column : next_column) + tile_i * ldo;
-          for (int64_t j = 0; j < std::min(info.rows, n - tile_i); ++j) {
-            __builtin_prefetch(tile + j * ldo);
-            __builtin_prefetch(tile + j * ldo + kPanel - 1);
+          int64_t tile_i = i + info.rows, tile_column = column, tile_cols = cols;
+          if (tile_i >= i1) {
+            if (pass + info.pass_width < panel_cols) {  // this panel's next pass
+              tile_i = i0;
+              tile_column = column + info.pass_width;
+              tile_cols = std::min(info.pass_width, panel_cols - pass - info.pass_width);
+            } else {  // the next panel's first pass
+              tile_i = next_i;
+              tile_column = next_column;
+              tile_cols = std::min({info.pass_width, kPanel, c1 - next_column % segment_});
+            }
+          }
+          for (int64_t j = tile_i; j < std::min(n, tile_i + info.rows); ++j) {
+            const float* row = out + tile_column + j * ldo;
+            __builtin_prefetch(row);
+            __builtin_prefetch(row + tile_cols - 1);
           }
           info.kernel(out + column + i * ldo, ldo, a + i * lda, lda, std::min(info.rows, i1 - i),
                       panel + pass, R_, cols, beta, b);
