@@ -1,5 +1,7 @@
 #include "cpu/panels.h"
 
+#include "cpu/buffers.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
@@ -369,7 +371,7 @@ void multiply_transposed(float* out, int64_t ldo, const float* d, int64_t ldd, i
   constexpr int64_t kChunk = 1024;
   // A thread's share of d's columns: whole transpose blocks and kernel rows.
   const int64_t unit = std::lcm(info.block_width, info.rows);
-  const auto transposed = at::empty({M, std::min(kChunk, rows)}, at::kFloat);
+  const auto transposed = empty_buffer({M, std::min(kChunk, rows)}, at::kFloat);
   float* d_t = transposed.mutable_data_ptr<float>();
   for (int64_t r0 = 0; r0 < rows; r0 += kChunk) {
     const int64_t R = std::min(kChunk, rows - r0);
