@@ -68,6 +68,17 @@ CASES = [
     ("LSTM", (70, 16, 128, 160), dict(bidirectional=True), None),
     ("GRU", (40, 28, 128, 86), dict(), [40, 3, 17, 40, 1, 39, 22] * 4),
     ("LSTM", (103, 10, 128, 128), dict(), [103, 50, 1, 103, 77, 12, 103, 99, 64, 2]),
+    # Where grad_ih and grad_hh are the same (RNN, LSTM), grad W_ih, grad W_hh
+    # and the bias's gradient come from one pass over d, the two weights'
+    # 64 + 64 (or 32 + 96, 32 + 256) columns together: both directions, a
+    # last chunk whose rows fill no vector (115, 126), lengths, and an empty
+    # batch (sums over no rows). GRU: the bias's gradient from the pass of
+    # W_hh alone.
+    ("LSTM", (67, 17, 64, 64), dict(bidirectional=True), None),
+    ("LSTM", (50, 23, 32, 96), dict(), [50, 49, 1, 50, 20, 33] * 3 + [50] * 5),
+    ("RNN", (9, 130, 32, 256), dict(), None),
+    ("LSTM", (5, 0, 64, 64), dict(), None),
+    ("GRU", (37, 29, 32, 128), dict(bidirectional=True), None),
 ]
 
 

@@ -201,25 +201,78 @@ at::Tensor previous_states(const at::Tensor& output, const at::Tensor& hx, const
   return prev;
 }
 
-// grad_W (G x cols) = d^T a + beta grad_W, summed over n rows (d: n x G,
-// a: n x cols, both contiguous). On the micro-kernel where the BLAS is not
-// preferred for large products, G >= 256 and cols fill whole panels from
-// 128 on: on the AMD EPYC it ran LSTM H >= 256 weight gradients 3-15%
-// faster than MKL, those of 64 columns (or partly filled panels) up to 1.5x
-// slower, 128 x 128 3% slower (bench/NOTES.md).
+namespace {
+
+// One weight's gradient for weight_grads: grad_w (G x cols) from a (n x cols,
+// contiguous).
 template <typename scalar_t>
-void weight_grad(scalar_t* grad_w, const scalar_t* d, int64_t G, const scalar_t* a,
-                 int64_t cols, int64_t n, scalar_t beta) {
+struct GradFactor {
+  scalar_t* grad_w;
+  const scalar_t* a;
+  int64_t cols;
+};
+
+// Below this many rows a bias's gradient is summed here, row by row into G
+// running sums, so that the inner loop reads contiguous values and vectorises
+// (column by column it strode G values: 6% of an LSTMCell training step at
+// B=32, H=256); the dispatch and allocations of at::sum cost more than its
+// arithmetic there. More rows are summed by at::sum, on every thread.
+constexpr int64_t kRowsSummedHere = 64;
+
+// grad_b (G) = beta grad_b + d^T 1, for d (n x G, contiguous).
+template <typename scalar_t>
+void column_sums(const scalar_t* d, int64_t n, int64_t G, scalar_t beta, scalar_t* grad_b) {
+  const auto scaled = [beta](scalar_t old) { return beta == scalar_t(0) ? scalar_t(0) : beta * old; };
+  if (n <= kRowsSummedHere) {
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+    std::vector<acc_t> sum(G, acc_t(0));
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t j = 0; j < G; ++j) sum[j] += d[r * G + j];
+    }
+    for (int64_t j = 0; j < G; ++j) grad_b[j] = scaled(grad_b[j]) + static_cast<scalar_t>(sum[j]);
+    return;
+  }
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  const at::Tensor total = at::from_blob(const_cast<scalar_t*>(d), {n, G}, options).sum(0);
+  const scalar_t* t = total.const_data_ptr<scalar_t>();
+  for (int64_t j = 0; j < G; ++j) grad_b[j] = scaled(grad_b[j]) + t[j];
+}
+
+// For each factor grad_W = beta grad_W + d^T a, and grad_b = beta grad_b +
+// d^T 1, summed over n rows of d (n x G, contiguous). On the micro-kernel,
+// which transposes d once for every factor and sums its rows on the way,
+// where the BLAS is not preferred for large products, G >= 256 and the
+// factors' columns fill whole panels, 128 or more in all. On the AMD EPYC,
+// against MKL: LSTM H >= 256 weight gradients 3-15% faster; a lone factor of
+// 64 columns, or partly filled panels, up to 1.5x slower, and 128 x 128 3%
+// slower; LSTM H = 64's two factors of 64 columns together 2-4% faster
+// end to end (bench/NOTES.md).
+template <typename scalar_t>
+void weight_grads(const scalar_t* d, int64_t G, int64_t n, scalar_t beta,
+                  std::initializer_list<GradFactor<scalar_t>> factors, scalar_t* grad_b) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (G >= 256 && cols >= 128 && cols % PackedWeight::kPanelWidth == 0 &&
-        product_kernel() != "blas" && !large_products_on_blas()) {
-      multiply_transposed(grad_w, cols, d, G, G, a, cols, n, beta);
+    int64_t cols = 0;
+    bool whole_panels = true;
+    for (const auto& f : factors) {
+      cols += f.cols;
+      whole_panels = whole_panels && f.cols % PackedWeight::kPanelWidth == 0;
+    }
+    if (G >= 256 && cols >= 128 && whole_panels && product_kernel() != "blas" &&
+        !large_products_on_blas()) {
+      std::vector<TransposedFactor> products;
+      for (const auto& f : factors) products.push_back({f.grad_w, f.cols, f.a, f.cols});
+      multiply_transposed(d, G, G, n, beta, products, grad_b);
       return;
     }
   }
-  // Column-major: grad_W^T (cols x G) = a^T (cols x n) d (n x G).
-  gemm<scalar_t>(false, true, cols, G, n, a, cols, d, G, beta, grad_w, cols);
+  for (const auto& f : factors) {
+    // Column-major: grad_W^T (cols x G) = a^T (cols x n) d (n x G).
+    gemm<scalar_t>(false, true, f.cols, G, n, f.a, f.cols, d, G, beta, f.grad_w, f.cols);
+  }
+  column_sums(d, n, G, beta, grad_b);
 }
+
+}  // namespace
 
 LayerGrads finish_backward(const at::Tensor& grad_ih, const at::Tensor& grad_hh,
                            const at::Tensor& input, const PreviousStates& prev,
@@ -235,55 +288,44 @@ LayerGrads finish_backward(const at::Tensor& grad_ih, const at::Tensor& grad_hh,
   auto grad_w_ih = empty_buffer({G, I}, options), grad_w_hh = empty_buffer({G, K}, options);
   auto grad_b_ih = at::empty({G}, options), grad_b_hh = at::empty({G}, options);
   auto grad_input = empty_buffer(input_requires_grad ? input.sizes() : at::IntArrayRef{0}, options);
-  // Direct BLAS calls and a loop over the rows for the biases: at a single
-  // step's sizes the dispatch and allocations of at::mm, at::sum and clone
-  // cost more than their arithmetic. Many rows are summed by at::sum, which
-  // runs on every thread.
-  constexpr int64_t kRowsSummedHere = 64;
+  // Direct BLAS calls and loops for the biases: at a single step's sizes the
+  // dispatch and allocations of at::mm, at::sum and clone cost more than
+  // their arithmetic.
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::finish_backward", [&] {
     const scalar_t* d_ih = grad_ih.const_data_ptr<scalar_t>();
     const scalar_t* d_hh = grad_hh.const_data_ptr<scalar_t>();
-    weight_grad<scalar_t>(grad_w_ih.mutable_data_ptr<scalar_t>(), d_ih, G,
-                          x.const_data_ptr<scalar_t>(), I, rows, 0);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* dw_ih = grad_w_ih.mutable_data_ptr<scalar_t>();
     scalar_t* dw_hh = grad_w_hh.mutable_data_ptr<scalar_t>();
+    scalar_t* b_ih = grad_b_ih.mutable_data_ptr<scalar_t>();
+    scalar_t* b_hh = grad_b_hh.mutable_data_ptr<scalar_t>();
+    // The gradients of n rows of d_hh from r0 on, whose steps started from
+    // `started` (n x K): where d_ih is the same (shared), W_ih's and the
+    // bias's from the same pass over d.
+    const auto hidden_side = [&](int64_t r0, int64_t n, const scalar_t* started, scalar_t beta) {
+      if (shared) {
+        weight_grads<scalar_t>(d_hh + r0 * G, G, n, beta,
+                               {{dw_ih, xp + r0 * I, I}, {dw_hh, started, K}}, b_ih);
+      } else {
+        weight_grads<scalar_t>(d_hh + r0 * G, G, n, beta, {{dw_hh, started, K}}, b_hh);
+      }
+    };
+    if (!shared) {
+      weight_grads<scalar_t>(d_ih, G, rows, 0, {{dw_ih, xp, I}}, b_ih);
+    }
     if (states.defined()) {
-      weight_grad<scalar_t>(dw_hh, d_hh, G, states.const_data_ptr<scalar_t>(), K, rows, 0);
+      hidden_side(0, rows, states.const_data_ptr<scalar_t>(), 0);
     } else {
       // Every step but the first started from the output one step before
       // (in the sweep's order), the first from hx: two products, and no
       // (T, B, K) copy of the output shifted by a step.
       const scalar_t* out = output.const_data_ptr<scalar_t>();
       const int64_t later = rows - B;  // rows past the first step
-      weight_grad<scalar_t>(dw_hh, prev.reverse ? d_hh : d_hh + B * G, G,
-                            prev.reverse ? out + B * K : out, K, later, 0);
-      weight_grad<scalar_t>(dw_hh, prev.reverse ? d_hh + later * G : d_hh, G,
-                            hx.const_data_ptr<scalar_t>(), K, B, 1);
+      hidden_side(prev.reverse ? 0 : B, later, prev.reverse ? out + B * K : out, 0);
+      hidden_side(prev.reverse ? later : 0, B, hx.const_data_ptr<scalar_t>(), 1);
     }
-    if (rows <= kRowsSummedHere) {
-      // Row by row into G running sums, so that the inner loop reads
-      // contiguous values and vectorises (column by column it strode G
-      // values: 6% of an LSTMCell training step at B=32, H=256).
-      using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
-      std::vector<acc_t> sum_ih(G, acc_t(0)), sum_hh(shared ? 0 : G, acc_t(0));
-      for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t j = 0; j < G; ++j) sum_ih[j] += d_ih[r * G + j];
-        if (!shared) {
-          for (int64_t j = 0; j < G; ++j) sum_hh[j] += d_hh[r * G + j];
-        }
-      }
-      scalar_t* b_ih = grad_b_ih.mutable_data_ptr<scalar_t>();
-      scalar_t* b_hh = grad_b_hh.mutable_data_ptr<scalar_t>();
-      for (int64_t j = 0; j < G; ++j) {
-        b_ih[j] = static_cast<scalar_t>(sum_ih[j]);
-        b_hh[j] = static_cast<scalar_t>(shared ? sum_ih[j] : sum_hh[j]);
-      }
-    } else {
-      at::sum_out(grad_b_ih, grad_ih.view({rows, G}), 0);
-      if (shared) {
-        grad_b_hh.copy_(grad_b_ih);
-      } else {
-        at::sum_out(grad_b_hh, grad_hh.view({rows, G}), 0);
-      }
+    if (shared) {
+      std::copy(b_ih, b_ih + G, b_hh);
     }
     if (input_requires_grad) {  // grad_ih W_ih
       const auto w = weight_ih.contiguous();

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <numeric>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -354,16 +355,19 @@ void PackedWeight::multiply(float* out, int64_t ldo, const float* a, int64_t lda
   }
 }
 
-void multiply_transposed(float* out, int64_t ldo, const float* d, int64_t ldd, int64_t M,
-                         const float* a, int64_t N, int64_t rows, float beta) {
+void multiply_transposed(const float* d, int64_t ldd, int64_t M, int64_t rows, float beta,
+                         const std::vector<TransposedFactor>& factors, float* sums) {
   const int index = chosen().load();
   TORCH_INTERNAL_ASSERT(index >= 0);
   const KernelInfo& info = kernel_table()[index];
-  if (rows == 0) {  // an empty sum: out = beta out
-    for (int64_t m = 0; m < M; ++m) {
-      float* o = out + m * ldo;
-      for (int64_t j = 0; j < N; ++j) o[j] = beta == 0.0f ? 0.0f : beta * o[j];
+  const auto scale = [beta](float* o, int64_t n) {  // o = beta o
+    for (int64_t j = 0; j < n; ++j) o[j] = beta == 0.0f ? 0.0f : beta * o[j];
+  };
+  if (rows == 0) {  // an empty sum
+    for (const auto& f : factors) {
+      for (int64_t m = 0; m < M; ++m) scale(f.out + m * f.ldo, f.N);
     }
+    if (sums) scale(sums, M);
     return;
   }
   // Rows a chunk copies: 4 MiB of d at LSTM H = 256 (G = 1024). 512 ran
@@ -373,14 +377,46 @@ void multiply_transposed(float* out, int64_t ldo, const float* d, int64_t ldd, i
   const int64_t unit = std::lcm(info.block_width, info.rows);
   const auto transposed = empty_buffer({M, std::min(kChunk, rows)}, at::kFloat);
   float* d_t = transposed.mutable_data_ptr<float>();
+  const int64_t count = static_cast<int64_t>(factors.size());
+  std::vector<std::optional<PackedWeight>> panels(count);
   for (int64_t r0 = 0; r0 < rows; r0 += kChunk) {
     const int64_t R = std::min(kChunk, rows - r0);
-    const PackedWeight panels(a + r0 * N, R, N, N, /*transposed=*/false);
+    // Factors of a few panels each pack on one thread (kMinParallelPack):
+    // several pack on as many threads.
+    const auto pack = [&](int64_t f0, int64_t f1) {
+      for (int64_t i = f0; i < f1; ++i) {
+        const auto& f = factors[i];
+        panels[i].emplace(f.a + r0 * f.N, R, f.N, f.N, /*transposed=*/false);
+      }
+    };
+    if (count > 1) {
+      at::parallel_for(0, count, 1, pack);
+    } else {
+      pack(0, count);
+    }
     const float chunk_beta = r0 == 0 ? beta : 1.0f;
     at::parallel_for(0, (M + unit - 1) / unit, 1, [&](int64_t u0, int64_t u1) {
       const int64_t m0 = u0 * unit, m1 = std::min(M, u1 * unit);
       transpose(info, d + r0 * ldd + m0, ldd, R, m1 - m0, d_t + m0 * R, R, R);
-      panels.multiply(out + m0 * ldo, ldo, d_t + m0 * R, R, m1 - m0, 0, N, chunk_beta);
+      for (size_t i = 0; i < factors.size(); ++i) {
+        const auto& f = factors[i];
+        panels[i]->multiply(f.out + m0 * f.ldo, f.ldo, d_t + m0 * R, R, m1 - m0, 0, f.N,
+                           chunk_beta);
+      }
+      for (int64_t m = m0; sums && m < m1; ++m) {
+        // Lane by lane, so that the loop vectorises (a float sum in order does not).
+        constexpr int kLanes = 16;
+        float lane[kLanes] = {};
+        const float* row = d_t + m * R;
+        int64_t r = 0;
+        for (; r + kLanes <= R; r += kLanes) {
+          for (int l = 0; l < kLanes; ++l) lane[l] += row[r + l];
+        }
+        float sum = 0.0f;
+        for (; r < R; ++r) sum += row[r];
+        for (int l = 0; l < kLanes; ++l) sum += lane[l];
+        sums[m] = chunk_beta == 0.0f ? sum : chunk_beta * sums[m] + sum;
+      }
     });
   }
 }

@@ -85,13 +85,24 @@ void multiply_unpacked(const float* weight, int64_t R, int64_t N, int64_t segmen
                        int64_t ldo, const float* a, int64_t lda, int64_t n, int64_t c0,
                        int64_t c1, float beta, const float* bias = nullptr);
 
-// out (M x N, row stride ldo) = beta out + d^T a, for d (rows x M, row
-// stride ldd) and a (rows x N, contiguous): a weight's gradient, summed over
-// every step of every sequence, on the threads. In chunks of rows, a's rows
-// are packed as panels and d's columns transposed into rows, so that the
-// micro-kernel reads both in order. (With d read transposed in place, each
-// step of the reduction touched a new cache line: bench/NOTES.md.)
-void multiply_transposed(float* out, int64_t ldo, const float* d, int64_t ldd, int64_t M,
-                         const float* a, int64_t N, int64_t rows, float beta);
+// One product of multiply_transposed: out (M x N, row stride ldo) = beta out
+// + d^T a, for a (rows x N, contiguous).
+struct TransposedFactor {
+  float* out;
+  int64_t ldo;
+  const float* a;
+  int64_t N;
+};
+
+// Weight gradients, summed over every step of every sequence, on the
+// threads: for each factor, out = beta out + d^T a, for d (rows x M, row
+// stride ldd); and, given `sums` (M values), sums = beta sums + d^T 1 (a
+// bias's gradient). In chunks of rows, each factor's rows are packed as
+// panels and d's columns transposed into rows once for all factors, so that
+// the micro-kernel reads both in order, and the sums read the transposed
+// rows while they are in cache. (With d read transposed in place, each step
+// of the reduction touched a new cache line: bench/NOTES.md.)
+void multiply_transposed(const float* d, int64_t ldd, int64_t M, int64_t rows, float beta,
+                         const std::vector<TransposedFactor>& factors, float* sums);
 
 }  // namespace fastrnn::cpu
