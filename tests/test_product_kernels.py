@@ -59,7 +59,8 @@ CASES = [
     ("GRU", (1, 40, 7, 33), dict(), None),
     ("LSTM", (1, 48, 130, 130), dict(proj_size=17), None),
     # Weight gradients of 128 columns or more, whole panels, by G >= 256
-    # (csrc/cpu/layer_common.cpp, multiply_transposed): over more rows than
+    # (csrc/cpu/layer_common.cpp, weight_grads; csrc/cpu/panels.cpp,
+    # multiply_transposed): over more rows than
     # one chunk of 1024 copies, with a last chunk of whole transpose blocks
     # (1120 and 1104 rows) or not (1030); from d's columns in partial
     # transpose blocks and kernel rows (GRU: G = 258, its grad W_ih); over
@@ -69,13 +70,19 @@ CASES = [
     ("GRU", (40, 28, 128, 86), dict(), [40, 3, 17, 40, 1, 39, 22] * 4),
     ("LSTM", (103, 10, 128, 128), dict(), [103, 50, 1, 103, 77, 12, 103, 99, 64, 2]),
     # Where grad_ih and grad_hh are the same (RNN, LSTM), grad W_ih, grad W_hh
-    # and the bias's gradient come from one pass over d, the two weights'
-    # 64 + 64 (or 32 + 96, 32 + 256) columns together: both directions, a
-    # last chunk whose rows fill no vector (115, 126), lengths, and an empty
-    # batch (sums over no rows). GRU: the bias's gradient from the pass of
-    # W_hh alone.
+    # and the bias's gradient come from the same passes over d, the two
+    # weights' 64 + 64 (or 32 + 96, 32 + 256) columns together: in both
+    # directions, the rows past the first step in chunks of 1024 and a last
+    # one of 98 (a sum's partial vector), then the first step's 17 rows
+    # against hx; the states gathered (lengths), in one direction and in
+    # both; a single step (the states are hx); a first step of more than one
+    # chunk (B = 1100); an empty batch (sums over no rows). GRU: the bias's
+    # gradient from the pass of W_hh alone.
     ("LSTM", (67, 17, 64, 64), dict(bidirectional=True), None),
     ("LSTM", (50, 23, 32, 96), dict(), [50, 49, 1, 50, 20, 33] * 3 + [50] * 5),
+    ("LSTM", (40, 30, 64, 64), dict(bidirectional=True), [40, 7, 39, 1, 25] * 6),
+    ("LSTM", (1, 300, 64, 64), dict(), None),
+    ("LSTM", (2, 1100, 64, 64), dict(), None),
     ("RNN", (9, 130, 32, 256), dict(), None),
     ("LSTM", (5, 0, 64, 64), dict(), None),
     ("GRU", (37, 29, 32, 128), dict(bidirectional=True), None),

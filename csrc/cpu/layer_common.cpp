@@ -238,27 +238,39 @@ void column_sums(const scalar_t* d, int64_t n, int64_t G, scalar_t beta, scalar_
   for (int64_t j = 0; j < G; ++j) grad_b[j] = scaled(grad_b[j]) + t[j];
 }
 
-// For each factor grad_W = beta grad_W + d^T a, and grad_b = beta grad_b +
-// d^T 1, summed over n rows of d (n x G, contiguous). On the micro-kernel,
-// which transposes d once for every factor and sums its rows on the way,
-// where the BLAS is not preferred for large products, G >= 256 and the
-// factors' columns fill whole panels, 128 or more in all. On the AMD EPYC,
+// Whether weight_grads runs on the micro-kernel, for factors of these
+// columns: where the BLAS is not preferred for large products, G >= 256 and
+// the columns fill whole panels, 128 or more in all. On the AMD EPYC,
 // against MKL: LSTM H >= 256 weight gradients 3-15% faster; a lone factor of
 // 64 columns, or partly filled panels, up to 1.5x slower, and 128 x 128 3%
-// slower; LSTM H = 64's two factors of 64 columns together 2-4% faster
-// end to end (bench/NOTES.md).
+// slower; LSTM H = 64's two factors of 64 columns together 2-4% faster end
+// to end (bench/NOTES.md).
+template <typename scalar_t>
+bool grads_on_kernel(int64_t G, c10::ArrayRef<int64_t> columns) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    int64_t total = 0;
+    bool whole_panels = true;
+    for (const int64_t cols : columns) {
+      total += cols;
+      whole_panels = whole_panels && cols % PackedWeight::kPanelWidth == 0;
+    }
+    return G >= 256 && total >= 128 && whole_panels && product_kernel() != "blas" &&
+           !large_products_on_blas();
+  }
+  return false;
+}
+
+// For each factor grad_W = beta grad_W + d^T a, and given grad_b, grad_b =
+// beta grad_b + d^T 1, summed over n rows of d (n x G, contiguous). On the
+// micro-kernel (grads_on_kernel) d is transposed once for all the factors,
+// and its columns summed on the way.
 template <typename scalar_t>
 void weight_grads(const scalar_t* d, int64_t G, int64_t n, scalar_t beta,
                   std::initializer_list<GradFactor<scalar_t>> factors, scalar_t* grad_b) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    int64_t cols = 0;
-    bool whole_panels = true;
-    for (const auto& f : factors) {
-      cols += f.cols;
-      whole_panels = whole_panels && f.cols % PackedWeight::kPanelWidth == 0;
-    }
-    if (G >= 256 && cols >= 128 && whole_panels && product_kernel() != "blas" &&
-        !large_products_on_blas()) {
+    std::vector<int64_t> columns;
+    for (const auto& f : factors) columns.push_back(f.cols);
+    if (grads_on_kernel<scalar_t>(G, columns)) {
       std::vector<TransposedFactor> products;
       for (const auto& f : factors) products.push_back({f.grad_w, f.cols, f.a, f.cols});
       multiply_transposed(d, G, G, n, beta, products, grad_b);
@@ -269,7 +281,9 @@ void weight_grads(const scalar_t* d, int64_t G, int64_t n, scalar_t beta,
     // Column-major: grad_W^T (cols x G) = a^T (cols x n) d (n x G).
     gemm<scalar_t>(false, true, f.cols, G, n, f.a, f.cols, d, G, beta, f.grad_w, f.cols);
   }
-  column_sums(d, n, G, beta, grad_b);
+  if (grad_b) {
+    column_sums(d, n, G, beta, grad_b);
+  }
 }
 
 }  // namespace
@@ -288,9 +302,9 @@ LayerGrads finish_backward(const at::Tensor& grad_ih, const at::Tensor& grad_hh,
   auto grad_w_ih = empty_buffer({G, I}, options), grad_w_hh = empty_buffer({G, K}, options);
   auto grad_b_ih = at::empty({G}, options), grad_b_hh = at::empty({G}, options);
   auto grad_input = empty_buffer(input_requires_grad ? input.sizes() : at::IntArrayRef{0}, options);
-  // Direct BLAS calls and loops for the biases: at a single step's sizes the
-  // dispatch and allocations of at::mm, at::sum and clone cost more than
-  // their arithmetic.
+  // Direct BLAS calls (or the micro-kernel): at a single step's sizes the
+  // dispatch and allocations of at::mm and clone cost more than their
+  // arithmetic.
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::finish_backward", [&] {
     const scalar_t* d_ih = grad_ih.const_data_ptr<scalar_t>();
     const scalar_t* d_hh = grad_hh.const_data_ptr<scalar_t>();
@@ -299,18 +313,22 @@ LayerGrads finish_backward(const at::Tensor& grad_ih, const at::Tensor& grad_hh,
     scalar_t* dw_hh = grad_w_hh.mutable_data_ptr<scalar_t>();
     scalar_t* b_ih = grad_b_ih.mutable_data_ptr<scalar_t>();
     scalar_t* b_hh = grad_b_hh.mutable_data_ptr<scalar_t>();
+    // Where d_ih is d_hh (shared) and the micro-kernel takes both weights,
+    // W_ih's gradient and the bias's come from the same passes over d as
+    // W_hh's; else from one pass of their own over all the rows.
+    const bool one_pass = shared && grads_on_kernel<scalar_t>(G, {I, K});
     // The gradients of n rows of d_hh from r0 on, whose steps started from
-    // `started` (n x K): where d_ih is the same (shared), W_ih's and the
-    // bias's from the same pass over d.
+    // `started` (n x K).
     const auto hidden_side = [&](int64_t r0, int64_t n, const scalar_t* started, scalar_t beta) {
-      if (shared) {
+      if (one_pass) {
         weight_grads<scalar_t>(d_hh + r0 * G, G, n, beta,
                                {{dw_ih, xp + r0 * I, I}, {dw_hh, started, K}}, b_ih);
       } else {
-        weight_grads<scalar_t>(d_hh + r0 * G, G, n, beta, {{dw_hh, started, K}}, b_hh);
+        weight_grads<scalar_t>(d_hh + r0 * G, G, n, beta, {{dw_hh, started, K}},
+                               shared ? nullptr : b_hh);
       }
     };
-    if (!shared) {
+    if (!one_pass) {
       weight_grads<scalar_t>(d_ih, G, rows, 0, {{dw_ih, xp, I}}, b_ih);
     }
     if (states.defined()) {

@@ -381,15 +381,19 @@ void multiply_transposed(const float* d, int64_t ldd, int64_t M, int64_t rows, f
   std::vector<std::optional<PackedWeight>> panels(count);
   for (int64_t r0 = 0; r0 < rows; r0 += kChunk) {
     const int64_t R = std::min(kChunk, rows - r0);
-    // Factors of a few panels each pack on one thread (kMinParallelPack):
-    // several pack on as many threads.
     const auto pack = [&](int64_t f0, int64_t f1) {
       for (int64_t i = f0; i < f1; ++i) {
         const auto& f = factors[i];
         panels[i].emplace(f.a + r0 * f.N, R, f.N, f.N, /*transposed=*/false);
       }
     };
-    if (count > 1) {
+    // A factor too small to share its packing (kMinParallelPack) packs on
+    // one thread: where every factor is, they pack side by side instead,
+    // one a thread; larger ones one after the other, each on every thread.
+    const bool small = std::all_of(factors.begin(), factors.end(), [&](const TransposedFactor& f) {
+      return R * f.N <= kMinParallelPack;
+    });
+    if (count > 1 && small) {
       at::parallel_for(0, count, 1, pack);
     } else {
       pack(0, count);
