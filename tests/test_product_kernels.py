@@ -149,6 +149,18 @@ def test_default_choice_against_torch_nn_float64(threads, cls, sizes, kwargs, le
     check_against_torch_nn_float64(cls, sizes, kwargs, lengths)
 
 
+@pytest.mark.parametrize("cls", ["RNNCell", "LSTMCell"])
+def test_cell_without_input_features(product_kernel, threads, cls):
+    """A cell of input_size 0: grad W_ih has no columns, so grad W_hh (G >=
+    256 columns of whole panels) takes the weight gradients' pass alone."""
+    reference, candidate = make_pair(getattr(nn, cls), getattr(fastrnn, cls), 0, 256)
+    x = torch.randn(40, 0)
+    expected = forward_backward(reference.double(), x.double(), upstream_dtype=torch.float32)
+    actual = forward_backward(candidate, x)
+    expected = {k: v.float() if v.is_floating_point() else v for k, v in expected.items()}
+    assert_results_close(actual, expected, torch.float32)
+
+
 @pytest.mark.parametrize("cls, kwargs", [("RNN", {}), ("GRU", {}), ("LSTM", dict(proj_size=17))],
                          ids=["RNN", "GRU", "LSTM"])
 def test_single_step_without_grad(product_kernel, threads, cls, kwargs):

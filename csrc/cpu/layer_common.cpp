@@ -212,7 +212,7 @@ struct GradFactor {
   int64_t cols;
 };
 
-// Below this many rows a bias's gradient is summed here, row by row into G
+// Up to this many rows a bias's gradient is summed here, row by row into G
 // running sums, so that the inner loop reads contiguous values and vectorises
 // (column by column it strode G values: 6% of an LSTMCell training step at
 // B=32, H=256); the dispatch and allocations of at::sum cost more than its
@@ -240,7 +240,7 @@ void column_sums(const scalar_t* d, int64_t n, int64_t G, scalar_t beta, scalar_
 
 // Whether weight_grads runs on the micro-kernel, for factors of these
 // columns: where the BLAS is not preferred for large products, G >= 256 and
-// the columns fill whole panels, 128 or more in all. On the AMD EPYC,
+// the columns fill whole panels (one or more a factor), 128 or more in all. On the AMD EPYC,
 // against MKL: LSTM H >= 256 weight gradients 3-15% faster; a lone factor of
 // 64 columns, or partly filled panels, up to 1.5x slower, and 128 x 128 3%
 // slower; LSTM H = 64's two factors of 64 columns together 2-4% faster end
@@ -252,7 +252,7 @@ bool grads_on_kernel(int64_t G, c10::ArrayRef<int64_t> columns) {
     bool whole_panels = true;
     for (const int64_t cols : columns) {
       total += cols;
-      whole_panels = whole_panels && cols % PackedWeight::kPanelWidth == 0;
+      whole_panels = whole_panels && cols > 0 && cols % PackedWeight::kPanelWidth == 0;
     }
     return G >= 256 && total >= 128 && whole_panels && product_kernel() != "blas" &&
            !large_products_on_blas();
@@ -303,8 +303,7 @@ LayerGrads finish_backward(const at::Tensor& grad_ih, const at::Tensor& grad_hh,
   auto grad_b_ih = at::empty({G}, options), grad_b_hh = at::empty({G}, options);
   auto grad_input = empty_buffer(input_requires_grad ? input.sizes() : at::IntArrayRef{0}, options);
   // Direct BLAS calls (or the micro-kernel): at a single step's sizes the
-  // dispatch and allocations of at::mm and clone cost more than their
-  // arithmetic.
+  // dispatch and allocations of at::mm cost more than its arithmetic.
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fastrnn::finish_backward", [&] {
     const scalar_t* d_ih = grad_ih.const_data_ptr<scalar_t>();
     const scalar_t* d_hh = grad_hh.const_data_ptr<scalar_t>();
