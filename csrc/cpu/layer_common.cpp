@@ -222,7 +222,9 @@ constexpr int64_t kRowsSummedHere = 64;
 // grad_b (G) = beta grad_b + d^T 1, for d (n x G, contiguous).
 template <typename scalar_t>
 void column_sums(const scalar_t* d, int64_t n, int64_t G, scalar_t beta, scalar_t* grad_b) {
-  const auto scaled = [beta](scalar_t old) { return beta == scalar_t(0) ? scalar_t(0) : beta * old; };
+  const auto scaled = [beta](scalar_t old) {
+    return beta == scalar_t(0) ? scalar_t(0) : beta * old;
+  };
   if (n <= kRowsSummedHere) {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
     std::vector<acc_t> sum(G, acc_t(0));
@@ -240,11 +242,11 @@ void column_sums(const scalar_t* d, int64_t n, int64_t G, scalar_t beta, scalar_
 
 // Whether weight_grads runs on the micro-kernel, for factors of these
 // columns: where the BLAS is not preferred for large products, G >= 256 and
-// the columns fill whole panels (one or more a factor), 128 or more in all. On the AMD EPYC,
-// against MKL: LSTM H >= 256 weight gradients 3-15% faster; a lone factor of
-// 64 columns, or partly filled panels, up to 1.5x slower, and 128 x 128 3%
-// slower; LSTM H = 64's two factors of 64 columns together 2-4% faster end
-// to end (bench/NOTES.md).
+// the columns fill whole panels (one or more a factor), 128 or more in all.
+// On the AMD EPYC, against MKL: LSTM H >= 256 weight gradients 3-15%
+// faster; a lone factor of 64 columns, or partly filled panels, up to 1.5x
+// slower, and 128 x 128 3% slower; LSTM H = 64's two factors of 64 columns
+// together 2-4% faster end to end (bench/NOTES.md).
 template <typename scalar_t>
 bool grads_on_kernel(int64_t G, c10::ArrayRef<int64_t> columns) {
   if constexpr (std::is_same_v<scalar_t, float>) {
