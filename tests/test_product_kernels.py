@@ -154,11 +154,7 @@ def test_cell_without_input_features(product_kernel, threads, cls):
     """A cell of input_size 0: grad W_ih has no columns, so grad W_hh (G >=
     256 columns of whole panels) takes the weight gradients' pass alone."""
     reference, candidate = make_pair(getattr(nn, cls), getattr(fastrnn, cls), 0, 256)
-    x = torch.randn(40, 0)
-    expected = forward_backward(reference.double(), x.double(), upstream_dtype=torch.float32)
-    actual = forward_backward(candidate, x)
-    expected = {k: v.float() if v.is_floating_point() else v for k, v in expected.items()}
-    assert_results_close(actual, expected, torch.float32)
+    assert_matches_float64(reference, candidate, torch.randn(40, 0))
 
 
 @pytest.mark.parametrize("cls, kwargs", [("RNN", {}), ("GRU", {}), ("LSTM", dict(proj_size=17))],
@@ -177,7 +173,12 @@ def test_single_step_without_grad(product_kernel, threads, cls, kwargs):
 def check_against_torch_nn_float64(cls, sizes, kwargs, lengths):
     T, B, I, H = sizes
     reference, candidate = make_pair(getattr(nn, cls), getattr(fastrnn, cls), I, H, **kwargs)
-    x = torch.randn(T, B, I)
+    assert_matches_float64(reference, candidate, torch.randn(T, B, I), lengths)
+
+
+def assert_matches_float64(reference, candidate, x, lengths=None):
+    """The float32 candidate's outputs and gradients on x against the
+    torch.nn reference's in float64, to float32's tolerances."""
     expected = forward_backward(reference.double(), x.double(), lengths=lengths,
                                 upstream_dtype=torch.float32)
     actual = forward_backward(candidate, x, lengths=lengths)
