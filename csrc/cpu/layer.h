@@ -201,8 +201,9 @@ template <typename scalar_t>
 class WeightProduct {
  public:
   // total_rows: the rows of all its products together; product_rows: the
-  // rows of each (a sweep's batch; a single product's all). Packing costs
-  // about 0.4 ns a value; the kernel gains over the BLAS about 0.03 ns a value
+  // rows of each (a sweep's batch; a single product's all). Packing cost
+  // about 0.4 ns a value when this was measured (less since W^T is packed
+  // in vector blocks); the kernel gains over the BLAS about 0.03 ns a value
   // a row at one row a product, falling about as 1/sqrt(rows a product)
   // (bench/NOTES.md): break-even near 13 sqrt(product_rows) rows in all on
   // those figures, measured at 20-24 at one row for the largest weights

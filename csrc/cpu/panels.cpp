@@ -256,15 +256,16 @@ PackedWeight::PackedWeight(const float* weight, int64_t R, int64_t N, int64_t se
   const int64_t segments = N / segment;
   panels_ = at::empty({segments, panels_per_segment_, R, kPanel}, at::kFloat);
   float* p = panels_.mutable_data_ptr<float>();
-  // Panel by panel, in tiles of kTile rows of the reduction. From M^T a tile
-  // reads kTile consecutive values of each of the panel's columns (M^T's
-  // rows) and writes kTile whole rows of the panel, so both sides stay in
-  // L1; from M it copies kTile row pieces. (Column by column, each value
-  // went a panel row from the last: 0.4-3 ns a value, against 0.1-0.4 now.)
-  constexpr int64_t kTile = 16;
+  // Panel by panel. From M^T (transposed) the panel's columns are M^T's
+  // rows, transposed in vector blocks, with zeros in the columns past a
+  // segment's end. (Value by value, in tiles of 16 rows, this took about 0.4
+  // ns a value; in blocks, calls at B = 1 and at H = 64 ran 1-9% faster:
+  // bench/NOTES.md.) From M each panel row is a copy of a row piece, padded
+  // with zeros past a segment's end.
   // A large weight packs on every thread: one thread packing W_hh and W_ih
   // (1 MiB each at LSTM H = 256) left the other idle for 4% of a forward.
   const int64_t grain = std::max<int64_t>(1, kMinParallelPack / std::max<int64_t>(1, R * kPanel));
+  const KernelInfo& info = kernel_table()[kernel_];
   const auto pack = [&](int64_t first, int64_t last) {
     for (int64_t panel = first; panel < last; ++panel) {
       const int64_t s = panel / panels_per_segment_;
@@ -272,23 +273,13 @@ PackedWeight::PackedWeight(const float* weight, int64_t R, int64_t N, int64_t se
       const int64_t cols = std::min(kPanel, segment - c0);
       const int64_t col0 = s * segment + c0;  // the panel's first column of M
       float* dst = p + panel * R * kPanel;
-      for (int64_t r0 = 0; r0 < R; r0 += kTile) {
-        const int64_t r1 = std::min(R, r0 + kTile);
-        if (transposed) {
-          for (int64_t c = 0; c < cols; ++c) {
-            const float* src = weight + (col0 + c) * R;
-            for (int64_t r = r0; r < r1; ++r) dst[r * kPanel + c] = src[r];
-          }
-        } else {
-          for (int64_t r = r0; r < r1; ++r) {
-            std::copy(weight + r * N + col0, weight + r * N + col0 + cols, dst + r * kPanel);
-          }
-        }
-        if (cols < kPanel) {  // a segment's last panel, padded with zeros
-          for (int64_t r = r0; r < r1; ++r) {
-            std::fill(dst + r * kPanel + cols, dst + (r + 1) * kPanel, 0.0f);
-          }
-        }
+      if (transposed) {
+        transpose(info, weight + col0 * R, R, cols, R, dst, kPanel, kPanel);
+        continue;
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        std::copy(weight + r * N + col0, weight + r * N + col0 + cols, dst + r * kPanel);
+        std::fill(dst + r * kPanel + cols, dst + (r + 1) * kPanel, 0.0f);
       }
     }
   };
