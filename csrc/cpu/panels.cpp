@@ -258,10 +258,10 @@ PackedWeight::PackedWeight(const float* weight, int64_t R, int64_t N, int64_t se
   float* p = panels_.mutable_data_ptr<float>();
   // Panel by panel. From M^T (transposed) the panel's columns are M^T's
   // rows, transposed in vector blocks, with zeros in the columns past a
-  // segment's end. (Value by value, in tiles of 16 rows, this took about 0.4
-  // ns a value; in blocks, calls at B = 1 and at H = 64 ran 1-9% faster:
-  // bench/NOTES.md.) From M each panel row is a copy of a row piece, padded
-  // with zeros past a segment's end.
+  // segment's end. (Value by value, in tiles of 16 rows, this took about
+  // 0.4 ns a value; in blocks, calls at B = 1 and at H = 64 ran up to 9%
+  // faster, others about level: bench/NOTES.md.) From M each panel row is
+  // a copy of a row piece, padded with zeros past a segment's end.
   // A large weight packs on every thread: one thread packing W_hh and W_ih
   // (1 MiB each at LSTM H = 256) left the other idle for 4% of a forward.
   const int64_t grain = std::max<int64_t>(1, kMinParallelPack / std::max<int64_t>(1, R * kPanel));
