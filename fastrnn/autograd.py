@@ -10,7 +10,8 @@ Triton strategy) are chosen once, before forward, and kept for backward.
 In eager mode on the CPU the C++ engine's forward op records its own
 node instead (``csrc/autograd.cpp``): the same backward, without a Python
 Function's cost per call, which is most of a single step's time.
-torch.compile and torch.func trace ``LayerFunction``.
+torch.compile traces ``LayerFunction``; under a torch.func transform the
+layers run the reference loop instead (``fastrnn.functional``).
 
 Backward is twice differentiable: under ``create_graph=True`` (grad mode on
 in backward) the gradients come from the reference loop's autograd graph
@@ -164,7 +165,7 @@ class LayerFunction(torch.autograd.Function):
     for half-precision x on the Triton engine (the state it kept;
     ``fastrnn.functional`` narrows them); the workspace holds what backward
     reads and is not differentiable. Forward and ``setup_context`` are
-    separate, so ``torch.func.grad`` and friends can differentiate through it.
+    separate, as torch.func asks of a Function (torch.compile traces it).
     """
 
     # forward takes *inputs: Function.apply binds its arguments to forward's

@@ -68,6 +68,15 @@ def _carries_tangents(tensors) -> bool:
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
+def _under_torch_func() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vjp``, ``jacrev``,
+    ``vmap``, ...) is on. The engines' ops have no batching rule, and their
+    autograd Function's backward cannot be batched by ``jacrev``; the
+    reference loop's plain PyTorch ops can be transformed every way. (Its
+    forward is what that Function's differentiable backward runs anyway.)"""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 def layer(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,
           b_ih: Tensor | None = None, b_hh: Tensor | None = None, lengths: Tensor | None = None,
           reverse: bool = False, w_hr: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -90,7 +99,8 @@ def layer(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tens
         with torch.autocast(x.device.type, enabled=False):
             return layer(cell, x, tuple(hx), w_ih, w_hh, b_ih, b_hh, lengths, reverse, w_hr)
     engine = backends.resolve(x.device)
-    if engine == "reference" or _carries_tangents((x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr)):
+    if (engine == "reference" or _carries_tangents((x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr))
+            or _under_torch_func()):
         return reference.layer(cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse, w_hr)
     return _engine_layer(engine, cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse, w_hr)
 

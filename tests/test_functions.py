@@ -189,7 +189,7 @@ NODE_LAYERS = [("rnn_tanh", 0), ("rnn_relu", 0), ("gru", 0), ("lstm", 0), ("lstm
 @pytest.mark.parametrize("partial", [False, True], ids=["all_inputs", "some_inputs"])
 def test_cpp_node_agrees_with_layer_function(cell, proj, lengths, reverse, partial):
     # In eager mode the C++ engine's op records its own C++ node
-    # (csrc/autograd.cpp); torch.compile and torch.func trace LayerFunction.
+    # (csrc/autograd.cpp); torch.compile traces LayerFunction.
     # Both run the same engine ops: outputs, gradients (the engine's sweep)
     # and second derivatives (create_graph, through the reference loop) are
     # the same bits. `some_inputs`: x and the states need no gradient, no

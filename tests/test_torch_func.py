@@ -1,6 +1,7 @@
 """torch.func over the modules and cells: ``functional_call`` with other
-parameters (tied ones too) and ``torch.func.grad``, as torch.nn's; RNN,
-GRU, LSTM (with and without proj_size) and their cells."""
+parameters (tied ones too), ``torch.func.grad``, ``jacrev``, ``jacfwd``,
+``hessian`` and ``vmap`` (ensembles, per-sample gradients), as torch.nn's;
+RNN, GRU, LSTM (with and without proj_size) and their cells."""
 
 import pytest
 import torch
@@ -84,3 +85,88 @@ def test_functional_call(kind, tied):
     expected = forward_backward(reference, x)
     got = forward_backward(candidate, x)
     assert_results_close(got, expected, torch.float64)
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _module_pair(kind):
+    is_cell = kind in CELL_KINDS
+    torch_cls, fast_cls, kwargs = (CELL_KINDS if is_cell else KINDS)[kind]
+    extra = {} if is_cell else {"num_layers": LAYERS, "bidirectional": True}
+    pair = make_pair(torch_cls, fast_cls, I, H, dtype=torch.float64, **kwargs, **extra)
+    return is_cell, pair
+
+
+@pytest.mark.parametrize("kind", list(KINDS) + list(CELL_KINDS))
+def test_jacobians_and_hessian(kind):
+    # jacrev batches the backward with vmap, jacfwd the tangents; hessian
+    # nests them. The engines' ops have neither a batching rule nor a
+    # forward-mode formula, so under torch.func a layer runs the reference
+    # loop: torch.nn's derivatives, every order.
+    is_cell, (reference, candidate) = _module_pair(kind)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn((2, I) if is_cell else (3, 2, I), dtype=torch.float64, generator=gen)
+    for transform in (torch.func.jacrev, torch.func.jacfwd):
+        expected = transform(lambda x: _first(reference(x)))(x)
+        got = transform(lambda x: _first(candidate(x)))(x)
+        assert_close(got, expected, msg=transform.__name__)
+    expected = torch.func.hessian(lambda x: _first(reference(x)).pow(2).sum())(x)
+    got = torch.func.hessian(lambda x: _first(candidate(x)).pow(2).sum())(x)
+    assert_close(got, expected, msg="hessian")
+
+
+@pytest.mark.parametrize("kind", list(KINDS) + list(CELL_KINDS))
+def test_per_sample_gradients(kind):
+    # vmap(grad(loss)) over the samples of a batch: each sample's gradients
+    # of the parameters, as torch.nn's module gives them one sample at a time.
+    is_cell, (reference, candidate) = _module_pair(kind)
+    gen = torch.Generator().manual_seed(12)
+    params = {n: p.detach() for n, p in reference.named_parameters()}
+    samples = torch.randn((B, 1, I) if is_cell else (B, T, 1, I), dtype=torch.float64,
+                          generator=gen)
+
+    def loss(module):
+        def f(p, x):
+            return _first(torch.func.functional_call(module, p, (x,))).pow(2).sum()
+        return f
+
+    got = torch.func.vmap(torch.func.grad(loss(candidate)), in_dims=(None, 0))(params, samples)
+    for i in range(B):
+        expected = torch.func.grad(loss(reference))(params, samples[i])
+        for name, value in expected.items():
+            assert_close(got[name][i], value, msg=f"sample {i} grad {name}")
+
+
+@pytest.mark.parametrize("kind", list(KINDS) + list(CELL_KINDS))
+def test_vmap_over_an_ensemble(kind):
+    # Models of one architecture stacked with stack_module_state and run
+    # together by vmap over their parameters, then differentiated. torch.nn's
+    # cells run under vmap (its modules raise: aten::gru and friends have no
+    # batching rule); each member must match torch.nn's module on its own.
+    is_cell, _ = _module_pair(kind)
+    members = [_module_pair(kind)[1] for _ in range(3)]
+    for seed, (reference, candidate) in enumerate(members):
+        with torch.no_grad():  # distinct members
+            for p, q in zip(reference.parameters(), candidate.parameters()):
+                p.add_(0.1 * (seed + 1))
+                q.copy_(p)
+    params, buffers = torch.func.stack_module_state([c for _, c in members])
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn((B, I) if is_cell else (T, B, I), dtype=torch.float64, generator=gen)
+    base = members[0][1]
+
+    def run(p, b, x):
+        return _first(torch.func.functional_call(base, (p, b), (x,)))
+
+    got = torch.func.vmap(run, in_dims=(0, 0, None))(params, buffers, x)
+    got_grads = torch.func.vmap(torch.func.grad(lambda p, b, x: run(p, b, x).sum()),
+                                in_dims=(0, 0, None))(params, buffers, x)
+    for i, (reference, _) in enumerate(members):
+        leaves = list(reference.parameters())
+        out = _first(reference(x))
+        assert_close(got[i], out.detach(), msg=f"member {i} output")
+        grads = torch.autograd.grad(out.sum(), leaves)
+        for (name, _), grad in zip(reference.named_parameters(), grads):
+            assert_close(got_grads[name][i], grad, msg=f"member {i} grad {name}")
