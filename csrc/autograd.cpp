@@ -64,7 +64,6 @@ struct LayerBackward : public torch::autograd::Node {
     unpacked.reserve(saved.size());
     for (auto& variable : saved) unpacked.push_back(variable.unpack(getptr()));
     const at::TensorList hx(unpacked.data() + kStates, unpacked.size() - kStates);
-    const Tensor& output = unpacked[kOutput];
     // A step's (B, I) input ran as the (1, B, I) sequence x; its gradient
     // goes back as (B, I).
     const Tensor& step_input = unpacked[kX];
@@ -102,6 +101,18 @@ struct LayerBackward : public torch::autograd::Node {
       }
       return result;
     }
+    Tensor output = unpacked[kOutput], workspace = unpacked[kWorkspace];
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    if (output_version.current_version() != output_saved_version) {
+      // The output was changed in place after forward (ReLU(inplace=True),
+      // a residual +=), which torch.nn's CPU layers allow: backward needs
+      // it as forward left it, so forward runs again on the saved inputs
+      // (the engine is deterministic: the same bits).
+      std::tie(output, std::ignore, workspace) = layer_forward_op().call(
+          cell, x, hx, unpacked[kWeightIh], unpacked[kWeightHh], optional(unpacked[kBiasIh]),
+          optional(unpacked[kBiasHh]), optional(unpacked[kWeightHr]),
+          optional(unpacked[kLengths]), reverse, true, strategy);
+    }
     const Tensor grad_output = grads[0].defined() ? grads[0] : at::zeros_like(output);
     std::vector<Tensor> grad_hy;
     for (size_t i = 0; i < hx.size(); ++i) {
@@ -110,11 +121,10 @@ struct LayerBackward : public torch::autograd::Node {
     }
     bool hx_needed = false;
     for (size_t i = 0; i < hx.size(); ++i) hx_needed |= task_should_compute_output(1 + i);
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [grad_x, grad_hx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr] =
         layer_backward_op().call(cell, grad_output, grad_hy, x, hx, unpacked[kWeightIh],
                                  unpacked[kWeightHh], optional(unpacked[kWeightHr]), output,
-                                 unpacked[kWorkspace], optional(unpacked[kLengths]), reverse,
+                                 workspace, optional(unpacked[kLengths]), reverse,
                                  task_should_compute_output(0), hx_needed, strategy);
     std::vector<Tensor> all = {grad_x};
     all.insert(all.end(), grad_hx.begin(), grad_hx.end());
@@ -126,6 +136,11 @@ struct LayerBackward : public torch::autograd::Node {
   }
 
   std::vector<torch::autograd::SavedVariable> saved;
+  // The output is saved as data of its own (no version check), with the
+  // output's version counter and its version at forward to tell whether it
+  // changed since.
+  c10::VariableVersion output_version;
+  uint32_t output_saved_version = 0;
   std::string cell, strategy;
   bool reverse = false;
   bool step = false;  // x is one step's (B, I) input, run as a length-1 sequence
@@ -182,7 +197,9 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor> forward_and_record(
                                       lengths}) {
     saved.emplace_back(input, /*is_output=*/false);
   }
-  saved.emplace_back(output, /*is_output=*/true);
+  saved.emplace_back(output.variable_data(), /*is_output=*/false);
+  node->output_version = torch::autograd::impl::version_counter(output);
+  node->output_saved_version = node->output_version.current_version();
   saved.emplace_back(workspace, /*is_output=*/false);  // not differentiable: no history
   for (const Tensor& h : hx) saved.emplace_back(h, /*is_output=*/false);
   node->cell = std::string(cell);

@@ -285,6 +285,37 @@ def test_cpp_node_behaves_as_torch_nn_graphs(module):
         assert_close(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("module, kwargs", [
+    ("RNN", {}), ("RNN", {"nonlinearity": "relu", "num_layers": 2}), ("GRU", {}),
+    ("GRU", {"batch_first": True}), ("LSTM", {}), ("LSTM", {"proj_size": 3}),
+])
+def test_output_changed_in_place_before_backward(module, kwargs, dtype):
+    # torch.nn's CPU layers let the output be changed in place before
+    # backward (a residual +=, ReLU(inplace=True)); the engine's backward
+    # reads the output, so its node runs forward again where the output
+    # changed. Gradients as torch.nn's in float64 (whose float32 LSTM, on
+    # oneDNN, raises here).
+    torch.manual_seed(6)
+    reference = getattr(nn, module)(3, 4, dtype=torch.float64, **kwargs)
+    model = getattr(fastrnn, module)(3, 4, dtype=dtype, **kwargs)
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    residual = torch.randn(5, 2, kwargs.get("proj_size", 4), dtype=torch.float64)
+
+    def gradients(m):
+        leaf = x.to(m.weight_hh_l0.dtype).requires_grad_()
+        out, _ = m(leaf)
+        out += residual.to(out.dtype)
+        out.mul_(2)
+        out = nn.ReLU(inplace=True)(out)
+        out.double().square().sum().backward()
+        return [leaf.grad] + [p.grad for p in m.parameters()]
+
+    for got, expected in zip(gradients(model), gradients(reference)):
+        assert_close(got.double(), expected, dtype=dtype)
+
+
 FORWARD_AD_MODULES = [("GRU", {}), ("LSTM", {"proj_size": 3}), ("RNNCell", {}), ("LSTMCell", {})]
 
 
