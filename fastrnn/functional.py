@@ -49,6 +49,11 @@ def _autocast_available(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type)
 
 
+def _type_name(dtype: torch.dtype) -> str:
+    """The name PyTorch's messages give ``dtype``: Float, Double, BFloat16, ..."""
+    return torch.empty(0, dtype=dtype).type().removeprefix("torch.").removesuffix("Tensor")
+
+
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype layers on x's device run in under ``torch.autocast``, or None."""
     if not torch.compiler.is_compiling() and not torch._C._is_any_autocast_enabled():
@@ -92,10 +97,17 @@ def layer(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tens
     if low is not None:
         # Like cuDNN's RNNs under autocast: the whole layer runs on inputs and
         # weights rounded to the low-precision dtype, with float32 state and
-        # accumulation inside, and returns that dtype. Autocast is switched
-        # off inside so that the engine's own products are not recast.
-        x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr = [t if t is None else t.to(low)
-                                                for t in (x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr)]
+        # accumulation inside, and returns that dtype. As autocast does,
+        # float64 tensors stay as they are (a float64 model runs in float64),
+        # and dtypes left mixed fail as torch.nn's first products do. Autocast
+        # is switched off inside so that the engine's own products are not recast.
+        x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr = [
+            t if t is None or not t.is_floating_point() or t.dtype == torch.float64
+            else t.to(low) for t in (x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr)]
+        for a, b in ((x, w_ih), (hx[0], w_hh)):
+            if a.dtype != b.dtype:
+                raise RuntimeError("mat1 and mat2 must have the same dtype, but got "
+                                   f"{_type_name(a.dtype)} and {_type_name(b.dtype)}")
         with torch.autocast(x.device.type, enabled=False):
             return layer(cell, x, tuple(hx), w_ih, w_hh, b_ih, b_hh, lengths, reverse, w_hr)
     engine = backends.resolve(x.device)

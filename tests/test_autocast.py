@@ -108,6 +108,43 @@ def test_cpu_gru_differs_from_torch_nn_as_documented():
         assert fastrnn.RNN(6, 8)(x)[0].dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("kind", sorted(ALL_MODULES) + sorted(CELLS))
+def test_float64_stays_float64_and_mixed_dtypes_fail_as_torch_nn(kind):
+    # Autocast never casts float64: a float64 model runs in float64 with
+    # torch.nn's numbers. Where a float64 tensor meets a float32 one that
+    # autocast rounds, torch.nn's first product fails (x W_ih^T, then
+    # h W_hh^T); so does fastrnn's layer, with the same message.
+    is_cell = kind in CELLS
+    torch_cls, fast_cls = CELLS[kind] if is_cell else ALL_MODULES[kind][0]
+    kwargs = {} if is_cell else ALL_MODULES[kind][1]
+    torch.manual_seed(0)
+    reference = torch_cls(6, 8, dtype=torch.float64, **kwargs)
+    model = fast_cls(6, 8, dtype=torch.float64, **kwargs)
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(*(() if is_cell else (4,)), 2, 6, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, expected = flatten_outputs(model(x)), flatten_outputs(reference(x))
+    for a, b in zip(got, expected, strict=True):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, **TOLERANCES[torch.float64])
+
+    width = kwargs.get("proj_size", 0) or 8
+    state = torch.randn(*(() if is_cell else (1,)), 2, width)  # float32, rounded by autocast
+    hx = (state, torch.randn(state.shape[:-1] + (8,))) if "LSTM" in kind else state
+    for m in (model, reference):
+        m.float()
+    # A float64 input to a float32 model; a float64 initial state with a float32 input.
+    cases = [(x, None), (x.float(), (hx[0].double(), hx[1]) if isinstance(hx, tuple) else hx.double())]
+    for inputs in cases:
+        messages = []
+        for m in (model, reference):
+            with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError) as error:
+                m(*[t for t in inputs if t is not None])
+            messages.append(str(error.value))
+        if "LSTM" not in kind:  # torch.nn's LSTM fails in oneDNN, with messages of its own
+            assert messages[0] == messages[1]
+
+
 def test_autocast_off_inside_keeps_float32():
     torch.manual_seed(0)
     gru = fastrnn.GRU(6, 16)
