@@ -40,6 +40,16 @@ OptionalTensor optional(const Tensor& t) {
 
 bool requires_grad(const Tensor& t) { return t.defined() && t.requires_grad(); }
 
+// Whether vmap batches any of `grads` (a batched backward: autograd.grad
+// with is_grads_batched, vectorized Jacobians): the engine's ops have no
+// batching rule.
+bool batched(const variable_list& grads) {
+  return std::any_of(grads.begin(), grads.end(), [](const Tensor& g) {
+    return g.defined() && (g.key_set().has(c10::DispatchKey::Batched) ||
+                           g.key_set().has(c10::DispatchKey::FuncTorchBatched));
+  });
+}
+
 // The layer op's backward, a hand-written autograd node as ATen's generated
 // ones are: a torch::autograd::Function builds a context with a hash map of
 // named values and a record of every argument on each call, several
@@ -79,9 +89,10 @@ struct LayerBackward : public torch::autograd::Node {
     }
     variable_list result(num_outputs());
 
-    if (at::GradMode::is_enabled()) {
+    if (at::GradMode::is_enabled() || batched(grads)) {
       // create_graph: gradients that can be differentiated again, for the
-      // inputs that require grad, in order.
+      // inputs that require grad, in order; under vmap, the same gradients
+      // (the reference loop's plain ops batch), without a graph.
       c10::List<OptionalTensor> grad_hy;
       for (size_t i = 1; i < grads.size(); ++i) grad_hy.push_back(optional(grads[i]));
       auto gradients = gradients_op().call(

@@ -75,24 +75,28 @@ def _differentiable_gradients(cell: str, grad_output: Tensor | None, grad_hy, x:
                               hx, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh, w_hr, lengths,
                               reverse: bool, needs) -> list:
     """The layer's gradients through the reference loop's graph over its
-    inputs, built so that they can be differentiated again: one per input
-    (x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr), None where ``needs`` is False."""
+    inputs: one per input (x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr), None where
+    ``needs`` is False. Under grad mode (create_graph) they can be
+    differentiated again; without (a batched backward), they are plain."""
+    create_graph = torch.is_grad_enabled()
     # Each wanted input enters the graph through an alias of its own, so
     # that one tensor passed in two places (tied biases, an LSTM's (h, h))
     # gets each place's gradient there, as the engine's sweep gives it, and
     # autograd adds them once, not the total twice.
-    inputs = [t if t is None or not need else t.view_as(t)
-              for t, need in zip((x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr), needs)]
-    wanted = [i for i, (t, need) in enumerate(zip(inputs, needs)) if t is not None and need]
-    x, *hx = inputs[:1 + len(hx)]
-    w_ih, w_hh, b_ih, b_hh, w_hr = inputs[1 + len(hx):]
-    output, h_n = reference.layer(cell, x, tuple(hx), w_ih, w_hh, b_ih, b_hh, lengths, reverse,
-                                  w_hr)
+    with torch.enable_grad():
+        inputs = [t if t is None or not need else t.view_as(t)
+                  for t, need in zip((x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr), needs)]
+        wanted = [i for i, (t, need) in enumerate(zip(inputs, needs)) if t is not None and need]
+        x, *hx = inputs[:1 + len(hx)]
+        w_ih, w_hh, b_ih, b_hh, w_hr = inputs[1 + len(hx):]
+        output, h_n = reference.layer(cell, x, tuple(hx), w_ih, w_hh, b_ih, b_hh, lengths,
+                                      reverse, w_hr)
     results = (output, *h_n)
     upstream = [torch.zeros_like(t) if g is None else g.to(t.dtype)
                 for g, t in zip((grad_output, *grad_hy), results)]
     found = torch.autograd.grad(results, [inputs[i] for i in wanted], upstream,
-                                create_graph=True, allow_unused=True, materialize_grads=True)
+                                create_graph=create_graph, allow_unused=True,
+                                materialize_grads=True)
     grads = [None] * len(inputs)
     for i, grad in zip(wanted, found):
         grads[i] = grad
@@ -101,8 +105,9 @@ def _differentiable_gradients(cell: str, grad_output: Tensor | None, grad_hy, x:
 
 def _layer_gradients(cell, grad_output, grad_hy, x, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
                      reverse):
-    """``fastrnn::layer_gradients``: the differentiable gradients of the inputs
-    that require grad (the C++ autograd node's backward under create_graph)."""
+    """``fastrnn::layer_gradients``: the gradients of the inputs that require
+    grad through the reference loop (the C++ autograd node's backward under
+    create_graph, differentiable, or batched by vmap)."""
     inputs = (x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr)
     needs = [t is not None and t.requires_grad for t in inputs]
     grads = _differentiable_gradients(cell, grad_output, grad_hy, x, hx, w_ih, w_hh, b_ih, b_hh,
@@ -112,6 +117,11 @@ def _layer_gradients(cell, grad_output, grad_hy, x, hx, w_ih, w_hh, b_ih, b_hh, 
 
 _library = torch.library.Library("fastrnn", "IMPL")
 _library.impl("layer_gradients", _layer_gradients, "CompositeImplicitAutograd")
+# A batched backward (autograd.grad's is_grads_batched, vectorized Jacobians)
+# runs it on vmap's batched tensors, whose own fallback cannot take an op
+# returning a list: the same plain ops, each with its batching rule.
+for _key in ("Batched", "FuncTorchBatched"):
+    _library.impl("layer_gradients", _layer_gradients, _key)
 
 
 def _gradients(ctx, grad_output: Tensor | None, grad_hy: list) -> tuple:
