@@ -50,10 +50,11 @@ const at::Tensor* cpu_tensor(py::handle object) {
                                                                                    : nullptr;
 }
 
-// Whether the engine widens x's dtype (float16, bfloat16) before it runs:
-// the Python layer functions do that, not the plain calls.
-bool widened(const at::Tensor& x) {
-  return x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+// Whether the engine runs x's dtype as it is (float32, float64): the Python
+// layer functions widen float16 and bfloat16 for it, and run complex inputs
+// through the reference loop; the plain calls do neither.
+bool native(const at::Tensor& x) {
+  return x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
 }
 
 // fastrnn::layer_step where the call is the plain one a cell module's
@@ -61,7 +62,7 @@ bool widened(const at::Tensor& x) {
 // the checks cost as much as a small step's arithmetic: x (B, I) and `hx`,
 // a tuple of the cell's (B, H) states, sized as the weights (2-D) expect;
 // every tensor a torch.Tensor or Parameter on the CPU (the biases may be
-// None); x neither float16 nor bfloat16, which the engine widens. Returns
+// None); x float32 or float64. Returns
 // the states after the step as a tuple, or None for any other call (it
 // raises for none: the caller's own checks then do, as torch.nn's).
 py::object plain_step(c10::string_view cell, py::handle x, py::handle hx, py::handle weight_ih,
@@ -76,7 +77,7 @@ py::object plain_step(c10::string_view cell, py::handle x, py::handle hx, py::ha
     return py::none();
   }
   if (input->dim() != 2 || w_ih->dim() != 2 || w_hh->dim() != 2 ||
-      input->size(1) != w_ih->size(1) || widened(*input)) {
+      input->size(1) != w_ih->size(1) || !native(*input)) {
     return py::none();
   }
   std::vector<at::Tensor> states;
@@ -112,7 +113,7 @@ py::object plain_step(c10::string_view cell, py::handle x, py::handle hx, py::ha
 
 // The states of a recurrent module's call where it is the plain one:
 // `input` a (T, B, input_size) tensor ((B, T, input_size) batch_first), T
-// > 0, of the first weight's dtype, neither float16 nor bfloat16; `hx` its
+// > 0, of the first weight's dtype, float32 or float64; `hx` its
 // state (a tensor, h_size wide) or, with c_size, the tuple (h, c), each
 // (layers, B, width), or None (zeros, as torch.nn makes them); `weights` the
 // module's list of flat weights (None for an absent bias); every tensor a
@@ -123,7 +124,7 @@ py::object plain_states(py::handle input, py::handle hx, py::handle weights, int
                         int64_t layers, int64_t h_size, int64_t c_size, bool batch_first) {
   const at::Tensor* x = cpu_tensor(input);
   if (!x || x->dim() != 3 || x->size(2) != input_size || x->size(batch_first ? 1 : 0) == 0 ||
-      widened(*x) || !PyList_CheckExact(weights.ptr()) ||
+      !native(*x) || !PyList_CheckExact(weights.ptr()) ||
       PyList_GET_SIZE(weights.ptr()) == 0) {
     return py::none();
   }
@@ -178,7 +179,7 @@ py::object plain_layers(c10::string_view cell, py::handle x, py::handle hx, py::
   const at::Tensor* input = cpu_tensor(x);
   const int64_t count = fastrnn::cpu::cell_states(cell);
   const int64_t directions = bidirectional ? 2 : 1;
-  if (!input || count == 0 || widened(*input) || !PyTuple_CheckExact(hx.ptr()) ||
+  if (!input || count == 0 || !native(*input) || !PyTuple_CheckExact(hx.ptr()) ||
       PyTuple_GET_SIZE(hx.ptr()) != count || layers < 1 ||
       !(PyList_CheckExact(weights.ptr()) || PyTuple_CheckExact(weights.ptr()))) {
     return py::none();

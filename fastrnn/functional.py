@@ -111,8 +111,8 @@ def layer(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tens
         with torch.autocast(x.device.type, enabled=False):
             return layer(cell, x, tuple(hx), w_ih, w_hh, b_ih, b_hh, lengths, reverse, w_hr)
     engine = backends.resolve(x.device)
-    if (engine == "reference" or _carries_tangents((x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr))
-            or _under_torch_func()):
+    if (engine == "reference" or x.is_complex()
+            or _carries_tangents((x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr)) or _under_torch_func()):
         return reference.layer(cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse, w_hr)
     return _engine_layer(engine, cell, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse, w_hr)
 

@@ -249,3 +249,31 @@ def test_gradients_through_one_output(kind, used, device):
         grads.append(torch.autograd.grad(loss, [leaf, *module.parameters()]))
     for expected, got in zip(*grads):
         torch.testing.assert_close(got.cpu(), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)
+@pytest.mark.parametrize("kind", list(KINDS) + ["RNNCell", "GRUCell", "LSTMCell"])
+def test_complex_dtypes_as_torch_nn(kind, dtype):
+    # torch.nn's modules and cells run complex inputs and weights (the ReLU
+    # RNN raises, as clamp has no complex kernel); the engines do not, so
+    # fastrnn's run them through the reference loop.
+    if kind.endswith("Cell"):
+        torch_cls, fast_cls, kwargs = getattr(nn, kind), getattr(fastrnn, kind), {}
+    else:
+        torch_cls, fast_cls, kwargs = KINDS[kind]
+    reference, model = make_pair(torch_cls, fast_cls, INPUT_SIZE, HIDDEN_SIZE, dtype=dtype, **kwargs)
+    shape = (BATCH, INPUT_SIZE) if kind.endswith("Cell") else (SEQ_LEN, BATCH, INPUT_SIZE)
+    x = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    if kwargs.get("nonlinearity") == "relu":
+        for m in (reference, model):
+            with pytest.raises(NotImplementedError, match="clamp is not supported for complex"):
+                m(x)
+        return
+    results = []
+    for m in (reference, model):
+        outputs = flatten_outputs(m(x))
+        sum(o.abs().sum() for o in outputs).backward()
+        results.append([*outputs, *(p.grad for p in m.parameters())])
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.complex64 else {}
+    for got, expected in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, expected, **tolerance)
