@@ -18,6 +18,7 @@ float64. ``fastrnn.autograd`` registers the ops' autograd.
 from __future__ import annotations
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from fastrnn.cells import CELLS
 
@@ -104,6 +105,39 @@ def fake_backward(cell, grad_output, grad_hy, input, hx, weight_ih, weight_hh, w
             weight_hh.new_empty((0,) if weight_hr is None else weight_hr.shape))
 
 
+def forward_flops(cell, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths,
+                  reverse, save_workspace, strategy, out_shape=None) -> int:
+    """The FLOPs of a layer's products, as ``torch.utils.flop_counter`` counts
+    torch.nn's (2 a multiply-add, from the shapes): x W_ih^T over all steps,
+    h W_hh^T each step and, with a projection, m W_hr^T each step."""
+    T, B, I = input
+    G, K = weight_hh
+    flops = 2 * T * B * G * (I + K)
+    if weight_hr is not None:
+        P, H = weight_hr
+        flops += 2 * T * B * P * H
+    return flops
+
+
+def backward_flops(cell, grad_output, grad_hy, input, hx, weight_ih, weight_hh, weight_hr, output,
+                   workspace, lengths, reverse, input_requires_grad, hx_requires_grad, strategy,
+                   out_shape=None) -> int:
+    """Each product's two gradients (of its left factor and of its weight),
+    as the counter counts a matrix product's backward, less those not asked
+    for: the input's, and the initial state's (the first step's left factor)."""
+    T, B, I = input
+    G, K = weight_hh
+    flops = 2 * forward_flops(cell, input, hx, weight_ih, weight_hh, None, None, weight_hr, lengths,
+                              reverse, False, strategy)
+    if not input_requires_grad:
+        flops -= 2 * T * B * G * I
+    if not hx_requires_grad:
+        flops -= 2 * B * G * K
+    return flops
+
+
 for _forward, _backward in (DISPATCHED, INTERPRETED):
     torch.library.register_fake("fastrnn::" + _forward, fake_forward, lib=_library)
     torch.library.register_fake("fastrnn::" + _backward, fake_backward, lib=_library)
+    register_flop_formula(getattr(torch.ops.fastrnn, _forward))(forward_flops)
+    register_flop_formula(getattr(torch.ops.fastrnn, _backward))(backward_flops)

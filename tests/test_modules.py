@@ -277,3 +277,36 @@ def test_complex_dtypes_as_torch_nn(kind, dtype):
     tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.complex64 else {}
     for got, expected in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, expected, **tolerance)
+
+
+@pytest.mark.parametrize("grads", ["all", "weights_only", "with_hx"])
+@pytest.mark.parametrize("kind", list(KINDS) + ["RNNCell", "GRUCell", "LSTMCell"])
+def test_flop_counter_counts_as_torch_nn(kind, grads):
+    # torch.utils.flop_counter counts the engines' ops by formulas over their
+    # shapes: the FLOPs it counts for torch.nn's float64 layers (whose float32
+    # LSTM, oneDNN's, it cannot count), forward and backward.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    is_cell = kind.endswith("Cell")
+    if is_cell:
+        torch_cls, fast_cls, kwargs = getattr(nn, kind), getattr(fastrnn, kind), {}
+    else:
+        torch_cls, fast_cls, kwargs = KINDS[kind]
+    extra = {} if is_cell else {"num_layers": 2, "bidirectional": True}
+    reference, model = make_pair(torch_cls, fast_cls, INPUT_SIZE, HIDDEN_SIZE, dtype=torch.float64,
+                                 **kwargs, **extra)
+    leading = (BATCH,) if is_cell else (SEQ_LEN, BATCH)
+    x = torch.randn(*leading, INPUT_SIZE, dtype=torch.float64).requires_grad_(grads != "weights_only")
+    hx = None
+    if grads == "with_hx":
+        hx = make_state(kind, (BATCH,) if is_cell else (4, BATCH), torch.float64, hidden=HIDDEN_SIZE)
+    if hx is not None:
+        hx = tuple(h.requires_grad_() for h in hx) if isinstance(hx, tuple) else hx.requires_grad_()
+    counts = []
+    for m in (reference, model):
+        with FlopCounterMode(display=False) as counter:
+            outputs = flatten_outputs(m(x) if hx is None else m(x, hx))
+            forward = counter.get_total_flops()
+            sum(o.sum() for o in outputs).backward()
+        counts.append((forward, counter.get_total_flops()))
+    assert counts[1] == counts[0] and counts[0][0] > 0
