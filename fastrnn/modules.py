@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.fx import Proxy
 from torch.nn.utils.rnn import PackedSequence
 
 from fastrnn import functional
@@ -25,6 +26,16 @@ def _onnx_exporting() -> bool:
 
 # torch.compiler.is_exporting exists from torch 2.6; before, the ONNX flag is read every call.
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: True)
+
+
+def _fx_call(module: nn.Module, input, hx):
+    """``module``'s call as torch.fx's symbolic tracing records it, where
+    ``input`` is its proxy: a call of the module, as for torch.nn's modules
+    (which it takes as leaves) rather than a trace into it, whose checks and
+    loops need real tensors."""
+    tracer = input.tracer
+    args = (input,) if hx is None else (input, hx)
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
 
 
 def _runs_as_torch_nn() -> bool:
@@ -141,6 +152,8 @@ class _RecurrentModule(_Namesake, nn.RNNBase):
         tuple (h_0, c_0)). Returns ``(output, h_n)`` (``(output, (h_n, c_n))``)
         in the same form as the input.
         """
+        if isinstance(input, Proxy):
+            return _fx_call(self, input, hx)
         if _runs_as_torch_nn():
             return self._torch_class.forward(self, input, hx)
         self._update_flat_weights()
@@ -445,6 +458,8 @@ class RNNCell(_CellModule):
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         """One step: ``input`` (N, H_in) or (H_in,), ``hx`` (zeros when omitted) -> h'."""
+        if isinstance(input, Proxy):
+            return _fx_call(self, input, hx)
         if _runs_as_torch_nn():
             return self._torch_class.forward(self, input, hx)
         weights = self._weights()
@@ -476,6 +491,8 @@ class GRUCell(_CellModule):
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         """One step: ``input`` (N, H_in) or (H_in,), ``hx`` (zeros when omitted) -> h'."""
+        if isinstance(input, Proxy):
+            return _fx_call(self, input, hx)
         if _runs_as_torch_nn():
             return self._torch_class.forward(self, input, hx)
         weights = self._weights()
@@ -503,6 +520,8 @@ class LSTMCell(_CellModule):
                 ) -> tuple[Tensor, Tensor]:
         """One step: ``input`` (N, H_in) or (H_in,), ``hx`` = (h, c) (zeros when
         omitted) -> (h', c')."""
+        if isinstance(input, Proxy):
+            return _fx_call(self, input, hx)
         if _runs_as_torch_nn():
             return self._torch_class.forward(self, input, hx)
         weights = self._weights()

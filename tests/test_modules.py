@@ -310,3 +310,32 @@ def test_flop_counter_counts_as_torch_nn(kind, grads):
             sum(o.sum() for o in outputs).backward()
         counts.append((forward, counter.get_total_flops()))
     assert counts[1] == counts[0] and counts[0][0] > 0
+
+
+def test_fx_symbolic_trace_records_calls_as_for_torch_nn():
+    # torch.fx records torch.nn's modules as calls (leaves) instead of
+    # tracing into them; fastrnn's are recorded the same way, so FX tools
+    # (symbolic_trace, FX quantization) take models that hold them.
+    class Net(nn.Module):
+        def __init__(self, lib):
+            super().__init__()
+            self.gru = lib.GRU(INPUT_SIZE, HIDDEN_SIZE, num_layers=2)
+            self.lstm = lib.LSTM(HIDDEN_SIZE, HIDDEN_SIZE, proj_size=2)
+            self.cell = lib.LSTMCell(INPUT_SIZE, HIDDEN_SIZE)
+
+        def forward(self, x, h):
+            y, _ = self.gru(x)
+            y, (h_n, c_n) = self.lstm(y)
+            h_c, c_c = self.cell(x[0], (h, h))
+            return y.sum() + h_n.sum() + c_n.sum() + h_c.sum() + c_c.sum()
+
+    torch.manual_seed(0)
+    reference, model = Net(nn).double(), Net(fastrnn).double()
+    model.load_state_dict(reference.state_dict())
+    traced = [torch.fx.symbolic_trace(m) for m in (reference, model)]
+    calls = [[n.target for n in t.graph.nodes if n.op == "call_module"] for t in traced]
+    assert calls[1] == calls[0] == ["gru", "lstm", "cell"]
+    assert type(traced[1].gru) is fastrnn.GRU
+    x = torch.randn(SEQ_LEN, BATCH, INPUT_SIZE, dtype=torch.float64)
+    h = torch.randn(BATCH, HIDDEN_SIZE, dtype=torch.float64)
+    torch.testing.assert_close(traced[1](x, h), reference(x, h))
