@@ -97,15 +97,18 @@ def test_cpu_bfloat16_cells(kind, hx_given):
 
 
 def test_cpu_gru_differs_from_torch_nn_as_documented():
-    # On CPU torch.nn's GRU and GRUCell stay float32 under autocast while its
-    # RNN runs in bfloat16; fastrnn runs all of them in bfloat16 (README,
-    # "Notes and limits"). This pins the difference the README states.
+    # On CPU torch.nn's GRU, GRUCell and LSTMCell stay float32 under autocast
+    # while its RNN, RNNCell and LSTM run in bfloat16; fastrnn runs all of
+    # them in bfloat16 (README, "Notes and limits"). This pins the
+    # difference the README states.
     x = torch.randn(4, 2, 6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert nn.GRU(6, 8)(x)[0].dtype == torch.float32
-        assert nn.RNN(6, 8)(x)[0].dtype == torch.bfloat16
-        assert fastrnn.GRU(6, 8)(x)[0].dtype == torch.bfloat16
-        assert fastrnn.RNN(6, 8)(x)[0].dtype == torch.bfloat16
+        for name, torch_dtype in [("GRU", torch.float32), ("RNN", torch.bfloat16),
+                                  ("LSTM", torch.bfloat16), ("GRUCell", torch.float32),
+                                  ("LSTMCell", torch.float32), ("RNNCell", torch.bfloat16)]:
+            inputs = x[0] if name.endswith("Cell") else x
+            assert flatten_outputs(getattr(nn, name)(6, 8)(inputs))[0].dtype == torch_dtype
+            assert flatten_outputs(getattr(fastrnn, name)(6, 8)(inputs))[0].dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("kind", sorted(ALL_MODULES) + sorted(CELLS))
