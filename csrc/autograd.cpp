@@ -1,11 +1,12 @@
 // The CPU layer op's autograd, in C++: one node per layer call, whose
 // backward runs the backward op (the engine's sweep). The Python Function
 // (fastrnn/autograd.py) does the same for every engine, and is what
-// torch.compile and torch.func trace; on the CPU in eager mode this node
-// spares a call the Python Function's own cost, tens of microseconds, which
-// is most of a single step's. Under create_graph the gradients come from
-// fastrnn::layer_gradients (the reference loop's differentiable graph,
-// defined in Python), as the Function's do.
+// torch.compile traces (under torch.func the layers run the reference loop
+// instead); on the CPU in eager mode this node spares a call the Python
+// Function's own cost, tens of microseconds, which is most of a single
+// step's. Under create_graph, or vmap, the gradients come from
+// fastrnn::layer_gradients (the reference loop's graph, defined in Python),
+// as the Function's do under create_graph.
 #include <ATen/FuncTorchTLS.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -118,7 +119,9 @@ struct LayerBackward : public torch::autograd::Node {
       // The output was changed in place after forward (ReLU(inplace=True),
       // a residual +=), which torch.nn's CPU layers allow: backward needs
       // it as forward left it, so forward runs again on the saved inputs
-      // (the engine is deterministic: the same bits).
+      // (the same values, with the same threads the same bits), at the
+      // cost of a forward and a second workspace. A write that bypasses the
+      // version counter (through .data) goes unseen, as for any saved tensor.
       std::tie(output, std::ignore, workspace) = layer_forward_op().call(
           cell, x, hx, unpacked[kWeightIh], unpacked[kWeightHh], optional(unpacked[kBiasIh]),
           optional(unpacked[kBiasHh]), optional(unpacked[kWeightHr]),
@@ -182,7 +185,7 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor> forward_and_record(
     TORCH_CHECK(keep, "fastrnn: differentiating a layer op needs save_workspace=True "
                 "(the workspace is what its backward reads)");
     if (const auto& functorch = at::functorch::functorchTLSAccessor()) {
-      // torch.func runs the layer's Python Function (fastrnn.autograd) instead.
+      // Under torch.func the layers run the reference loop (fastrnn.functional).
       functorch->checkSupportsCppAutogradFunction();
     }
   }

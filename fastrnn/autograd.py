@@ -212,9 +212,9 @@ LayerFunction.forward.__signature__ = inspect.signature(LayerFunction.forward)
 
 
 def _eager() -> bool:
-    """Neither torch.compile nor a torch.func transform is tracing: both
-    trace ``LayerFunction`` (its setup_context serves torch.func) and the
-    ops by name."""
+    """Neither torch.compile nor a torch.func transform is tracing: the first
+    traces ``LayerFunction`` and the ops by name; under the second the
+    layers run the reference loop (``fastrnn.functional``)."""
     return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
 
 

@@ -30,10 +30,10 @@ _is_exporting = getattr(torch.compiler, "is_exporting", lambda: True)
 
 def _fx_call(module: nn.Module, input, hx):
     """``module``'s call as torch.fx's symbolic tracing records it, where
-    ``input`` is its proxy: a call of the module, as for torch.nn's modules
+    ``input`` or ``hx`` is its proxy: a call of the module, as for torch.nn's modules
     (which it takes as leaves) rather than a trace into it, whose checks and
     loops need real tensors."""
-    tracer = input.tracer
+    tracer = (input if isinstance(input, Proxy) else hx).tracer
     args = (input,) if hx is None else (input, hx)
     return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
 
@@ -152,7 +152,7 @@ class _RecurrentModule(_Namesake, nn.RNNBase):
         tuple (h_0, c_0)). Returns ``(output, h_n)`` (``(output, (h_n, c_n))``)
         in the same form as the input.
         """
-        if isinstance(input, Proxy):
+        if isinstance(input, Proxy) or isinstance(hx, Proxy):
             return _fx_call(self, input, hx)
         if _runs_as_torch_nn():
             return self._torch_class.forward(self, input, hx)
@@ -458,7 +458,7 @@ class RNNCell(_CellModule):
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         """One step: ``input`` (N, H_in) or (H_in,), ``hx`` (zeros when omitted) -> h'."""
-        if isinstance(input, Proxy):
+        if isinstance(input, Proxy) or isinstance(hx, Proxy):
             return _fx_call(self, input, hx)
         if _runs_as_torch_nn():
             return self._torch_class.forward(self, input, hx)
@@ -491,7 +491,7 @@ class GRUCell(_CellModule):
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         """One step: ``input`` (N, H_in) or (H_in,), ``hx`` (zeros when omitted) -> h'."""
-        if isinstance(input, Proxy):
+        if isinstance(input, Proxy) or isinstance(hx, Proxy):
             return _fx_call(self, input, hx)
         if _runs_as_torch_nn():
             return self._torch_class.forward(self, input, hx)
@@ -520,7 +520,7 @@ class LSTMCell(_CellModule):
                 ) -> tuple[Tensor, Tensor]:
         """One step: ``input`` (N, H_in) or (H_in,), ``hx`` = (h, c) (zeros when
         omitted) -> (h', c')."""
-        if isinstance(input, Proxy):
+        if isinstance(input, Proxy) or isinstance(hx, Proxy):
             return _fx_call(self, input, hx)
         if _runs_as_torch_nn():
             return self._torch_class.forward(self, input, hx)

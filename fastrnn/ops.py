@@ -109,7 +109,8 @@ def forward_flops(cell, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weigh
                   reverse, save_workspace, strategy, out_shape=None) -> int:
     """The FLOPs of a layer's products, as ``torch.utils.flop_counter`` counts
     torch.nn's (2 a multiply-add, from the shapes): x W_ih^T over all steps,
-    h W_hh^T each step and, with a projection, m W_hr^T each step."""
+    h W_hh^T each step and, with a projection, m W_hr^T each step. From the
+    shapes alone: a packed batch counts every padded step too."""
     T, B, I = input
     G, K = weight_hh
     flops = 2 * T * B * G * (I + K)
@@ -124,7 +125,8 @@ def backward_flops(cell, grad_output, grad_hy, input, hx, weight_ih, weight_hh, 
                    out_shape=None) -> int:
     """Each product's two gradients (of its left factor and of its weight),
     as the counter counts a matrix product's backward, less those not asked
-    for: the input's, and the initial state's (the first step's left factor)."""
+    for: the input's, and the initial state's (the first step's left factor).
+    The weights' are counted always: the engines compute them always."""
     T, B, I = input
     G, K = weight_hh
     flops = 2 * forward_flops(cell, input, hx, weight_ih, weight_hh, None, None, weight_hr, lengths,
