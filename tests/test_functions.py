@@ -676,3 +676,28 @@ def test_subclass_overriding_a_check_has_every_call_checked():
         output, _ = module(x, hx)
         assert_close(output, reference(x, tuple(2 * h for h in hx))[0])
     assert fastrnn.LSTM._checks_in_one_pass and fastrnn.GRU._checks_in_one_pass
+
+
+@pytest.mark.skipif(not fastrnn.cpp.available(), reason="needs the C++ engine")
+def test_forward_runs_again_only_for_an_output_changed_in_place():
+    # The recomputation costs a forward: backward runs it only where the
+    # output's version moved since forward.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountForwards(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.fastrnn.layer_forward.default:
+                CountForwards.count += 1
+            return func(*args, **(kwargs or {}))
+
+    model = fastrnn.GRU(3, 4, dtype=torch.float64)
+    for change in (False, True):
+        out, _ = model(torch.randn(5, 2, 3, dtype=torch.float64))
+        if change:
+            out.mul_(2)
+        CountForwards.count = 0
+        with CountForwards():
+            out.sum().backward()
+        assert CountForwards.count == int(change)
