@@ -251,16 +251,20 @@ def test_gradients_through_one_output(kind, used, device):
         torch.testing.assert_close(got.cpu(), expected, rtol=1e-10, atol=1e-12)
 
 
+def _classes(kind):
+    """(torch.nn class, fastrnn class, constructor kwargs) of a KINDS kind or a cell's name."""
+    if kind.endswith("Cell"):
+        return getattr(nn, kind), getattr(fastrnn, kind), {}
+    return KINDS[kind]
+
+
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)
 @pytest.mark.parametrize("kind", list(KINDS) + ["RNNCell", "GRUCell", "LSTMCell"])
 def test_complex_dtypes_as_torch_nn(kind, dtype):
     # torch.nn's modules and cells run complex inputs and weights (the ReLU
     # RNN raises, as clamp has no complex kernel); the engines do not, so
     # fastrnn's run them through the reference loop.
-    if kind.endswith("Cell"):
-        torch_cls, fast_cls, kwargs = getattr(nn, kind), getattr(fastrnn, kind), {}
-    else:
-        torch_cls, fast_cls, kwargs = KINDS[kind]
+    torch_cls, fast_cls, kwargs = _classes(kind)
     reference, model = make_pair(torch_cls, fast_cls, INPUT_SIZE, HIDDEN_SIZE, dtype=dtype, **kwargs)
     shape = (BATCH, INPUT_SIZE) if kind.endswith("Cell") else (SEQ_LEN, BATCH, INPUT_SIZE)
     x = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(2))
@@ -288,10 +292,7 @@ def test_flop_counter_counts_as_torch_nn(kind, grads):
     from torch.utils.flop_counter import FlopCounterMode
 
     is_cell = kind.endswith("Cell")
-    if is_cell:
-        torch_cls, fast_cls, kwargs = getattr(nn, kind), getattr(fastrnn, kind), {}
-    else:
-        torch_cls, fast_cls, kwargs = KINDS[kind]
+    torch_cls, fast_cls, kwargs = _classes(kind)
     extra = {} if is_cell else {"num_layers": 2, "bidirectional": True}
     reference, model = make_pair(torch_cls, fast_cls, INPUT_SIZE, HIDDEN_SIZE, dtype=torch.float64,
                                  **kwargs, **extra)

@@ -24,18 +24,24 @@ LAYERS = 2
 pytestmark = pytest.mark.usefixtures("intra_op_threads")  # see conftest
 
 
+def _module_pair(kind):
+    """(is_cell, (torch.nn module, fastrnn module)) of ``kind``, float64, same weights."""
+    is_cell = kind in CELL_KINDS
+    torch_cls, fast_cls, kwargs = (CELL_KINDS if is_cell else KINDS)[kind]
+    extra = {} if is_cell else {"num_layers": LAYERS, "bidirectional": True}
+    pair = make_pair(torch_cls, fast_cls, I, H, dtype=torch.float64, **kwargs, **extra)
+    return is_cell, pair
+
+
 @pytest.mark.parametrize("kind", list(KINDS) + list(CELL_KINDS))
 def test_torch_func_grad(kind):
     # torch.func.grad over functional_call: the functorch path, which needs
     # the Functions' setup_context. Same gradients as torch.nn's.
-    is_cell = kind in CELL_KINDS
-    torch_cls, fast_cls, kwargs = (CELL_KINDS if is_cell else KINDS)[kind]
-    extra = {} if is_cell else {"num_layers": LAYERS, "bidirectional": True}
-    reference, candidate = make_pair(torch_cls, fast_cls, I, H, dtype=torch.float64, **kwargs, **extra)
+    is_cell, (reference, candidate) = _module_pair(kind)
     gen = torch.Generator().manual_seed(10)
     params = {n: p.detach().clone() for n, p in reference.named_parameters()}
     x = torch.randn((B, I) if is_cell else (T, B, I), dtype=torch.float64, generator=gen)
-    width = kwargs.get("proj_size", 0) or H  # an LSTM's output is proj_size wide with one
+    width = getattr(reference, "proj_size", 0) or H  # an LSTM's output is proj_size wide with one
     weight = torch.randn((B, H) if is_cell else (T, B, 2 * width), dtype=torch.float64, generator=gen)
 
     def loss(module):
@@ -55,10 +61,7 @@ def test_torch_func_grad(kind):
 @pytest.mark.parametrize("kind, tied", [(k, False) for k in list(KINDS) + list(CELL_KINDS)]
                          + [(k, True) for k in KINDS])
 def test_functional_call(kind, tied):
-    is_cell = kind in CELL_KINDS
-    torch_cls, fast_cls, kwargs = (CELL_KINDS if is_cell else KINDS)[kind]
-    extra = {} if is_cell else {"num_layers": LAYERS, "bidirectional": True}
-    reference, candidate = make_pair(torch_cls, fast_cls, I, H, dtype=torch.float64, **kwargs, **extra)
+    is_cell, (reference, candidate) = _module_pair(kind)
     if tied:
         tie(reference)
         tie(candidate)
@@ -87,18 +90,6 @@ def test_functional_call(kind, tied):
     assert_results_close(got, expected, torch.float64)
 
 
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _module_pair(kind):
-    is_cell = kind in CELL_KINDS
-    torch_cls, fast_cls, kwargs = (CELL_KINDS if is_cell else KINDS)[kind]
-    extra = {} if is_cell else {"num_layers": LAYERS, "bidirectional": True}
-    pair = make_pair(torch_cls, fast_cls, I, H, dtype=torch.float64, **kwargs, **extra)
-    return is_cell, pair
-
-
 @pytest.mark.parametrize("kind", list(KINDS) + list(CELL_KINDS))
 def test_jacobians_and_hessian(kind):
     # jacrev batches the backward with vmap, jacfwd the tangents; hessian
@@ -109,11 +100,11 @@ def test_jacobians_and_hessian(kind):
     gen = torch.Generator().manual_seed(11)
     x = torch.randn((2, I) if is_cell else (3, 2, I), dtype=torch.float64, generator=gen)
     for transform in (torch.func.jacrev, torch.func.jacfwd):
-        expected = transform(lambda x: _first(reference(x)))(x)
-        got = transform(lambda x: _first(candidate(x)))(x)
+        expected = transform(lambda x: flatten_outputs(reference(x))[0])(x)
+        got = transform(lambda x: flatten_outputs(candidate(x))[0])(x)
         assert_close(got, expected, msg=transform.__name__)
-    expected = torch.func.hessian(lambda x: _first(reference(x)).pow(2).sum())(x)
-    got = torch.func.hessian(lambda x: _first(candidate(x)).pow(2).sum())(x)
+    expected = torch.func.hessian(lambda x: flatten_outputs(reference(x))[0].pow(2).sum())(x)
+    got = torch.func.hessian(lambda x: flatten_outputs(candidate(x))[0].pow(2).sum())(x)
     assert_close(got, expected, msg="hessian")
 
 
@@ -129,7 +120,7 @@ def test_per_sample_gradients(kind):
 
     def loss(module):
         def f(p, x):
-            return _first(torch.func.functional_call(module, p, (x,))).pow(2).sum()
+            return flatten_outputs(torch.func.functional_call(module, p, (x,)))[0].pow(2).sum()
         return f
 
     got = torch.func.vmap(torch.func.grad(loss(candidate)), in_dims=(None, 0))(params, samples)
@@ -145,7 +136,7 @@ def test_vmap_over_an_ensemble(kind):
     # together by vmap over their parameters, then differentiated. torch.nn's
     # cells run under vmap (its modules raise: aten::gru and friends have no
     # batching rule); each member must match torch.nn's module on its own.
-    is_cell, _ = _module_pair(kind)
+    is_cell = kind in CELL_KINDS
     members = [_module_pair(kind)[1] for _ in range(3)]
     for seed, (reference, candidate) in enumerate(members):
         with torch.no_grad():  # distinct members
@@ -158,14 +149,14 @@ def test_vmap_over_an_ensemble(kind):
     base = members[0][1]
 
     def run(p, b, x):
-        return _first(torch.func.functional_call(base, (p, b), (x,)))
+        return flatten_outputs(torch.func.functional_call(base, (p, b), (x,)))[0]
 
     got = torch.func.vmap(run, in_dims=(0, 0, None))(params, buffers, x)
     got_grads = torch.func.vmap(torch.func.grad(lambda p, b, x: run(p, b, x).sum()),
                                 in_dims=(0, 0, None))(params, buffers, x)
     for i, (reference, _) in enumerate(members):
         leaves = list(reference.parameters())
-        out = _first(reference(x))
+        out = flatten_outputs(reference(x))[0]
         assert_close(got[i], out.detach(), msg=f"member {i} output")
         grads = torch.autograd.grad(out.sum(), leaves)
         for (name, _), grad in zip(reference.named_parameters(), grads):
