@@ -135,10 +135,16 @@ class _RecurrentModule(_Namesake, nn.RNNBase):
         read last (torch.func.functional_call swaps them in). A registered
         weight is taken from the parameter dict, where nn.Module's attribute
         look-up ends after Python's own has failed: a microsecond per weight
-        and call, a fifth of a small layer's step."""
+        and call, a fifth of a small layer's step. Any other weight (a
+        parametrization's, as spectral_norm's) goes through torch.nn's own
+        check, which evaluates it as often as torch.nn does: each
+        evaluation of spectral_norm in training is a power iteration."""
         parameters = self._parameters
         for ref, name in zip(self._flat_weight_refs, self._flat_weights_names):
-            weight = parameters[name] if name in parameters else getattr(self, name, None)
+            if name not in parameters:
+                nn.RNNBase._update_flat_weights(self)
+                return
+            weight = parameters[name]
             if weight is not None and ref is not None and ref() is not weight:
                 self._init_flat_weights()
                 return

@@ -151,3 +151,31 @@ def test_cell_weights_not_registered_under_their_names(kind, change):
         grads = [torch.autograd.grad(flatten_outputs(m(x, hx))[0].sum(), m.weight_ih)[0]
                  for m in (reference, candidate)]
         assert_close(grads[1], grads[0])
+
+
+@pytest.mark.parametrize("weight_norm_too", [False, True], ids=["spectral", "spectral_and_weight_norm"])
+@pytest.mark.parametrize("kind", list(KINDS) + list(CELL_KINDS))
+def test_parametrized_weights_evaluated_as_torch_nn(kind, weight_norm_too):
+    # spectral_norm runs a power iteration each time its weight is evaluated
+    # in training, so a layer that evaluates it another number of times than
+    # torch.nn's drifts from torch.nn's outputs over the calls. torch.nn's
+    # count depends on which weights are parametrized (its check stops at the
+    # first weight that changed), hence both cases.
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+    is_cell = kind in CELL_KINDS
+    torch_cls, fast_cls, kwargs = (CELL_KINDS if is_cell else KINDS)[kind]
+    suffix = "" if is_cell else "_l0"
+    # Wider than H: a few power iterations on a small weight converge to
+    # within float64's tolerance, whatever their number.
+    pair = make_pair(torch_cls, fast_cls, I, 24, dtype=torch.float64, **kwargs)
+    for m in pair:
+        torch.manual_seed(7)  # spectral_norm's random start vectors
+        spectral_norm(m, "weight_hh" + suffix)
+        if weight_norm_too:
+            weight_norm(m, "weight_ih" + suffix)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(*(() if is_cell else (T,)), B, I, dtype=torch.float64, generator=gen)
+    for _ in range(3):
+        expected, got = (flatten_outputs(m(x)) for m in pair)
+        for e, g in zip(expected, got):
+            assert_close(g, e)
