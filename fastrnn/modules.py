@@ -9,6 +9,8 @@ breaking its graph at them.
 
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import Tensor, nn
 from torch.fx import Proxy
@@ -89,6 +91,10 @@ class _RecurrentModule(_Namesake, nn.RNNBase):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if cls.__module__ == __name__ and "forward" not in vars(cls):
+            # A call with wrong arguments raises a TypeError naming forward's
+            # class: torch.nn's names RNN, GRU or LSTM, as each has its own.
+            cls.forward = _renamed(_RecurrentModule.forward, f"{cls.__name__}.forward")
         if cls.__module__ != __name__:
             ours = next(c for c in cls.__mro__ if c.__module__ == __name__)
             cls._checks_in_one_pass = all(getattr(cls, name, None) is getattr(ours, name, None)
@@ -228,6 +234,15 @@ class _RecurrentModule(_Namesake, nn.RNNBase):
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         return (x, states, lengths, packed, is_batched, batch_sizes, sorted_indices,
                 unsorted_indices)
+
+
+def _renamed(function, qualname: str):
+    """A copy of ``function`` under another qualified name."""
+    copy = types.FunctionType(function.__code__, function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
+    copy.__kwdefaults__, copy.__doc__ = function.__kwdefaults__, function.__doc__
+    copy.__annotations__, copy.__qualname__ = function.__annotations__, qualname
+    return copy
 
 
 def _check_devices(input: Tensor, states: tuple[Tensor, ...], weights) -> None:

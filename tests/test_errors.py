@@ -135,6 +135,16 @@ def test_forward_errors(name, case):
     assert_same_exception(lambda: reference(*args), lambda: candidate(*args))
 
 
+@pytest.mark.parametrize("call", ["too_many", "no_input", "unknown_keyword"])
+@pytest.mark.parametrize("name", ["RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell"])
+def test_wrong_call_signature(name, call):
+    # Python's TypeError names the class that defines forward.
+    args, kwargs = {"too_many": ((torch.randn(T, B, I), None, 1), {}), "no_input": ((), {}),
+                    "unknown_keyword": ((torch.randn(T, B, I),), {"h": None})}[call]
+    reference, candidate = make_pair(getattr(nn, name), getattr(fastrnn, name), I, H)
+    assert_same_exception(lambda: reference(*args, **kwargs), lambda: candidate(*args, **kwargs))
+
+
 @pytest.mark.parametrize("name", list(RECURRENT))
 def test_packed_input_with_oversized_hx_behaves_like_torch(name):
     # torch.nn permutes hx with the packed sequence's sorted_indices before
