@@ -62,7 +62,7 @@ bool native(const at::Tensor& x) {
 // the checks cost as much as a small step's arithmetic: x (B, I) and `hx`,
 // a tuple of the cell's (B, H) states, sized as the weights (2-D) expect;
 // every tensor a torch.Tensor or Parameter on the CPU (the biases may be
-// None); x float32 or float64. Returns
+// None); x float32 or float64, and the states of its dtype. Returns
 // the states after the step as a tuple, or None for any other call (it
 // raises for none: the caller's own checks then do, as torch.nn's).
 py::object plain_step(c10::string_view cell, py::handle x, py::handle hx, py::handle weight_ih,
@@ -84,7 +84,7 @@ py::object plain_step(c10::string_view cell, py::handle x, py::handle hx, py::ha
   for (py::handle state : py::reinterpret_borrow<py::tuple>(hx)) {
     const at::Tensor* h = cpu_tensor(state);
     if (!h || h->dim() != 2 || h->size(0) != input->size(0) ||
-        h->size(1) != w_hh->size(1)) {
+        h->size(1) != w_hh->size(1) || h->scalar_type() != input->scalar_type()) {
       return py::none();
     }
     states.push_back(*h);

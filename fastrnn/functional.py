@@ -19,6 +19,7 @@ from torch.autograd import forward_ad
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fastrnn import autograd, backends, cpp, reference
+from fastrnn.cells import CELLS
 from fastrnn.cells import for_mode
 
 # The C++ engine computes in float32 or float64; narrower floats are widened
@@ -125,6 +126,10 @@ def step(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tenso
     states = plain_step(cell, x, hx, w_ih, w_hh, b_ih, b_hh)
     if states is not None:
         return states
+    if hx[-1].dtype != hx[0].dtype:
+        # An LSTM's c of another dtype than h: torch.nn's LSTMCell promotes
+        # the cell's update to the wider one; the engines take one dtype.
+        return CELLS[cell].step(x, hx, w_ih, w_hh, b_ih, b_hh)
     return layer(cell, x.unsqueeze(0), hx, w_ih, w_hh, b_ih, b_hh)[1]
 
 

@@ -213,6 +213,28 @@ def test_cell_returns_a_tuple_of_both_states():
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+def test_cell_state_of_a_wider_dtype(batched, autocast):
+    # torch.nn's LSTMCell runs a float32 h with a float64 c: the update of c
+    # promotes, and both states come out float64. Gradients too.
+    theirs, ours = make_pair(nn.LSTMCell, fastrnn.LSTMCell, 4, 6)
+    generator = torch.Generator().manual_seed(3)
+    lead = (3,) if batched else ()
+    x, h = (torch.randn(*lead, n, generator=generator, requires_grad=True) for n in (4, 6))
+    c = torch.randn(*lead, 6, dtype=torch.float64, generator=generator, requires_grad=True)
+    results = []
+    for module in (theirs, ours):
+        with torch.autocast("cpu", enabled=autocast):
+            states = module(x, (h, c))
+        loss = sum((s * torch.linspace(-1, 1, 6, dtype=s.dtype)).sum() for s in states)
+        grads = torch.autograd.grad(loss, (x, h, c, *module.parameters()))
+        results.append((*states, *grads))
+    expected, got = results
+    assert [t.dtype for t in got[:2]] == [torch.float64, torch.float64]
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_projection_sizes():
     module = fastrnn.LSTM(4, 6, num_layers=2, proj_size=3, bidirectional=True)
     output, (h, c) = module(torch.randn(5, 2, 4))
