@@ -116,7 +116,7 @@ py::object plain_step(c10::string_view cell, py::handle x, py::handle hx, py::ha
 // > 0, of the first weight's dtype, float32 or float64; `hx` its
 // state (a tensor, h_size wide) or, with c_size, the tuple (h, c), each
 // (layers, B, width), or None (zeros, as torch.nn makes them); `weights` the
-// module's list of flat weights (None for an absent bias); every tensor a
+// module's list of flat weights (an absent bias is not listed); every tensor a
 // torch.Tensor or Parameter on the CPU. Returns the tuple of the states, or
 // None for any other call (it raises for none: the module's own checks,
 // torch.nn's, then do).
@@ -130,7 +130,7 @@ py::object plain_states(py::handle input, py::handle hx, py::handle weights, int
   }
   bool first = true;
   for (py::handle weight : py::reinterpret_borrow<py::list>(weights)) {
-    if (!first && weight.is_none()) continue;
+    // A None (a bias set to None by hand) is not plain: torch.nn raises.
     const at::Tensor* w = cpu_tensor(weight);
     if (!w || (first && w->scalar_type() != x->scalar_type())) {
       return py::none();

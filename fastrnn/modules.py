@@ -224,6 +224,10 @@ class _RecurrentModule(_Namesake, nn.RNNBase):
         states = self._states(hx)
         self._check_state_count(states)
         _check_devices(input, states, self._flat_weights)
+        for index, weight in enumerate(self._flat_weights):
+            if weight is None:  # a weight set to None by hand, refused by torch.nn's op
+                raise TypeError(f"expected Tensor as element {index} in argument "
+                                f"{3 if packed else 2}, but got NoneType")
 
         if packed:
             # Sorted, time-major padding; the engines stop each sequence at its length.

@@ -145,6 +145,30 @@ def test_wrong_call_signature(name, call):
     assert_same_exception(lambda: reference(*args, **kwargs), lambda: candidate(*args, **kwargs))
 
 
+@pytest.mark.parametrize("packed_input", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("weight", ["bias_hh_l0", "bias_ih_l1_reverse", "weight_hh_l0"])
+@pytest.mark.parametrize("name", ["RNN", "GRU", "LSTM"])
+def test_layer_weight_set_to_none(name, weight, packed_input):
+    # torch.nn's op takes the flat weights as a list of tensors, and refuses a None in it.
+    pair = make_pair(getattr(nn, name), getattr(fastrnn, name), I, H, num_layers=2,
+                     bidirectional=True)
+    for m in pair:
+        setattr(m, weight, None)
+    x = torch.randn(T, B, I)
+    x = packed(x) if packed_input else x
+    assert_same_exception(lambda: pair[0](x), lambda: pair[1](x))
+
+
+@pytest.mark.parametrize("name", ["RNNCell", "GRUCell", "LSTMCell"])
+def test_cell_bias_set_to_none_runs_as_torch_nn(name):
+    # torch.nn's cells take their biases as optional: a None one is left out.
+    pair = make_pair(getattr(nn, name), getattr(fastrnn, name), I, H, dtype=torch.float64)
+    for m in pair:
+        m.bias_hh = None
+    x = torch.randn(B, I, dtype=torch.float64)
+    assert_results_close(forward_backward(pair[1], x), forward_backward(pair[0], x), torch.float64)
+
+
 @pytest.mark.parametrize("name", list(RECURRENT))
 def test_packed_input_with_oversized_hx_behaves_like_torch(name):
     # torch.nn permutes hx with the packed sequence's sorted_indices before
