@@ -504,8 +504,8 @@ def test_plain_states_declines_every_other_call(batch_first):
     T, B, I, H, P, layers = 2, 3, 5, 4, 2, 2
     x = torch.randn(B, T, I) if batch_first else torch.randn(T, B, I)
     h, c = torch.randn(layers, B, P), torch.randn(layers, B, H)
-    weights = [nn.Parameter(torch.randn(4 * H, I)), nn.Parameter(torch.randn(4 * H, P)), None,
-               None, torch.randn(P, H)]
+    weights = [nn.Parameter(torch.randn(4 * H, I)), nn.Parameter(torch.randn(4 * H, P)),
+               torch.randn(4 * H), torch.randn(4 * H), torch.randn(P, H)]
 
     def plain(x=x, hx=(h, c), weights=weights, input_size=I, h_size=P, c_size=H):
         return fastrnn.functional.plain_states(x, hx, weights, input_size, layers, h_size, c_size,
@@ -545,6 +545,7 @@ def test_plain_states_declines_every_other_call(batch_first):
         "weights in a tuple": dict(weights=tuple(weights)),
         "no weights": dict(weights=[]),
         "first weight None": dict(weights=[None] + weights[1:]),
+        "a bias None": dict(weights=weights[:2] + [None] + weights[3:]),  # set so by hand
         "weight not a tensor": dict(weights=weights[:1] + ["w"] + weights[2:]),
     }
     for what, args in others.items():
