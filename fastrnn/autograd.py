@@ -124,11 +124,23 @@ for _key in ("Batched", "FuncTorchBatched"):
     _library.impl("layer_gradients", _layer_gradients, _key)
 
 
+def _batched(grads) -> bool:
+    """Whether vmap batches any of ``grads`` (a batched backward), whose
+    batching the engines' ops have no rule for. Not while torch.compile
+    traces backward, which cannot trace the query (nor batch a backward)."""
+    if torch.compiler.is_compiling():
+        return False
+    functorch = torch._C._functorch
+    return any(g is not None and (functorch.is_legacy_batchedtensor(g)  # is_grads_batched's
+                                  or functorch.is_batchedtensor(g))  # torch.func.vmap's
+               for g in grads)
+
+
 def _gradients(ctx, grad_output: Tensor | None, grad_hy: list) -> tuple:
     """(grad_x, [grad per state], grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr) of the
-    layer ``ctx`` saved: the engine's sweep, or under create_graph the
-    reference loop's differentiable graph."""
-    if torch.is_grad_enabled():
+    layer ``ctx`` saved: the engine's sweep, or under create_graph or in a
+    batched backward the reference loop's graph (the C++ node's choice too)."""
+    if torch.is_grad_enabled() or _batched((grad_output, *grad_hy)):
         x, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, _, _, *hx = ctx.saved_tensors
         grads = _differentiable_gradients(ctx.cell, grad_output, grad_hy, x, hx, w_ih, w_hh,
                                           b_ih, b_hh, w_hr, lengths, ctx.reverse, ctx.needs)
