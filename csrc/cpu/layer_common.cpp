@@ -8,10 +8,18 @@ namespace fastrnn::cpu {
 
 namespace {
 
-void check_same_dtype(const at::Tensor& a, const at::Tensor& b) {
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(),
-              "mat1 and mat2 must have the same dtype, but got ", a.scalar_type(), " and ",
-              b.scalar_type());
+// As ATen words it for a product with a bias (addmm) or without (mm).
+void check_same_dtype(const at::Tensor& a, const at::Tensor& b,
+                      const std::optional<at::Tensor>& bias) {
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(a.scalar_type() == b.scalar_type(),
+                "mat1 and mat2 must have the same dtype, but got ", a.scalar_type(), " and ",
+                b.scalar_type());
+  } else {
+    TORCH_CHECK(a.scalar_type() == b.scalar_type(),
+                "expected m1 and m2 to have the same dtype, but got: ", a.dtype(), " != ",
+                b.dtype());
+  }
 }
 
 void check_same_device(const at::Tensor& t, const at::Tensor& input, const char* name) {
@@ -68,8 +76,8 @@ LayerSizes check_layer_args(
   }
   TORCH_CHECK(weight_ih.size(0) == s.G && weight_ih.size(1) == s.I,
               "weight_ih must have shape [", s.G, ", ", s.I, "], got ", weight_ih.sizes());
-  check_same_dtype(input, weight_ih);
-  check_same_dtype(hx[0], weight_hh);
+  check_same_dtype(input, weight_ih, bias_ih);
+  check_same_dtype(hx[0], weight_hh, bias_hh);
   for (size_t i = 1; i < hx.size(); ++i) {
     // As ATen's LSTM cell words it, where the cell state meets the gates.
     TORCH_CHECK(hx[i].scalar_type() == weight_hh.scalar_type(),
