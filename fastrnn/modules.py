@@ -418,6 +418,13 @@ def _cell_inputs(cell: nn.RNNCellBase, name: str, input: Tensor,
                             f"not {type(states).__name__}")
         if len(states) != count:
             raise RuntimeError("lstm_cell expects two hidden states")
+    for position, argument in ((3, "w_ih"), (4, "w_hh")):
+        weight = weights[position - 3]
+        if not isinstance(weight, Tensor):  # set so by hand; ATen's op refuses it
+            op = {"RNNCell": f"rnn_{getattr(cell, 'nonlinearity', 'tanh')}_cell",
+                  "GRUCell": "gru_cell", "LSTMCell": "lstm_cell"}[name]
+            raise TypeError(f"{op}(): argument '{argument}' (position {position}) must be "
+                            f"Tensor, not {type(weight).__name__}")
     # Sizes read as ATen reads them: a state of the wrong rank fails as there.
     if input.size(1) != weights[0].size(1):
         raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected "

@@ -159,6 +159,34 @@ def test_layer_weight_set_to_none(name, weight, packed_input):
     assert_same_exception(lambda: pair[0](x), lambda: pair[1](x))
 
 
+@pytest.mark.parametrize("wrong", ["input", "h"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("name", ["RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell"])
+def test_float32_tensor_meets_float64_weights(name, bias, wrong):
+    # ATen words the mismatch by its product: addmm with a bias, mm without.
+    pair = make_pair(getattr(nn, name), getattr(fastrnn, name), I, H, bias=bias,
+                     dtype=torch.float64)
+    lead = (B,) if name.endswith("Cell") else (T, B)
+    x = torch.randn(*lead, I, dtype=torch.float32 if wrong == "input" else torch.float64)
+    state = torch.randn(B, H) if name.endswith("Cell") else torch.randn(1, B, H)
+    if wrong == "input":
+        args = (x,)
+    else:  # h float32; an LSTM's c float64
+        args = (x, (state, state.double()) if "LSTM" in name else state)
+    assert_same_exception(lambda: pair[0](*args), lambda: pair[1](*args))
+
+
+@pytest.mark.parametrize("weight", ["weight_ih", "weight_hh"])
+@pytest.mark.parametrize("name, kwargs", [("RNNCell", {}), ("RNNCell", {"nonlinearity": "relu"}),
+                                          ("GRUCell", {}), ("LSTMCell", {})])
+def test_cell_weight_set_to_none(name, kwargs, weight):
+    pair = make_pair(getattr(nn, name), getattr(fastrnn, name), I, H, **kwargs)
+    for m in pair:
+        setattr(m, weight, None)
+    x = torch.randn(B, I)
+    assert_same_exception(lambda: pair[0](x), lambda: pair[1](x))
+
+
 @pytest.mark.parametrize("name", ["RNNCell", "GRUCell", "LSTMCell"])
 def test_cell_bias_set_to_none_runs_as_torch_nn(name):
     # torch.nn's cells take their biases as optional: a None one is left out.
