@@ -133,6 +133,11 @@ class _RecurrentModule(_Namesake, nn.RNNBase):
     def _check_state_count(self, states: tuple[Tensor, ...]) -> None:
         """Raises as torch.nn's op does for a state of the wrong arity."""
 
+    def _checks_left_to_op(self, input, hx) -> bool:
+        """Whether torch.nn's module leaves the checks of a call that fails
+        fastrnn's to its op (whose errors only it words)."""
+        return False
+
     def flatten_parameters(self) -> None:
         """Does nothing: fastrnn's engines read the parameters where they are."""
 
@@ -179,8 +184,14 @@ class _RecurrentModule(_Namesake, nn.RNNBase):
             packed, is_batched, lengths = False, True, None
             x = input.transpose(0, 1) if self.batch_first else input
         else:
-            x, states, lengths, packed, is_batched, batch_sizes, sorted_indices, \
-                unsorted_indices = self._checked_inputs(input, hx)
+            try:
+                x, states, lengths, packed, is_batched, batch_sizes, sorted_indices, \
+                    unsorted_indices = self._checked_inputs(input, hx)
+            except (RuntimeError, TypeError, ValueError, IndexError):
+                if not self._checks_left_to_op(input, hx):
+                    raise
+                # torch.nn's op then raises its own error, or runs the call.
+                return self._torch_class.forward(self, input, hx)
         output, finals = functional.recurrent_layers(
             self.mode, x, states, self._flat_weights, self.num_layers, self.bidirectional,
             self.dropout, self.training, lengths, self.proj_size)
@@ -338,7 +349,14 @@ class LSTM(_RecurrentModule):
     def _second_state_size(self) -> int:
         return self.hidden_size
 
+    def _checks_left_to_op(self, input, hx) -> bool:
+        # torch.nn's LSTM checks no state of a packed input, and its op takes
+        # (h, c) only as a tuple.
+        return isinstance(input, PackedSequence) or isinstance(hx, Tensor)
+
     def _states(self, hx) -> tuple[Tensor, ...]:
+        if isinstance(hx, Tensor):
+            raise TypeError("an LSTM's hx is the tuple (h_0, c_0)")
         return tuple(hx)
 
     def _from_states(self, states: tuple[Tensor, ...]):

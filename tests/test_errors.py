@@ -159,6 +159,36 @@ def test_layer_weight_set_to_none(name, weight, packed_input):
     assert_same_exception(lambda: pair[0](x), lambda: pair[1](x))
 
 
+@pytest.mark.parametrize("packed_input", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("shape", [(1, B, H), (2, 1, B, H)], ids=["3d", "4d"])
+def test_lstm_state_given_as_one_tensor(shape, packed_input):
+    # torch.nn's op takes an LSTM's (h_0, c_0) only as a tuple; yet its
+    # module makes one of a (2, ...) tensor where it permutes the states of
+    # an unsorted packed input, and then runs.
+    pair = make_pair(nn.LSTM, fastrnn.LSTM, I, H, dtype=torch.float64)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    x = packed(x) if packed_input else x
+    hx = torch.randn(shape, dtype=torch.float64)
+    if packed_input and len(shape) == 4:
+        expected, got = (flatten_outputs(m(x, hx)) for m in pair)
+        for e, g in zip(expected, got, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    else:
+        assert_same_exception(lambda: pair[0](x, hx), lambda: pair[1](x, hx))
+
+
+def test_packed_lstm_runs_a_cell_state_of_batch_one_as_torch_nn():
+    # torch.nn's LSTM checks no state of a packed input, and its op
+    # broadcasts a c_0 of batch 1; fastrnn leaves such a call to it.
+    pair = make_pair(nn.LSTM, fastrnn.LSTM, I, H, dtype=torch.float64)
+    lengths = sorted(LENGTHS, reverse=True)
+    x = pack_padded_sequence(torch.randn(max(lengths), B, I, dtype=torch.float64), lengths)
+    hx = (torch.randn(1, B, H, dtype=torch.float64), torch.randn(1, 1, H, dtype=torch.float64))
+    expected, got = (flatten_outputs(m(x, hx)) for m in pair)
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("wrong", ["input", "h"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("name", ["RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell"])
@@ -414,22 +444,10 @@ def lstm_call(args, proj=0, hidden=H):
 ONEDNN = ("without a projection torch.nn's CPU LSTM runs oneDNN, whose dtype errors name its "
           "own internals ('get_mkldnn_dtype: unsupported data type', 'could not create a "
           "primitive descriptor'); fastrnn raises ATen's matmul dtype error")
-PACKED_UNCHECKED = ("torch.nn's LSTM.forward skips check_forward_args for a PackedSequence, so "
-                    "its error comes from the ATen kernel (a matmul shape or dtype message, "
-                    "'Expected more hidden states in stacked_rnn', IndexError); fastrnn checks "
-                    "the state as for unpacked input")
 # (kind, case) -> why fastrnn's exception differs from torch.nn's
 LSTM_FORWARD_DIFFERENCES = {
     ("LSTM", "hx_float64_module_float32"): ONEDNN,
     ("LSTM", "hx_float64_unbatched"): ONEDNN,
-    ("LSTM", "packed_hx_wrong_hidden"): PACKED_UNCHECKED,
-    ("LSTM_proj", "packed_hx_wrong_hidden"): PACKED_UNCHECKED,
-    ("LSTM", "packed_hx_wrong_num_states"): PACKED_UNCHECKED,
-    ("LSTM_proj", "packed_hx_wrong_num_states"): PACKED_UNCHECKED,
-    ("LSTM", "packed_hx_2d"): PACKED_UNCHECKED,
-    ("LSTM_proj", "packed_hx_2d"): PACKED_UNCHECKED,
-    ("LSTM", "packed_float64_module_float32"): PACKED_UNCHECKED,
-    ("LSTM_proj", "packed_float64_module_float32"): PACKED_UNCHECKED,
 }
 
 
