@@ -50,9 +50,16 @@ def _autocast_available(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type)
 
 
-def _type_name(dtype: torch.dtype) -> str:
-    """The name PyTorch's messages give ``dtype``: Float, Double, BFloat16, ..."""
-    return torch.empty(0, dtype=dtype).type().removeprefix("torch.").removesuffix("Tensor")
+def _product_dtype_error(a: Tensor, b: Tensor, bias: Tensor | None) -> None:
+    """Raises ATen's error for a product of ``a`` by ``b`` (addmm with a bias,
+    mm without) where their dtypes differ, by running it on empty tensors."""
+    m1, m2 = a.new_empty(0, 1), b.new_empty(1, 0)
+    with torch.autocast(a.device.type, enabled=False):
+        if bias is None:
+            torch.mm(m1, m2)
+        else:
+            torch.addmm(bias.new_empty(0, 0), m1, m2)
+    raise AssertionError("the product of different dtypes ran")
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
@@ -105,10 +112,9 @@ def layer(cell: str, x: Tensor, hx: tuple[Tensor, ...], w_ih: Tensor, w_hh: Tens
         x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr = [
             t if t is None or not t.is_floating_point() or t.dtype == torch.float64
             else t.to(low) for t in (x, *hx, w_ih, w_hh, b_ih, b_hh, w_hr)]
-        for a, b in ((x, w_ih), (hx[0], w_hh)):
+        for a, b, bias in ((x, w_ih, b_ih), (hx[0], w_hh, b_hh)):
             if a.dtype != b.dtype:
-                raise RuntimeError("mat1 and mat2 must have the same dtype, but got "
-                                   f"{_type_name(a.dtype)} and {_type_name(b.dtype)}")
+                _product_dtype_error(a, b, bias)
         with torch.autocast(x.device.type, enabled=False):
             return layer(cell, x, tuple(hx), w_ih, w_hh, b_ih, b_hh, lengths, reverse, w_hr)
     engine = backends.resolve(x.device)

@@ -184,14 +184,11 @@ class _RecurrentModule(_Namesake, nn.RNNBase):
             packed, is_batched, lengths = False, True, None
             x = input.transpose(0, 1) if self.batch_first else input
         else:
-            try:
-                x, states, lengths, packed, is_batched, batch_sizes, sorted_indices, \
-                    unsorted_indices = self._checked_inputs(input, hx)
-            except (RuntimeError, TypeError, ValueError, IndexError):
-                if not self._checks_left_to_op(input, hx):
-                    raise
-                # torch.nn's op then raises its own error, or runs the call.
-                return self._torch_class.forward(self, input, hx)
+            checked = self._checked_inputs(input, hx)
+            if checked is None:
+                return self._torch_nn_forward(input, hx)
+            x, states, lengths, packed, is_batched, batch_sizes, sorted_indices, \
+                unsorted_indices = checked
         output, finals = functional.recurrent_layers(
             self.mode, x, states, self._flat_weights, self.num_layers, self.bidirectional,
             self.dropout, self.training, lengths, self.proj_size)
@@ -207,10 +204,23 @@ class _RecurrentModule(_Namesake, nn.RNNBase):
             finals = tuple(h.squeeze(1) for h in finals)
         return output, self._from_states(finals)
 
+    def _torch_nn_forward(self, input, hx):
+        """torch.nn's forward of this call over the weights this call has
+        read (read again, a parametrized weight would be evaluated more often
+        than torch.nn evaluates it)."""
+        self._update_flat_weights = _weights_read  # shadows the method for this call
+        try:
+            return self._torch_class.forward(self, input, hx)
+        finally:
+            del self._update_flat_weights
+
     def _checked_inputs(self, input, hx):
         """torch.nn's checks and forms of any call: (time-major x, the states'
         tuple, lengths, whether packed, whether batched, and the packed
-        input's batch_sizes, sorted_indices and unsorted_indices)."""
+        input's batch_sizes, sorted_indices and unsorted_indices); None for
+        a call whose states fail the checks that torch.nn's module leaves to
+        its op (``_checks_left_to_op``)."""
+        left_to_op = self._checks_left_to_op(input, hx)
         packed = isinstance(input, PackedSequence)
         if packed:
             input, batch_sizes, sorted_indices, unsorted_indices = input
@@ -227,18 +237,19 @@ class _RecurrentModule(_Namesake, nn.RNNBase):
             if hx is not None:
                 hx = self._batched_states(hx, is_batched)
             batch = input.size(batch_dim)
-        if hx is None:
-            hx = self._from_states(self._zero_states(batch, input))
-        else:
-            hx = self.permute_hidden(hx, sorted_indices)
-        self.check_forward_args(input, hx, batch_sizes)
-        states = self._states(hx)
-        self._check_state_count(states)
-        _check_devices(input, states, self._flat_weights)
-        for index, weight in enumerate(self._flat_weights):
-            if weight is None:  # a weight set to None by hand, refused by torch.nn's op
-                raise TypeError(f"expected Tensor as element {index} in argument "
-                                f"{3 if packed else 2}, but got NoneType")
+        try:
+            if hx is None:
+                hx = self._from_states(self._zero_states(batch, input))
+            else:
+                hx = self.permute_hidden(hx, sorted_indices)
+            self.check_forward_args(input, hx, batch_sizes)
+            states = self._states(hx)
+            self._check_state_count(states)
+            _check_op_args(input, states, self._flat_weights, 3 if packed else 2)
+        except Exception:
+            if not left_to_op:
+                raise
+            return None  # torch.nn's op raises its own error, or runs the call
 
         if packed:
             # Sorted, time-major padding; the engines stop each sequence at its length.
@@ -260,14 +271,29 @@ def _renamed(function, qualname: str):
     return copy
 
 
-def _check_devices(input: Tensor, states: tuple[Tensor, ...], weights) -> None:
-    """torch.nn's device check (ATen's check_attributes): the state, then the parameters."""
-    for name, tensors in (("hidden", states), ("parameter", weights)):
+def _weights_read() -> None:
+    """``_update_flat_weights`` where the weights of a call are read already."""
+
+
+def _check_op_args(input: Tensor, states: tuple[Tensor, ...], weights, position: int) -> None:
+    """What torch.nn's op checks of a call's tensors: its argument parser that
+    each weight (the argument at ``position``) is one, then ATen's
+    check_attributes that the states, then the weights, are on the input's
+    device."""
+    device = input.device
+    stray = None  # the first weight on another device
+    for index, weight in enumerate(weights):
+        if weight is None:  # set so by hand
+            raise TypeError(f"expected Tensor as element {index} in argument {position}, but "
+                            "got NoneType")
+        if stray is None and weight.device != device:
+            stray = weight
+    for name, tensors in (("hidden", states), ("parameter", () if stray is None else (stray,))):
         for t in tensors:
-            if t is not None and t.device != input.device:
+            if t.device != device:
                 raise RuntimeError(
                     f"Input and {name} tensors are not at the same device, found input tensor at "
-                    f"{input.device} and {name} tensor at {t.device}")
+                    f"{device} and {name} tensor at {t.device}")
 
 
 class RNN(_RecurrentModule):
@@ -356,6 +382,7 @@ class LSTM(_RecurrentModule):
 
     def _states(self, hx) -> tuple[Tensor, ...]:
         if isinstance(hx, Tensor):
+            # Never reaches a user: the call then goes to torch.nn's op.
             raise TypeError("an LSTM's hx is the tuple (h_0, c_0)")
         return tuple(hx)
 

@@ -111,15 +111,17 @@ def test_cpu_gru_differs_from_torch_nn_as_documented():
             assert flatten_outputs(getattr(fastrnn, name)(6, 8)(inputs))[0].dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("kind", sorted(ALL_MODULES) + sorted(CELLS))
-def test_float64_stays_float64_and_mixed_dtypes_fail_as_torch_nn(kind):
+def test_float64_stays_float64_and_mixed_dtypes_fail_as_torch_nn(kind, bias):
     # Autocast never casts float64: a float64 model runs in float64 with
     # torch.nn's numbers. Where a float64 tensor meets a float32 one that
     # autocast rounds, torch.nn's first product fails (x W_ih^T, then
-    # h W_hh^T); so does fastrnn's layer, with the same message.
+    # h W_hh^T; addmm with a bias, mm without); so does fastrnn's layer,
+    # with the same message.
     is_cell = kind in CELLS
     torch_cls, fast_cls = CELLS[kind] if is_cell else ALL_MODULES[kind][0]
-    kwargs = {} if is_cell else ALL_MODULES[kind][1]
+    kwargs = {"bias": bias, **({} if is_cell else ALL_MODULES[kind][1])}
     torch.manual_seed(0)
     reference = torch_cls(6, 8, dtype=torch.float64, **kwargs)
     model = fast_cls(6, 8, dtype=torch.float64, **kwargs)

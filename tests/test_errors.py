@@ -177,16 +177,41 @@ def test_lstm_state_given_as_one_tensor(shape, packed_input):
         assert_same_exception(lambda: pair[0](x, hx), lambda: pair[1](x, hx))
 
 
+class _Counted(nn.Module):
+    """A parametrization that counts its evaluations."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def forward(self, weight):
+        self.count += 1
+        return weight
+
+
 def test_packed_lstm_runs_a_cell_state_of_batch_one_as_torch_nn():
     # torch.nn's LSTM checks no state of a packed input, and its op
-    # broadcasts a c_0 of batch 1; fastrnn leaves such a call to it.
+    # broadcasts a c_0 of batch 1; fastrnn leaves such a call to it, reading
+    # a parametrized weight as often as torch.nn does.
     pair = make_pair(nn.LSTM, fastrnn.LSTM, I, H, dtype=torch.float64)
+    counters = [_Counted(), _Counted()]
+    for m, counter in zip(pair, counters):
+        nn.utils.parametrize.register_parametrization(m, "weight_hh_l0", counter)
     lengths = sorted(LENGTHS, reverse=True)
     x = pack_padded_sequence(torch.randn(max(lengths), B, I, dtype=torch.float64), lengths)
     hx = (torch.randn(1, B, H, dtype=torch.float64), torch.randn(1, 1, H, dtype=torch.float64))
     expected, got = (flatten_outputs(m(x, hx)) for m in pair)
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    assert counters[1].count == counters[0].count
+
+
+@pytest.mark.parametrize("c_0", [None, 1.0, "c"], ids=["none", "float", "str"])
+def test_packed_lstm_cell_state_not_a_tensor(c_0):
+    pair = make_pair(nn.LSTM, fastrnn.LSTM, I, H)
+    x = pack_padded_sequence(torch.randn(T, B, I), [T] * B)
+    hx = (torch.zeros(1, B, H), c_0)
+    assert_same_exception(lambda: pair[0](x, hx), lambda: pair[1](x, hx))
 
 
 @pytest.mark.parametrize("wrong", ["input", "h"])
