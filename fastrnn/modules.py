@@ -527,6 +527,7 @@ class RNNCell(_CellModule):
     """One Elman RNN step with tanh or ReLU: a drop-in for ``torch.nn.RNNCell``."""
 
     _torch_class = nn.RNNCell
+    __constants__ = nn.RNNCell.__constants__  # nonlinearity too
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
                  nonlinearity: str = "tanh", device=None, dtype=None) -> None:

@@ -35,6 +35,7 @@ def test_cell_type(kind):
     assert isinstance(cell, nn.RNNCellBase)
     if "nonlinearity" in extra:
         assert cell.nonlinearity == extra["nonlinearity"]
+    assert fast_cls.__constants__ == torch_cls.__constants__
 
 
 @pytest.mark.parametrize("kind", list(CELL_KINDS))
