@@ -19,8 +19,7 @@ from torch.autograd import forward_ad
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fastrnn import autograd, backends, cpp, reference
-from fastrnn.cells import CELLS
-from fastrnn.cells import for_mode
+from fastrnn.cells import CELLS, for_mode
 
 # The C++ engine computes in float32 or float64; narrower floats are widened
 # for it and the results narrowed back.

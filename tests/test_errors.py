@@ -171,8 +171,7 @@ def test_lstm_state_given_as_one_tensor(shape, packed_input):
     hx = torch.randn(shape, dtype=torch.float64)
     if packed_input and len(shape) == 4:
         expected, got = (flatten_outputs(m(x, hx)) for m in pair)
-        for e, g in zip(expected, got, strict=True):
-            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     else:
         assert_same_exception(lambda: pair[0](x, hx), lambda: pair[1](x, hx))
 
@@ -201,8 +200,7 @@ def test_packed_lstm_runs_a_cell_state_of_batch_one_as_torch_nn():
     x = pack_padded_sequence(torch.randn(max(lengths), B, I, dtype=torch.float64), lengths)
     hx = (torch.randn(1, B, H, dtype=torch.float64), torch.randn(1, 1, H, dtype=torch.float64))
     expected, got = (flatten_outputs(m(x, hx)) for m in pair)
-    for e, g in zip(expected, got, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     assert counters[1].count == counters[0].count
 
 
