@@ -1,6 +1,7 @@
 """The benchmark command on a tiny grid: its table, summary and files, and
 the pytest-benchmark suite over the same cases."""
 
+import collections
 import csv
 import json
 import math
@@ -165,11 +166,23 @@ def test_cpu_targets_probe(tmp_path):
     ]
 
 
-def test_calls_take_turns_in_rotating_order():
-    # After a warm-up call each, every round starts one call later, so that
-    # no call always runs right after the same other one.
+def test_calls_take_turns_in_balanced_orders():
+    # After a warm-up call each, the rounds go through a Williams design:
+    # for three calls, six rounds in which each call runs right after each
+    # other call twice.
     order = []
     calls = {name: (lambda name=name: order.append(name)) for name in "abc"}
-    timings = measure.time_calls(calls, torch.device("cpu"), min_run_time=0.0, min_runs=3)
-    assert order == list("abc") + list("abc") + list("bca") + list("cab")
-    assert all(t["runs"] == 3 for t in timings.values())
+    timings = measure.time_calls(calls, torch.device("cpu"), min_run_time=0.0, min_runs=6)
+    assert order == list("abc") + list("abc") + list("bca") + list("cab") + list("cba") + \
+        list("acb") + list("bac")
+    assert all(t["runs"] == 6 for t in timings.values())
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_balanced_orders_follow_each_call_by_each_other_equally_often(n):
+    orders = measure.balanced_orders(n)
+    assert len(orders) == (2 * n if n % 2 else n)
+    assert all(sorted(order) == list(range(n)) for order in orders)
+    pairs = collections.Counter((a, b) for order in orders for a, b in zip(order, order[1:]))
+    expected = 2 if n % 2 else 1
+    assert pairs == {(a, b): expected for a in range(n) for b in range(n) if a != b}

@@ -192,27 +192,39 @@ def _timing(times: list[float]) -> dict:
             "runs": len(times)}
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """The orders in which ``n`` calls take turns over a cycle of rounds (n
+    rounds for even n, 2n for odd), such that within the rounds each call
+    runs right after each other call equally often: a Williams design. A
+    fixed order, even rotated from round to round, has each call follow the
+    same other one in nearly every round, and find the caches and the
+    threads as that one left them (bench/NOTES.md)."""
+    first = [0] + [(k + 1) // 2 if k % 2 else n - k // 2 for k in range(1, n)]
+    orders = [[(i + shift) % n for i in first] for shift in range(n)]
+    return orders + [order[::-1] for order in orders] if n % 2 else orders
+
+
 def time_calls(calls: dict[str, Callable[[], None]], device: torch.device,
                min_run_time: float = 0.3, min_runs: int = 5) -> dict[str, dict]:
     """Median, 20th and 80th percentile seconds of each of ``calls`` (by
     name), after one warm-up call each. The calls take turns, one run each
     round, for ``min_run_time`` seconds per call in all: a machine whose
     speed drifts (a shared or throttled CPU) then slows every call alike, and
-    their ratios hold where their separate times would not. Each round starts
-    one call later than the last, so that none always follows the same one
-    (and finds the caches as that one left them)."""
+    their ratios hold where their separate times would not. The rounds go
+    through ``balanced_orders``, so that each call follows each of the
+    others equally often."""
     for call in calls.values():
         call()
     _synchronize(device)
     names = list(calls)
+    orders = balanced_orders(len(names))
     times = {name: [] for name in names}
     start = time.perf_counter()
     rounds = 0
     while (min(len(t) for t in times.values()) < min_runs
            or time.perf_counter() - start < min_run_time * len(calls)):
-        first = rounds % len(names)
-        for name in names[first:] + names[:first]:
-            times[name].append(_timed(calls[name], device))
+        for i in orders[rounds % len(orders)]:
+            times[names[i]].append(_timed(calls[names[i]], device))
         rounds += 1
     return {name: _timing(t) for name, t in times.items()}
 
