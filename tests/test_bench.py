@@ -166,23 +166,25 @@ def test_cpu_targets_probe(tmp_path):
     ]
 
 
-def test_calls_take_turns_in_balanced_orders():
-    # After a warm-up call each, the rounds go through a Williams design:
-    # for three calls, six rounds in which each call runs right after each
-    # other call twice.
+def test_calls_take_turns_in_whole_balanced_cycles():
+    # One warm-up call each, ending where the cycle ends; then whole cycles
+    # of balanced_order, until each call has run min_runs times.
     order = []
     calls = {name: (lambda name=name: order.append(name)) for name in "abc"}
-    timings = measure.time_calls(calls, torch.device("cpu"), min_run_time=0.0, min_runs=6)
-    assert order == list("abc") + list("abc") + list("bca") + list("cab") + list("cba") + \
-        list("acb") + list("bac")
-    assert all(t["runs"] == 6 for t in timings.values())
+    timings = measure.time_calls(calls, torch.device("cpu"), min_run_time=0.0, min_runs=3)
+    cycle = ["abc"[i] for i in measure.balanced_order(3)]
+    assert order[2] == cycle[-1] and sorted(order[:3]) == list("abc")
+    assert order[3:] == cycle * 2
+    assert all(t["runs"] == 4 for t in timings.values())
 
 
 @pytest.mark.parametrize("n", range(1, 9))
-def test_balanced_orders_follow_each_call_by_each_other_equally_often(n):
-    orders = measure.balanced_orders(n)
-    assert len(orders) == (2 * n if n % 2 else n)
-    assert all(sorted(order) == list(range(n)) for order in orders)
-    pairs = collections.Counter((a, b) for order in orders for a, b in zip(order, order[1:]))
-    expected = 2 if n % 2 else 1
-    assert pairs == {(a, b): expected for a in range(n) for b in range(n) if a != b}
+def test_balanced_order_puts_each_call_after_each_other_once(n):
+    cycle = measure.balanced_order(n)
+    assert collections.Counter(cycle) == {call: max(1, n - 1) for call in range(n)}
+    # Pairs of consecutive calls, the cycle's last and first included.
+    pairs = collections.Counter(zip(cycle, cycle[1:] + cycle[:1]))
+    if n == 1:
+        assert pairs == {(0, 0): 1}
+    else:
+        assert pairs == {(a, b): 1 for a in range(n) for b in range(n) if a != b}

@@ -192,40 +192,48 @@ def _timing(times: list[float]) -> dict:
             "runs": len(times)}
 
 
-def balanced_orders(n: int) -> list[list[int]]:
-    """The orders in which ``n`` calls take turns over a cycle of rounds (n
-    rounds for even n, 2n for odd), such that within the rounds each call
-    runs right after each other call equally often: a Williams design. A
-    fixed order, even rotated from round to round, has each call follow the
-    same other one in nearly every round, and find the caches and the
-    threads as that one left them (bench/NOTES.md)."""
-    first = [0] + [(k + 1) // 2 if k % 2 else n - k // 2 for k in range(1, n)]
-    orders = [[(i + shift) % n for i in first] for shift in range(n)]
-    return orders + [order[::-1] for order in orders] if n % 2 else orders
+def balanced_order(n: int) -> list[int]:
+    """A cycle through ``n`` calls in which each call runs right after each
+    other call once (an Eulerian circuit of the complete directed graph on
+    them, by Hierholzer's algorithm), so each runs n - 1 times a cycle. A
+    call finds the caches and the threads as the call before left them:
+    timed in a fixed order, even one rotated from round to round, each call
+    would nearly always follow the same other one (bench/NOTES.md)."""
+    if n == 1:
+        return [0]
+    unused = {call: [other for other in range(n) if other != call] for call in range(n)}
+    path, cycle = [0], []
+    while path:
+        if unused[path[-1]]:
+            path.append(unused[path[-1]].pop())
+        else:
+            cycle.append(path.pop())
+    return cycle[::-1][:-1]  # the circuit ends where it starts
 
 
 def time_calls(calls: dict[str, Callable[[], None]], device: torch.device,
                min_run_time: float = 0.3, min_runs: int = 5) -> dict[str, dict]:
     """Median, 20th and 80th percentile seconds of each of ``calls`` (by
-    name), after one warm-up call each. The calls take turns, one run each
-    round, for ``min_run_time`` seconds per call in all: a machine whose
-    speed drifts (a shared or throttled CPU) then slows every call alike, and
-    their ratios hold where their separate times would not. The rounds go
-    through ``balanced_orders``, so that each call follows each of the
-    others equally often."""
-    for call in calls.values():
-        call()
-    _synchronize(device)
+    name), after one warm-up call each. The calls take turns in whole cycles
+    of ``balanced_order``, for ``min_run_time`` seconds per call in all: a
+    machine whose speed drifts (a shared or throttled CPU) then slows every
+    call alike, and their ratios hold where their separate times would not."""
     names = list(calls)
-    orders = balanced_orders(len(names))
+    order = balanced_order(len(names))
+    # Warmed up in the order that ends where the cycle does, so that the
+    # first timed call follows the call it follows in every cycle.
+    last = order[-1]
+    for i in range(1, len(names) + 1):
+        calls[names[(last + i) % len(names)]]()
+    _synchronize(device)
     times = {name: [] for name in names}
     start = time.perf_counter()
-    rounds = 0
-    while (min(len(t) for t in times.values()) < min_runs
+    runs = 0
+    while (runs % len(order) or min(len(t) for t in times.values()) < min_runs
            or time.perf_counter() - start < min_run_time * len(calls)):
-        for i in orders[rounds % len(orders)]:
-            times[names[i]].append(_timed(calls[names[i]], device))
-        rounds += 1
+        name = names[order[runs % len(order)]]
+        times[name].append(_timed(calls[name], device))
+        runs += 1
     return {name: _timing(t) for name, t in times.items()}
 
 
