@@ -168,7 +168,8 @@ def test_cpu_targets_probe(tmp_path):
 
 def test_calls_take_turns_in_whole_balanced_cycles():
     # One warm-up call each, ending where the cycle ends; then whole cycles
-    # of balanced_order, until each call has run min_runs times.
+    # of balanced_order, until each call has run at least min_runs times
+    # (4 here: two runs a cycle).
     order = []
     calls = {name: (lambda name=name: order.append(name)) for name in "abc"}
     timings = measure.time_calls(calls, torch.device("cpu"), min_run_time=0.0, min_runs=3)

@@ -198,7 +198,7 @@ def balanced_order(n: int) -> list[int]:
     them, by Hierholzer's algorithm), so each runs n - 1 times a cycle. A
     call finds the caches and the threads as the call before left them:
     timed in a fixed order, even one rotated from round to round, each call
-    would nearly always follow the same other one (bench/NOTES.md)."""
+    would mostly follow the same other one (bench/NOTES.md)."""
     if n == 1:
         return [0]
     unused = {call: [other for other in range(n) if other != call] for call in range(n)}
@@ -217,7 +217,9 @@ def time_calls(calls: dict[str, Callable[[], None]], device: torch.device,
     name), after one warm-up call each. The calls take turns in whole cycles
     of ``balanced_order``, for ``min_run_time`` seconds per call in all: a
     machine whose speed drifts (a shared or throttled CPU) then slows every
-    call alike, and their ratios hold where their separate times would not."""
+    call alike, and their ratios hold where their separate times would not.
+    Each call runs a multiple of n - 1 times for n calls, at least
+    ``min_runs``."""
     names = list(calls)
     order = balanced_order(len(names))
     # Warmed up in the order that ends where the cycle does, so that the
@@ -288,7 +290,7 @@ def record(case: Case, provider: str, timing: dict, machine: dict, rate: float) 
     """One result row: the case, the provider, its timing, the machine
     (``device`` name and versions, gathered once per run), the FLOP/s it
     reached, and that as a fraction of ``rate``, the GEMM rate measured in the
-    case's own rounds (``gemm_flops``)."""
+    case's own turns (``gemm_flops``)."""
     achieved = case.flops() / timing["median_s"]
     return {**asdict(case), "provider": provider, **timing,
             "per_call_s": timing["median_s"] / case.calls, **machine, "flops": case.flops(),
