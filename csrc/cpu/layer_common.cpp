@@ -8,18 +8,22 @@ namespace fastrnn::cpu {
 
 namespace {
 
-// As ATen words it for a product with a bias (addmm) or without (mm).
+// Raises ATen's own error for the product of a by b where their dtypes
+// differ (addmm with a bias and mm without word it differently), by running
+// that product on empty tensors, as functional._product_dtype_error does.
 void check_same_dtype(const at::Tensor& a, const at::Tensor& b,
                       const std::optional<at::Tensor>& bias) {
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(a.scalar_type() == b.scalar_type(),
-                "mat1 and mat2 must have the same dtype, but got ", a.scalar_type(), " and ",
-                b.scalar_type());
-  } else {
-    TORCH_CHECK(a.scalar_type() == b.scalar_type(),
-                "expected m1 and m2 to have the same dtype, but got: ", a.dtype(), " != ",
-                b.dtype());
+  if (a.scalar_type() == b.scalar_type()) {
+    return;
   }
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const auto m1 = a.new_empty({0, 1}), m2 = b.new_empty({1, 0});
+  if (bias.has_value() && bias->defined()) {
+    at::addmm(bias->new_empty({0, 0}), m1, m2);
+  } else {
+    at::mm(m1, m2);
+  }
+  TORCH_INTERNAL_ASSERT(false, "the product of different dtypes ran");
 }
 
 void check_same_device(const at::Tensor& t, const at::Tensor& input, const char* name) {
